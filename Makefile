@@ -1,0 +1,36 @@
+# Two-command set-up: `make demo` and `make test` create .venv when it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build installed first; override for a CUDA build, e.g. `make test TORCH_SPEC='torch==2.13.0+cu126'`.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.quackae-installed
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/quackae demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check quackae tests
+	$(VENV)/bin/ruff format --check quackae tests
+
+bench: $(STAMP)
+	$(VENV)/bin/quackae bench --what train
+	$(VENV)/bin/quackae bench --what prepare
+	$(VENV)/bin/quackae bench --what encode
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,10 @@
+"""quackae: turn a text corpus into stored, fixed-size learned encodings."""
+
+from __future__ import annotations
+
+from quackae.attention import AttentionModule, AttentionScore
+from quackae.model import QuackAutoEncoder, load_model
+from quackae.writer import item_path
+
+__all__ = ["AttentionModule", "AttentionScore", "QuackAutoEncoder", "item_path", "load_model"]
+__version__ = "0.1.0"

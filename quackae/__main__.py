@@ -1,0 +1,9 @@
+"""``python -m quackae`` runs the ``quackae`` console script."""
+
+from __future__ import annotations
+
+import sys
+
+from quackae.cli import main
+
+sys.exit(main())

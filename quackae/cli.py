@@ -1,0 +1,177 @@
+"""The ``quackae`` console script: one subcommand per stage, each built from the stage's config dataclass.
+
+Every flag comes from a field of a frozen config dataclass (its ``help`` metadata becomes the
+``--help`` text and its default the flag's default), so a stage runs the same from Python, from
+``quackae`` and from a pipeline file. User mistakes (``ValueError``, ``QuackError``) become one line
+on stderr and exit code 2; a refused ``--strict`` run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import logging
+import sys
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from quackae.errors import QuackError, StrictError
+
+log = logging.getLogger(__name__)
+
+# name -> (module, config class, stage function, one-line help). Modules are imported only when used.
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "prepare": ("quackae.prepare", "PrepareConfig", "prepare", "tokenize a text corpus into a prepared dataset"),
+    "train": ("quackae.train", "TrainConfig", "train", "train a QuackAutoEncoder on a prepared dataset"),
+    "encode": ("quackae.encode", "EncodeConfig", "encode", "store one encoding per item of a prepared dataset"),
+    "reconstruct": (
+        "quackae.train",
+        "ReconstructConfig",
+        "reconstruct_command",
+        "print texts beside their greedy reconstructions",
+    ),
+    "export": ("quackae.store", "ExportConfig", "export", "export an encoding store to one Parquet file"),
+    "classify": ("quackae.classifier", "ClassifyConfig", "classify", "train a classifier on stored encodings"),
+    "bench": ("quackae.bench", "BenchConfig", "run_bench", "measure throughput on generated data"),
+    "run": ("quackae.pipeline", "RunConfig", "run_pipeline", "run the stages a pipeline file lists"),
+    "demo": ("quackae.pipeline", "DemoConfig", "run_demo", "run pipelines/demo.yaml end to end"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one argument per field of the dataclass ``config_cls``; ``positional`` metadata makes it positional."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        kind = hints[f.name]
+        help_text = meta.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        origin = typing.get_origin(kind)
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional = origin in (typing.Union, types.UnionType) and len(args) == 1
+        base = args[0] if optional else kind
+        if typing.get_origin(base) in (tuple, list):
+            item = typing.get_args(base)[0]
+            if meta.get("positional"):
+                parser.add_argument(
+                    f.name, nargs="+" if f.default_factory is dataclasses.MISSING else "*", type=item, help=help_text
+                )
+            else:
+                parser.add_argument(
+                    _flag(f.name), nargs="*", type=item, default=default, help=f"{help_text} (default: {default})"
+                )
+            continue
+        if meta.get("positional"):
+            parser.add_argument(f.name, type=base, help=help_text)
+            continue
+        if base is bool:
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text} (default: {default})",
+            )
+            continue
+        parser.add_argument(
+            _flag(f.name),
+            type=base,
+            default=default,
+            choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
+            help=f"{help_text} (default: {default})",
+        )
+
+
+def config_from_namespace(config_cls: type, namespace: argparse.Namespace) -> Any:
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(namespace, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return config_cls(**values)
+
+
+def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
+    module_name, config_name, function_name, _ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, function_name)
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quackae",
+        description="Turn a text corpus into stored, fixed-size learned encodings.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, _, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            config_cls, _ = _load(name)
+            add_config_arguments(sub_parser, config_cls)
+            if name == "bench":
+                sub_parser.add_argument(
+                    "--json", action="store_true", help="print the figures as one JSON object on the last line"
+                )
+    return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg in COMMANDS:
+            return arg
+    return None
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    parser = build_parser(command)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(namespace.log_level)
+    try:
+        config_cls, function = _load(namespace.command)
+        config = config_from_namespace(config_cls, namespace)
+        result = function(config)
+    except StrictError as error:
+        print(f"quackae {namespace.command}: error: {error}", file=sys.stderr)
+        return 1
+    except (QuackError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
+        print(f"quackae {namespace.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"quackae {namespace.command}: interrupted", file=sys.stderr)
+        return 130
+    if namespace.command == "bench":
+        _print_bench(result, as_json=namespace.json)
+    return 0
+
+
+def _print_bench(result: dict[str, Any], as_json: bool) -> None:
+    for key, value in result.items():
+        if key != "config":
+            print(f"{key:>28}: {value}")
+    if as_json:
+        print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""``QuackAutoEncoder``: a sequence-to-sequence autoencoder with attention.
+
+The encoder is a bidirectional GRU over packed sequences; an item's encoding is the last
+layer's final forward and backward states. The decoder is a GRU started from the encoding
+with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
+an MLP on ``[context; decoder state]`` that predicts the next token.
+
+Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call
+over all steps, one batched attention, and vocabulary logits and cross-entropy only at the
+target's non-pad positions. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
+reconstruction go step by step, as they must.
+
+Shape glossary:
+    B  batch size            T  input (encoder) width        S  decoder steps
+    E  embedding size        H  hidden size (encoding size)  V  vocabulary size
+    L  GRU layers            N  non-pad target tokens in a batch
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from quackae.attention import AttentionModule, AttentionScore, attend, attention_scores
+
+log = logging.getLogger(__name__)
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class QuackAutoEncoder(pl.LightningModule):
+    """Seq2seq GRU autoencoder with attention; ``forward`` is the encoder alone.
+
+    Defaults differ from the original thesis code where the original did not train well:
+    ``learning_rate`` 3e-3 (the original's 1e-1 diverges with AdamW), ``learning_rate_min`` 1e-5,
+    and the decoder starts from a learned start vector rather than the item's last token.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embed_size: int = 128,
+        hidden_size: int = 256,
+        layers: int = 1,
+        max_decode_length: int | None = None,
+        learning_rate: float = 3e-3,
+        learning_rate_min: float = 1e-5,
+        lr_max_epochs: int = -1,
+        pad_id: int = 0,
+        eos_id: int | None = None,
+        mask_id: int | None = None,
+        teacher_forcing_ratio: float = 1.0,
+        denoise: float = 0.0,
+        denoise_mode: str = "delete",
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if num_embeddings < 2:
+            problems.append(f"num_embeddings must be at least 2, got {num_embeddings}")
+        if embed_size <= 0:
+            problems.append(f"embed_size must be positive, got {embed_size}")
+        if hidden_size <= 0 or hidden_size % 2:
+            problems.append(f"hidden_size must be a positive even number (two encoder directions), got {hidden_size}")
+        if layers <= 0:
+            problems.append(f"layers must be positive, got {layers}")
+        if max_decode_length is not None and max_decode_length <= 0:
+            problems.append(f"max_decode_length must be positive or None, got {max_decode_length}")
+        if learning_rate <= 0 or learning_rate_min < 0 or learning_rate_min > learning_rate:
+            problems.append(
+                f"need 0 <= learning_rate_min <= learning_rate and learning_rate > 0, got "
+                f"{learning_rate_min} and {learning_rate}"
+            )
+        for name, value in (("pad_id", pad_id), ("eos_id", eos_id), ("mask_id", mask_id)):
+            if value is not None and not 0 <= value < num_embeddings:
+                problems.append(f"{name} must be in [0, {num_embeddings}), got {value}")
+        if not 0.0 <= teacher_forcing_ratio <= 1.0:
+            problems.append(f"teacher_forcing_ratio must be in [0, 1], got {teacher_forcing_ratio}")
+        if not 0.0 <= denoise < 1.0:
+            problems.append(f"denoise must be in [0, 1), got {denoise}")
+        if denoise_mode not in ("delete", "mask"):
+            problems.append(f"denoise_mode must be 'delete' or 'mask', got {denoise_mode!r}")
+        if denoise_mode == "mask" and denoise > 0 and mask_id is None:
+            problems.append("denoise_mode 'mask' needs a mask_id (the tokenizer's [UNK] id)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.save_hyperparameters()
+        self.num_embeddings = num_embeddings
+        self.hidden_size = hidden_size
+        self.layers = layers
+        self.pad_id = pad_id
+
+        self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=pad_id)
+        # Each direction gets half the hidden size, so the encoding is (B, H).
+        self.encoder = nn.GRU(embed_size, hidden_size // 2, num_layers=layers, batch_first=True, bidirectional=True)
+        self.start = nn.Parameter(torch.randn(embed_size) * 0.1)  # learned first decoder input
+        self.decoder = nn.GRU(embed_size, hidden_size, num_layers=layers, batch_first=True)
+        self.attention_score = AttentionScore(hidden_size)
+        self.attention = AttentionModule()
+        self.predict = nn.Sequential(
+            nn.Linear(2 * hidden_size, hidden_size),
+            nn.LeakyReLU(),
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, hidden_size),
+            nn.LeakyReLU(),
+            nn.LayerNorm(hidden_size),
+            nn.Linear(hidden_size, num_embeddings),
+        )
+
+    # ------------------------------------------------------------------ input checks
+    def mask_input(self, padded: torch.Tensor) -> torch.Tensor:
+        """Boolean (B, T), True where ``padded`` holds a token rather than the pad id."""
+        return padded.ne(self.pad_id)
+
+    def _check(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Validate token ids (B, T); return ``(x as long, mask (B, T), lengths on the CPU (B,))``.
+
+        One host sync covers every check: ids in ``[0, V)``, no empty row, padding only at the end.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"expected a (B, T) tensor of token ids, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"expected token ids of shape (B, T), got shape {tuple(x.shape)}")
+        if x.dtype not in _INT_DTYPES:
+            raise ValueError(f"expected integer token ids (torch.long), got {x.dtype}")
+        if x.size(0) == 0 or x.size(1) == 0:
+            raise ValueError(f"empty batch of token ids, shape {tuple(x.shape)}")
+        x = x.long()
+        mask = self.mask_input(x)  # (B, T)
+        lengths = mask.sum(dim=1)  # (B,)
+        holes = (mask[:, 1:] & ~mask[:, :-1]).any().view(1)  # a token after padding
+        stats = torch.cat([lengths, x.min().view(1), x.max().view(1), holes.long()]).cpu()
+        lengths_cpu, low, high, has_holes = stats[:-3], int(stats[-3]), int(stats[-2]), bool(stats[-1])
+        if low < 0 or high >= self.num_embeddings:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} is outside [0, {self.num_embeddings}); the data and the model's "
+                "vocabulary do not match"
+            )
+        if int(lengths_cpu.min()) == 0:
+            row = int((lengths_cpu == 0).nonzero()[0])
+            raise ValueError(f"row {row} of the batch is empty (only pad id {self.pad_id}); drop empty sequences")
+        if has_holes:
+            raise ValueError(f"pad id {self.pad_id} appears before a real token; pad sequences at the end only")
+        return x, mask, lengths_cpu
+
+    # ------------------------------------------------------------------ encoder
+    def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, width = x.shape
+        embedded = self.embed(x)  # (B, T, E)
+        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+        out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
+        states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
+        last = last.view(self.layers, 2, batch, self.hidden_size // 2)[-1]  # (2, B, H/2), last layer
+        encoding = last.permute(1, 0, 2).reshape(batch, self.hidden_size)  # (B, H): [forward; backward]
+        return encoding, states
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode token ids ``x`` (B, T), right-padded with the pad id.
+
+        Returns ``(encoding (B, H), states (B, T, H))``; states at padded positions are 0. An item's
+        encoding does not depend on its padding or its batch mates. Raises ``ValueError`` for ids
+        outside ``[0, V)``, empty rows, non-integer or non-2-D input.
+        """
+        x, _, lengths = self._check(x)
+        return self._encode(x, lengths)
+
+    # ------------------------------------------------------------------ noise
+    def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token deletion or masking on the encoder input; returns ``(x', mask', lengths' on CPU)``."""
+        p = self.hparams.denoise
+        drop = (torch.rand(x.shape, device=x.device) < p) & mask  # (B, T)
+        if self.hparams.denoise_mode == "mask":
+            noisy = x.masked_fill(drop, self.hparams.mask_id)
+            return noisy, mask, mask.sum(dim=1).cpu()
+        keep = mask & ~drop
+        keep[:, 0] |= ~keep.any(dim=1)  # every row keeps at least one token
+        # A stable sort of "dropped" flags moves kept tokens to the front in their order.
+        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (B, T)
+        kept = keep.sum(dim=1, keepdim=True)  # (B, 1)
+        new_mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < kept  # (B, T)
+        noisy = x.gather(1, order).masked_fill(~new_mask, self.pad_id)  # (B, T)
+        return noisy, new_mask, kept.squeeze(1).cpu()
+
+    # ------------------------------------------------------------------ decoder
+    def _initial_hidden(self, encoding: torch.Tensor) -> torch.Tensor:
+        return encoding.unsqueeze(0).expand(self.layers, -1, -1).contiguous()  # (L, B, H)
+
+    def _decode_step(
+        self, token_embed: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decoder step: ``token_embed`` (B, E), ``hidden`` (L, B, H) -> logits (B, V), hidden, weights (B, T)."""
+        out, hidden = self.decoder(token_embed.unsqueeze(1), hidden)  # (B, 1, H), (L, B, H)
+        scores = self.attention_score(states, out)  # (B, T, 1)
+        context, weights = attend(states, scores, mask, check=False)  # (B, 1, H), (B, T, 1)
+        logits = self.predict(torch.cat([context, out], dim=-1)).squeeze(1)  # (B, 1, 2H) -> (B, V)
+        return logits, hidden, weights.squeeze(-1)
+
+    def _steps(self, width: int) -> int:
+        limit = self.hparams.max_decode_length
+        return width if limit is None else min(limit, width)
+
+    def _teacher_forced(
+        self,
+        target: torch.Tensor,
+        encoding: torch.Tensor,
+        states: torch.Tensor,
+        enc_mask: torch.Tensor,
+        target_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole-sequence teacher forcing; returns ``(logits (N, V), targets (N,), step weights (N,))``.
+
+        The N tokens are the target's non-pad positions within the decoded steps (time-major);
+        each token's step weight is 1 / (items still present at its step), so the weighted sum
+        equals ``loss_over_time`` without computing vocabulary logits at padded positions.
+        """
+        batch = target.size(0)
+        steps = self._steps(target.size(1))
+        lengths = target_lengths.clamp(max=steps)  # (B,) on CPU
+        previous = self.embed(target[:, : steps - 1])  # (B, S-1, E)
+        inputs = torch.cat([self.start.expand(batch, 1, -1), previous], dim=1)  # (B, S, E)
+        # The decoder is causal, so outputs at real positions never see the padding after them: one
+        # unpacked call is exact and lets the fused (oneDNN / cuDNN) kernel run.
+        decoded, _ = self.decoder(inputs, self._initial_hidden(encoding))  # (B, S, H)
+        scores = attention_scores(states, decoded)  # (B, T, S)
+        context, _ = attend(states, scores, enc_mask, check=False)  # (B, S, H)
+        features = torch.cat([context, decoded], dim=-1)  # (B, S, 2H)
+        time, item, weights = (t.to(target.device, non_blocking=True) for t in _valid_positions(lengths, steps))
+        logits = self.predict(features[item, time])  # (N, 2H) -> (N, V)
+        wanted = target[item, time]  # (N,)
+        return logits, wanted, weights
+
+    def _free_running(
+        self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder fed its own samples step by step; returns logits (B, S, V) for every step."""
+        batch = target.size(0)
+        hidden = self._initial_hidden(encoding)  # (L, B, H)
+        token_embed = self.start.expand(batch, -1)  # (B, E)
+        outputs = []
+        for _ in range(self._steps(target.size(1))):
+            logits, hidden, _ = self._decode_step(token_embed, hidden, states, enc_mask)  # (B, V)
+            outputs.append(logits)
+            with torch.no_grad():
+                sampled = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)  # (B,)
+            token_embed = self.embed(sampled)  # (B, E)
+        return torch.stack(outputs, dim=1)  # (B, S, V)
+
+    # ------------------------------------------------------------------ losses
+    def loss_over_time(self, original: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy summed over time steps; each step's term is the mean over items present there.
+
+        ``original`` (B, T) token ids, ``output`` (B, T', V) logits; the first ``min(T, T')`` steps
+        count and padded positions contribute nothing (a step with no item present adds 0).
+        """
+        steps = min(original.size(1), output.size(1))
+        target = original[:, :steps]  # (B, S)
+        ce = F.cross_entropy(
+            output[:, :steps].transpose(1, 2).float(), target, ignore_index=self.pad_id, reduction="none"
+        )  # (B, V, S) vs (B, S) -> (B, S), 0 at pads
+        present = target.ne(self.pad_id).sum(dim=0).clamp(min=1)  # (S,)
+        return (ce.sum(dim=0) / present).sum()
+
+    def _step_loss(self, batch: Any, stage: str) -> torch.Tensor:
+        x = batch[1] if isinstance(batch, (tuple, list)) else batch
+        target, mask, lengths = self._check(x)
+        if self.training and self.hparams.denoise > 0:
+            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask)
+        else:
+            enc_in, enc_mask, enc_lengths = target, mask, lengths
+        encoding, states = self._encode(enc_in, enc_lengths)
+        free = self.training and float(torch.rand(())) >= self.hparams.teacher_forcing_ratio
+        if free:
+            output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
+            loss = self.loss_over_time(target, output)
+            valid = target[:, : output.size(1)].ne(self.pad_id)  # (B, S)
+            token_ce = F.cross_entropy(output.float()[valid], target[:, : output.size(1)][valid])
+            accuracy = (output.argmax(-1) == target[:, : output.size(1)])[valid].float().mean()
+        else:
+            logits, wanted, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths)
+            ce = F.cross_entropy(logits.float(), wanted, reduction="none")  # (N,)
+            loss = (ce * weights).sum()
+            token_ce = ce.mean()
+            accuracy = (logits.argmax(-1) == wanted).float().mean()
+        on_step = stage == "train"
+        sync = stage != "train"
+        size = target.size(0)
+        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync, batch_size=size)
+        self.log(f"{stage}_token_loss", token_ce, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
+        self.log(f"{stage}_token_acc", accuracy, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
+        return loss
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch of token ids (B, T), without Lightning logging (benchmarks)."""
+        target, mask, lengths = self._check(x)
+        encoding, states = self._encode(target, lengths)
+        logits, wanted, weights = self._teacher_forced(target, encoding, states, mask, lengths)
+        return (F.cross_entropy(logits.float(), wanted, reduction="none") * weights).sum()
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step_loss(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step_loss(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step_loss(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
+        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, H))``."""
+        metadata, x = batch
+        encoding, _ = self(x)
+        return metadata, encoding
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``.
+
+        ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
+        ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
+        """
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        interval, period = "epoch", self.hparams.lr_max_epochs
+        if period <= 0:
+            trainer = self._trainer
+            max_steps = trainer.max_steps if trainer is not None else -1
+            max_epochs = trainer.max_epochs if trainer is not None else None
+            if max_steps is not None and max_steps > 0:
+                interval, period = "step", max_steps
+            else:
+                period = max(1, max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=period, eta_min=self.hparams.learning_rate_min
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def reconstruct(
+        self, x: torch.Tensor, max_length: int | None = None, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding of ``x`` (B, T) from its own encoding -> LongTensor (B, S).
+
+        Decodes at most ``max_length`` steps (default ``max_decode_length``, else T). After an item
+        emits ``eos_id`` its remaining positions hold the pad id, and decoding stops once every item
+        has. With ``return_attention`` also returns the attention weights (B, S, T).
+        """
+        x, mask, lengths = self._check(x)
+        encoding, states = self._encode(x, lengths)
+        steps = max_length or self.hparams.max_decode_length or x.size(1)
+        hidden = self._initial_hidden(encoding)
+        token_embed = self.start.expand(x.size(0), -1)  # (B, E)
+        eos = self.hparams.eos_id
+        done = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)  # (B,)
+        tokens, attention = [], []
+        for _ in range(steps):
+            logits, hidden, weights = self._decode_step(token_embed, hidden, states, mask)
+            token = logits.argmax(dim=-1).masked_fill(done, self.pad_id)  # (B,)
+            tokens.append(token)
+            attention.append(weights)
+            if eos is not None:
+                done = done | token.eq(eos)
+                if bool(done.all()):
+                    break
+            token_embed = self.embed(token)
+        out = torch.stack(tokens, dim=1)  # (B, S)
+        if return_attention:
+            return out, torch.stack(attention, dim=1)  # (B, S, T)
+        return out
+
+
+def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-pad (time, item) positions of right-padded rows with CPU ``lengths`` (B,), time-major.
+
+    Returns ``(time (N,), item (N,), weight (N,))`` with weight = 1 / (rows present at that time).
+    """
+    present = torch.arange(steps).unsqueeze(1) < lengths.unsqueeze(0)  # (S, B)
+    time, item = present.nonzero(as_tuple=True)  # (N,), (N,)
+    per_step = present.sum(dim=1).clamp(min=1).to(torch.float32).reciprocal()  # (S,)
+    return time, item, per_step[time]
+
+
+def load_model(path: str, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
+    """Load a ``QuackAutoEncoder`` from a Lightning checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises ``ValueError`` naming the file when it is missing or is not a quackae checkpoint.
+    """
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
+    try:
+        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
+        raise ValueError(f"checkpoint {file} cannot be loaded safely: {str(error).splitlines()[0]}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"{file} is not a quackae model checkpoint (no state_dict / hyper_parameters)")
+    model = QuackAutoEncoder(**dict(checkpoint["hyper_parameters"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    return model

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quackae.writer import item_path
+
+
+@pytest.mark.parametrize(
+    ("index", "kwargs", "expected"),
+    [
+        (0, {}, "0/0/0.png"),
+        (999, {"suffix": "npz"}, "0/0/999.npz"),
+        (1000, {"suffix": "npz"}, "0/1/1000.npz"),
+        (123456, {"suffix": "npz"}, "1/23/123456.npz"),
+        (123456, {"dir_only": True}, "1/23"),
+        (123456, {"is_collection": True}, "1/23/123456/123456.png"),
+        (123456, {"is_collection": True, "dir_only": True}, "1/23/123456"),
+        (np.int64(100001), {"suffix": "npz"}, "1/0/100001.npz"),
+    ],
+)
+def test_item_path(index, kwargs, expected):
+    assert item_path(index, **kwargs) == expected
+
+
+def test_item_path_formula_holds_for_many_ids():
+    for index in range(0, 10**7, 7919):
+        assert item_path(index, "npz") == f"{index // 100000}/{index % 100000 // 1000}/{index}.npz"
+
+
+@pytest.mark.parametrize("index", [-1, 1.5, "3", True])
+def test_item_path_rejects_bad_index(index):
+    with pytest.raises(ValueError, match="non-negative integer"):
+        item_path(index)
