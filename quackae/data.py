@@ -1,0 +1,269 @@
+"""``TokenizedDataModule``: a prepared dataset as padded, length-bucketed batches.
+
+The train/val/test split depends only on each item's id and the seed (a hash), so it is the
+same on every run and machine and does not move when rows are added. Batches are padded with the
+pad id to their longest item. With bucketing, items of similar length share a batch and the
+batch order is shuffled every epoch. Under DDP each rank takes its own batches; the predict
+loader gives every item to exactly one rank, once.
+
+Shape glossary: B batch size, T longest item in the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.accelerators import CUDAAccelerator
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+
+def split_of(ids: Sequence[int], seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """0 (train), 1 (val) or 2 (test) per id, from a hash of (seed, id): stable across runs and machines."""
+    salt = str(seed).encode()
+    position = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(str(int(i)).encode(), digest_size=8, key=salt[:64]).digest(), "big")
+            for i in ids
+        ),
+        dtype=np.uint64,
+        count=len(ids),
+    ) / float(2**64)  # uniform in [0, 1)
+    split = np.zeros(len(ids), dtype=np.int8)
+    split[position < test_fraction + val_fraction] = 1
+    split[position < test_fraction] = 2
+    return split
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Right-pad token id lists to the longest one: LongTensor (B, T)."""
+    width = max(len(s) for s in sequences)
+    batch = np.full((len(sequences), width), pad_id, dtype=np.int64)  # (B, T)
+    for row, sequence in enumerate(sequences):
+        batch[row, : len(sequence)] = sequence
+    return torch.from_numpy(batch)
+
+
+def padding_fraction(lengths: np.ndarray, batches: Sequence[Sequence[int]]) -> float:
+    """Share of the padded (B, T) cells that are padding, over ``batches`` of indices into ``lengths``."""
+    cells = sum(len(b) * int(lengths[list(b)].max()) for b in batches if len(b))
+    return 1.0 - float(sum(int(lengths[list(b)].sum()) for b in batches)) / max(cells, 1)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of ``indices`` grouped by length (``bucket``) or at random, reshuffled each epoch.
+
+    Items are shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside each
+    pool and cut into batches; the batch order is then shuffled. With ``num_replicas`` > 1 rank
+    ``rank`` takes every ``num_replicas``-th batch; ``even`` repeats batches so every rank gets
+    the same count (training needs it, prediction must not have it).
+    """
+
+    def __init__(
+        self,
+        indices: Sequence[int],
+        lengths: np.ndarray,
+        batch_size: int,
+        *,
+        bucket: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        even: bool = True,
+        pool_batches: int = 100,
+    ) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.bucket = bucket
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.even = even
+        self.pool_batches = pool_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[np.ndarray]:
+        """Every batch of this epoch, across all ranks."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.indices) if self.shuffle else self.indices.copy()
+        if self.bucket:
+            pool = self.batch_size * self.pool_batches
+            pools = [order[i : i + pool] for i in range(0, len(order), pool)]
+            order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in pools]) if pools else order
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _mine(self) -> list[np.ndarray]:
+        batches = self.batches()
+        if self.num_replicas > 1 and self.even and batches:
+            total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
+            batches = batches + batches[: total - len(batches)]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._mine():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        count = math.ceil(len(self.indices) / self.batch_size)
+        if self.num_replicas == 1:
+            return count
+        if self.even:
+            return math.ceil(count / self.num_replicas)
+        return len(range(self.rank, count, self.num_replicas))
+
+
+class TokenizedDataset(Dataset):
+    """A prepared HF dataset fetched a batch at a time (``__getitems__``), padded by ``collate``."""
+
+    def __init__(self, dataset: Any, pad_id: int, with_metadata: bool) -> None:
+        self.dataset = dataset
+        self.pad_id = pad_id
+        self.with_metadata = with_metadata
+        self.metadata_columns = [c for c in dataset.column_names if c not in ("input_ids", "length")]
+        self._view = dataset.select_columns(["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"])
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        return self._view[indices]
+
+    def collate(self, rows: dict[str, Any]) -> torch.Tensor | tuple[list[dict[str, Any]], torch.Tensor]:
+        """Column batch -> LongTensor (B, T), or ``(metadata list, LongTensor (B, T))`` with metadata."""
+        x = pad_batch(rows["input_ids"], self.pad_id)  # (B, T)
+        if not self.with_metadata:
+            return x
+        names = self.metadata_columns
+        metadata = [dict(zip(names, values, strict=True)) for values in zip(*(rows[n] for n in names), strict=True)]
+        return metadata, x
+
+
+class TokenizedDataModule(pl.LightningDataModule):
+    """Train/val/test/predict loaders over a prepared directory (``quackae prepare --out``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        bucket: bool = True,
+        pad_id: int | None = None,
+        predict_indices: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"--num-workers must not be negative, got {num_workers}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(
+                f"--val-fraction and --test-fraction must be in [0, 1) with a sum below 1, got "
+                f"{val_fraction} and {test_fraction}"
+            )
+        self.path = Path(path)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.bucket = bucket
+        self.pad_id = pad_id
+        self.predict_indices = predict_indices
+        self.dataset: Any = None
+        self.splits: dict[str, np.ndarray] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        from quackae.prepare import load_prepared
+        from quackae.tokenizer import special_ids
+
+        self.dataset, tokenizer, _ = load_prepared(self.path)
+        if self.pad_id is None:
+            self.pad_id = special_ids(tokenizer).pad
+        self.lengths = self.dataset.data.column("length").to_numpy().astype(np.int64)
+        ids = self.dataset.data.column("id").to_pylist()
+        split = split_of(ids, self.seed, self.val_fraction, self.test_fraction)
+        self.splits = {name: np.flatnonzero(split == code) for code, name in enumerate(("train", "val", "test"))}
+        sizes = {name: len(index) for name, index in self.splits.items()}
+        log.info("split of %d items (seed %d): %s", len(ids), self.seed, sizes)
+        train = self.splits["train"]
+        if len(train):
+            sampler = BucketBatchSampler(train, self.lengths, self.batch_size, bucket=self.bucket, seed=self.seed)
+            log.info(
+                "padding fraction of training batches (%s): %.3f",
+                "bucketed" if self.bucket else "random",
+                padding_fraction(self.lengths, sampler.batches()),
+            )
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, indices: np.ndarray, shuffle: bool, with_metadata: bool, even: bool) -> DataLoader:
+        replicas, rank = self._replicas()
+        sampler = BucketBatchSampler(
+            indices,
+            self.lengths,
+            self.batch_size,
+            bucket=self.bucket or not shuffle,
+            shuffle=shuffle,
+            seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
+            even=even,
+        )
+        dataset = TokenizedDataset(self.dataset, self.pad_id, with_metadata)
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            pin_memory=on_gpu,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], shuffle=True, with_metadata=False, even=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["val"], shuffle=False, with_metadata=False, even=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["test"], shuffle=False, with_metadata=False, even=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Every item (or ``predict_indices``) exactly once across ranks, sorted by length for speed."""
+        indices = (
+            np.arange(self.dataset.num_rows)
+            if self.predict_indices is None
+            else np.asarray(self.predict_indices, dtype=np.int64)
+        )
+        return self._loader(indices, shuffle=False, with_metadata=True, even=False)

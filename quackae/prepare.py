@@ -1,0 +1,445 @@
+"""``quackae prepare``: text files -> ``tokenizer.json`` + a tokenized HF dataset + ``prepare.json``.
+
+Rows that cannot be used (malformed JSON, empty, null or non-string text, missing, negative,
+non-integer or duplicate id) are counted and listed with ``file:line``; ``--strict`` refuses them.
+When the id column does not exist at all, ids are the row numbers (0-based, across all inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from quackae.errors import QuackError, StrictError
+from quackae.tokenizer import EOS, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".txt": "txt",
+    ".text": "txt",
+}
+_RESERVED = ("input_ids", "length")
+MAX_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    inputs: tuple[str, ...] = field(
+        metadata={
+            "positional": True,
+            "help": "text files (.jsonl .json .csv .parquet .txt, one text per line for .txt)",
+        }
+    )
+    out: str = field(default="storage/prepared", metadata={"help": "output directory"})
+    format: str | None = field(
+        default=None, metadata={"help": "input format, overriding the file extension", "choices": FORMATS}
+    )
+    text_field: str = field(default="text", metadata={"help": "column holding the text"})
+    id_field: str = field(
+        default="id",
+        metadata={"help": "column holding a non-negative integer id; when no input has it, ids are the row numbers"},
+    )
+    vocab_size: int = field(default=8000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
+    min_frequency: int = field(default=2, metadata={"help": "minimum pair frequency for a BPE merge"})
+    tokenizer: str | None = field(default=None, metadata={"help": "use this tokenizer.json instead of training one"})
+    max_length: int = field(
+        default=128,
+        metadata={"help": "maximum tokens per item, [EOS] included; longer texts are truncated and counted"},
+    )
+    num_proc: int = field(default=1, metadata={"help": "worker processes for tokenization (datasets.map)"})
+    strict: bool = field(default=False, metadata={"help": "fail (exit 1) when any row is rejected"})
+    overwrite: bool = field(default=True, metadata={"help": "replace an existing prepared dataset in --out"})
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("give at least one INPUT file")
+        if self.vocab_size < 16:
+            raise ValueError(f"--vocab-size must be at least 16, got {self.vocab_size}")
+        if self.max_length < 2:
+            raise ValueError(f"--max-length must be at least 2 (one token and [EOS]), got {self.max_length}")
+        if self.num_proc < 1:
+            raise ValueError(f"--num-proc must be at least 1, got {self.num_proc}")
+        if self.min_frequency < 1:
+            raise ValueError(f"--min-frequency must be at least 1, got {self.min_frequency}")
+
+
+@dataclass
+class _Rows:
+    """Rows of all inputs as columns, with where each came from."""
+
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    where: list[tuple[int, int]] = field(default_factory=list)  # (file index, line number)
+    count: int = 0
+    rejected: list[tuple[int, int, str]] = field(default_factory=list)  # malformed rows: (file, line, reason)
+
+    def add(self, records: dict[str, list[Any]], where: list[tuple[int, int]]) -> None:
+        n = len(where)
+        for name in set(self.columns) | set(records):
+            column = self.columns.setdefault(name, [None] * self.count)
+            column.extend(records.get(name, [None] * n))
+        self.where.extend(where)
+        self.count += n
+
+
+def _format_of(path: Path, forced: str | None) -> str:
+    if forced:
+        return forced
+    fmt = _EXTENSIONS.get(path.suffix.lower())
+    if fmt is None:
+        raise QuackError(f"cannot tell the format of {path} from its extension; pass --format ({', '.join(FORMATS)})")
+    if fmt == "json":
+        with path.open("rb") as handle:
+            head = handle.read(4096).lstrip()
+        if not head.startswith(b"["):
+            fmt = "jsonl"  # JSON lines in a .json file
+    return fmt
+
+
+def _read_jsonl(path: Path, file_index: int, rows: _Rows) -> None:
+    records: dict[str, list[Any]] = {}
+    where = []
+    n = 0
+    with path.open("r", encoding="utf-8", errors="strict") as handle:
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    rows.rejected.append((file_index, line_number, f"malformed JSON ({error.msg})"))
+                    continue
+                if not isinstance(record, dict):
+                    rows.rejected.append((file_index, line_number, "malformed JSON (not an object)"))
+                    continue
+                for name, value in record.items():
+                    column = records.get(name)
+                    if column is None:
+                        column = records[name] = [None] * n
+                    column.append(value)
+                n += 1
+                for column in records.values():
+                    if len(column) < n:
+                        column.append(None)
+                where.append((file_index, line_number))
+        except UnicodeDecodeError as error:
+            raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    rows.add(records, where)
+
+
+def _read_with_datasets(path: Path, fmt: str, file_index: int, rows: _Rows, cache_dir: str) -> None:
+    import datasets
+
+    builder = {"json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}[fmt]
+    kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
+    try:
+        table = datasets.load_dataset(
+            builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs
+        )
+    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QuackError(f"cannot read {path} as {fmt}: {message}") from None
+    records = table.to_dict()
+    first_line = {"csv": 2, "txt": 1}.get(fmt, 1)  # csv: line 1 is the header; parquet/json: row numbers from 1
+    rows.add(records, [(file_index, first_line + i) for i in range(table.num_rows)])
+
+
+def _check_id(value: Any) -> tuple[int | None, str | None]:
+    """(id, None) for a usable id, else (None, reason)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None, "missing id"
+    if isinstance(value, bool):
+        return None, "non-integer id"
+    if isinstance(value, (int, np.integer)):
+        number = int(value)
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value.strip())
+    else:
+        return None, "non-integer id"
+    if number < 0:
+        return None, "negative id"
+    return number, None
+
+
+def _validate(
+    rows: _Rows, text_field: str, id_field: str | None
+) -> tuple[list[int], list[int], list[tuple[int, int, str]]]:
+    """Indices of the rows kept, their ids, and (file, line, reason) for each row rejected."""
+    texts = rows.columns[text_field]
+    ids = rows.columns[id_field] if id_field else None
+    kept, kept_ids, rejected = [], [], list(rows.rejected)
+    seen: set[int] = set()
+    for i in range(rows.count):
+        text = texts[i]
+        reason = None
+        if text is None:
+            reason = "null text"
+        elif not isinstance(text, str):
+            reason = "non-string text"
+        elif not text.strip():
+            reason = "empty text"
+        number = i
+        if reason is None and ids is not None:
+            number, reason = _check_id(ids[i])
+            if reason is None and number in seen:
+                reason = "duplicate id"
+        if reason is not None:
+            rejected.append((*rows.where[i], reason))
+            continue
+        seen.add(number)
+        kept.append(i)
+        kept_ids.append(number)
+    return kept, kept_ids, rejected
+
+
+def _tokenize_batch(
+    batch: dict[str, list[Any]], tokenizer: Any, text_field: str, limit: int, eos: int
+) -> dict[str, list[Any]]:
+    encodings = tokenizer.encode_batch_fast(batch[text_field], add_special_tokens=False)
+    input_ids, lengths, truncated = [], [], []
+    for encoding in encodings:
+        ids = encoding.ids
+        cut = len(ids) > limit
+        ids = ids[:limit] if cut else ids
+        ids.append(eos)
+        input_ids.append(ids)
+        lengths.append(len(ids))
+        truncated.append(cut)
+    return {"input_ids": input_ids, "length": lengths, "_truncated": truncated}
+
+
+def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[str, list[Any]]:
+    columns = {}
+    for name, values in rows.columns.items():
+        if name in exclude:
+            continue
+        if name in _RESERVED:
+            raise QuackError(f"input column {name!r} clashes with a column quackae writes; rename it")
+        column = [values[i] for i in kept]
+        try:
+            pa.array(column)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            log.warning("metadata column %r mixes value types; storing it as JSON strings", name)
+            column = [None if v is None else json.dumps(v, ensure_ascii=False) for v in column]
+        columns[name] = column
+    return columns
+
+
+def _length_stats(lengths: np.ndarray) -> dict[str, float]:
+    if lengths.size == 0:
+        return {}
+    return {
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": round(float(lengths.mean()), 2),
+        "p50": int(np.percentile(lengths, 50)),
+        "p95": int(np.percentile(lengths, 95)),
+        "tokens": int(lengths.sum()),
+    }
+
+
+def prepare(config: PrepareConfig) -> dict[str, Any]:
+    """Run ``quackae prepare``; returns the summary also written to ``OUT/prepare.json``."""
+    import datasets
+
+    started = time.time()
+    paths = [Path(p) for p in config.inputs]
+    for path in paths:
+        if not path.is_file():
+            raise QuackError(f"input file {path} does not exist")
+    out = Path(config.out)
+    if (out / "dataset").exists() and not config.overwrite:
+        raise QuackError(f"{out / 'dataset'} already exists; pass --overwrite or choose another --out")
+    datasets.disable_caching()
+    rows = _Rows()
+    with tempfile.TemporaryDirectory(prefix="quackae-read-") as cache_dir:
+        for index, path in enumerate(paths):
+            fmt = _format_of(path, config.format)
+            log.info("reading %s (%s)", path, fmt)
+            if fmt == "jsonl":
+                _read_jsonl(path, index, rows)
+            else:
+                _read_with_datasets(path, fmt, index, rows, cache_dir)
+    text_field = (
+        "text"
+        if config.format == "txt" or all(_format_of(p, config.format) == "txt" for p in paths)
+        else config.text_field
+    )
+    columns = sorted(rows.columns)
+    if rows.count and text_field not in rows.columns:
+        raise QuackError(
+            f"--text-field {text_field!r} is not a column of {', '.join(map(str, paths))} "
+            f"(columns: {', '.join(columns)})"
+        )
+    id_field: str | None = config.id_field if config.id_field in rows.columns else None
+    if id_field is None:
+        log.info("no %r column: ids are the row numbers", config.id_field)
+    if rows.count == 0 and not rows.rejected:
+        raise QuackError(f"no rows in {', '.join(map(str, paths))}")
+    kept, ids, rejected = _validate(rows, text_field, id_field) if rows.count else ([], [], list(rows.rejected))
+    rejected.sort()
+    reasons = Counter(reason for _, _, reason in rejected)
+    examples = [{"file": str(paths[f]), "line": line, "reason": reason} for f, line, reason in rejected[:MAX_EXAMPLES]]
+    if rejected:
+        first = examples[0]
+        summary = ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+        message = (
+            f"{len(rejected)} of {rows.count + len(rows.rejected)} rows rejected ({summary}); first at "
+            f"{first['file']}:{first['line']} ({first['reason']})"
+        )
+        if config.strict:
+            raise StrictError(message + "; fix them or rerun without --strict to skip them")
+        log.warning("%s; see prepare.json", message)
+    if not kept:
+        raise QuackError(f"no usable rows in {', '.join(map(str, paths))}; see the rejected rows above")
+
+    texts = [rows.columns[text_field][i] for i in kept]
+    if config.tokenizer:
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        log.info("training a byte-level BPE tokenizer (vocab %d) on %d texts", config.vocab_size, len(texts))
+        tokenizer = train_tokenizer(texts, config.vocab_size, config.min_frequency, length=len(texts))
+    ids_special = special_ids(tokenizer)
+    if ids_special.eos is None:
+        raise QuackError(f"the tokenizer has no {EOS} token; train one with quackae prepare (no --tokenizer)")
+
+    metadata = _metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
+    table = datasets.Dataset.from_dict({"id": ids, text_field: texts, **metadata})
+    mapped = table.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=2000,
+        num_proc=config.num_proc if config.num_proc > 1 else None,
+        remove_columns=[text_field],
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "text_field": text_field,
+            "limit": config.max_length - 1,
+            "eos": ids_special.eos,
+        },
+        new_fingerprint=f"quackae-{tokenizer_hash(tokenizer)[:16]}-{config.max_length}",
+        desc="tokenizing",
+    )
+    truncated = int(pc.sum(mapped.data.column("_truncated")).as_py() or 0)
+    mapped = mapped.select_columns(["id", "input_ids", "length", *metadata])
+    lengths = mapped.data.column("length").to_numpy()
+
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".dataset.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    mapped.save_to_disk(str(staging))
+    if (out / "dataset").exists():
+        shutil.rmtree(out / "dataset")
+    os.replace(staging, out / "dataset")
+    tokenizer.save(str(out / "tokenizer.json"))
+    summary = {
+        "rows_read": rows.count + len(rows.rejected),
+        "rows_kept": len(kept),
+        "rejected": dict(sorted(reasons.items())),
+        "rejected_total": len(rejected),
+        "rejected_examples": examples,
+        "truncated": truncated,
+        "lengths": _length_stats(lengths),
+        "ids": "column " + id_field if id_field else "row numbers",
+        "metadata_columns": list(metadata),
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": tokenizer_hash(tokenizer),
+        "inputs": [str(p) for p in paths],
+        "config": asdict(config),
+        "seconds": round(time.time() - started, 2),
+    }
+    (out / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "prepared %d of %d rows into %s (%d rejected, %d truncated)",
+        len(kept),
+        summary["rows_read"],
+        out,
+        len(rejected),
+        truncated,
+    )
+    return summary
+
+
+def load_prepared(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """Open a prepared directory: ``(dataset, tokenizer, prepare.json)``; ``QuackError`` when it is not one."""
+    import datasets
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise QuackError(f"prepared data directory {directory} does not exist; run quackae prepare first")
+    for name in ("dataset", "tokenizer.json"):
+        if not (directory / name).exists():
+            raise QuackError(
+                f"{directory} is not a prepared directory (no {name}); run quackae prepare --out {directory}"
+            )
+    dataset = datasets.load_from_disk(str(directory / "dataset"))
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    info_file = directory / "prepare.json"
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    return dataset, tokenizer, info
+
+
+def bench_prepare(config: Any) -> dict[str, Any]:
+    """rows/s of ``prepare`` (tokenizer given, so training is excluded) beside raw ``Tokenizer.encode_batch``.
+
+    The corpus is the standard-library docstring corpus repeated to ``config.rows`` rows with fresh ids.
+    """
+    import datasets
+
+    from quackae.corpus import stdlib_docstrings, write_jsonl
+
+    datasets.disable_progress_bars()
+    base = stdlib_docstrings()
+    rows = [
+        {"id": i, "text": base[i % len(base)]["text"], "label": base[i % len(base)]["label"]}
+        for i in range(config.rows)
+    ]
+    texts = [r["text"] for r in rows]
+    with tempfile.TemporaryDirectory(prefix="quackae-bench-") as tmp:
+        source = write_jsonl(rows, Path(tmp) / "corpus.jsonl")
+        start = time.perf_counter()
+        tokenizer = train_tokenizer(texts, vocab_size=8000, show_progress=False)
+        train_seconds = time.perf_counter() - start
+        tokenizer.save(str(Path(tmp) / "tokenizer.json"))
+        start = time.perf_counter()
+        tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        raw_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        prepare(
+            PrepareConfig(
+                inputs=(str(source),), out=str(Path(tmp) / "prepared"), tokenizer=str(Path(tmp) / "tokenizer.json")
+            )
+        )
+        prepare_seconds = time.perf_counter() - start
+    return {
+        "bench": "prepare",
+        "rows": config.rows,
+        "prepare_rows_per_s": round(config.rows / prepare_seconds, 1),
+        "encode_batch_rows_per_s": round(config.rows / raw_seconds, 1),
+        "ratio": round(raw_seconds / prepare_seconds, 3),
+        "tokenizer_training_s": round(train_seconds, 2),
+        "device": f"cpu ({os.cpu_count()} cores)",
+    }
