@@ -17,6 +17,7 @@ import pkgutil
 import sys
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,10 @@ def _submodules(package: object) -> list[object]:
 
 
 def stdlib_docstrings(min_per_label: int = 40, max_labels: int = 16) -> list[dict[str, object]]:
-    """Rows ``{"id", "text", "label"}`` from the standard library's docstrings.
+    """Rows ``{"id", "text", "label", "module"}`` from the standard library's docstrings.
 
-    Keeps the ``max_labels`` modules with the most rows, each with at least ``min_per_label``.
+    ``label`` is the module for the ``max_labels`` modules with the most rows (each with at least
+    ``min_per_label``) and None (unlabelled) for the rest; ``module`` is always the module.
     """
     names = sorted(n for n in getattr(sys, "stdlib_module_names", ()) if not n.startswith("_") and n not in _SKIP)
     rows: list[tuple[str, str]] = []
@@ -115,8 +117,10 @@ def stdlib_docstrings(min_per_label: int = 40, max_labels: int = 16) -> list[dic
                     rows.append((name, text))
     counts = Counter(label for label, _ in rows)
     labels = {label for label, n in counts.most_common(max_labels) if n >= min_per_label}
-    kept = [(label, text) for label, text in rows if label in labels]
-    return [{"id": i, "text": text, "label": label} for i, (label, text) in enumerate(kept)]
+    return [
+        {"id": i, "text": text, "label": label if label in labels else None, "module": label}
+        for i, (label, text) in enumerate(rows)
+    ]
 
 
 def write_jsonl(rows: list[dict[str, object]], path: str | Path) -> Path:
@@ -126,3 +130,25 @@ def write_jsonl(rows: list[dict[str, object]], path: str | Path) -> Path:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return file
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    out: str = field(default="corpus.jsonl", metadata={"path": True, "help": "JSONL file to write"})
+    min_per_label: int = field(default=40, metadata={"help": "drop modules with fewer docstrings"})
+    max_labels: int = field(default=16, metadata={"help": "keep the modules with the most docstrings"})
+
+    def __post_init__(self) -> None:
+        if self.min_per_label < 1 or self.max_labels < 2:
+            raise ValueError("min_per_label must be at least 1 and max_labels at least 2")
+
+
+def build_corpus(config: CorpusConfig) -> dict[str, object]:
+    """Write the standard-library docstring corpus as JSONL (``id``, ``text``, ``label``)."""
+    rows = stdlib_docstrings(config.min_per_label, config.max_labels)
+    write_jsonl(rows, config.out)
+    labels = Counter(str(row["label"]) for row in rows if row["label"] is not None)
+    log.info(
+        "wrote %d docstrings (%d labelled, %d labels) to %s", len(rows), sum(labels.values()), len(labels), config.out
+    )
+    return {"out": config.out, "rows": len(rows), "labelled": sum(labels.values()), "labels": len(labels)}

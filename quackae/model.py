@@ -59,6 +59,7 @@ class QuackAutoEncoder(pl.LightningModule):
         denoise: float = 0.0,
         denoise_mode: str = "delete",
         weight_decay: float = 0.01,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         problems = []
@@ -84,6 +85,8 @@ class QuackAutoEncoder(pl.LightningModule):
             problems.append(f"teacher_forcing_ratio must be in [0, 1], got {teacher_forcing_ratio}")
         if not 0.0 <= denoise < 1.0:
             problems.append(f"denoise must be in [0, 1), got {denoise}")
+        if not 0.0 <= dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1), got {dropout}")
         if denoise_mode not in ("delete", "mask"):
             problems.append(f"denoise_mode must be 'delete' or 'mask', got {denoise_mode!r}")
         if denoise_mode == "mask" and denoise > 0 and mask_id is None:
@@ -97,6 +100,7 @@ class QuackAutoEncoder(pl.LightningModule):
         self.pad_id = pad_id
 
         self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=pad_id)
+        self.drop = nn.Dropout(dropout)  # on embeddings and on the predictor's input; identity in eval mode
         # Each direction gets half the hidden size, so the encoding is (B, H).
         self.encoder = nn.GRU(embed_size, hidden_size // 2, num_layers=layers, batch_first=True, bidirectional=True)
         self.start = nn.Parameter(torch.randn(embed_size) * 0.1)  # learned first decoder input
@@ -153,7 +157,7 @@ class QuackAutoEncoder(pl.LightningModule):
     # ------------------------------------------------------------------ encoder
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = x.shape
-        embedded = self.embed(x)  # (B, T, E)
+        embedded = self.drop(self.embed(x))  # (B, T, E)
         packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
         out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
         states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
@@ -199,7 +203,7 @@ class QuackAutoEncoder(pl.LightningModule):
         out, hidden = self.decoder(token_embed.unsqueeze(1), hidden)  # (B, 1, H), (L, B, H)
         scores = self.attention_score(states, out)  # (B, T, 1)
         context, weights = attend(states, scores, mask, check=False)  # (B, 1, H), (B, T, 1)
-        logits = self.predict(torch.cat([context, out], dim=-1)).squeeze(1)  # (B, 1, 2H) -> (B, V)
+        logits = self.predict(self.drop(torch.cat([context, out], dim=-1))).squeeze(1)  # (B, 1, 2H) -> (B, V)
         return logits, hidden, weights.squeeze(-1)
 
     def _steps(self, width: int) -> int:
@@ -223,7 +227,7 @@ class QuackAutoEncoder(pl.LightningModule):
         batch = target.size(0)
         steps = self._steps(target.size(1))
         lengths = target_lengths.clamp(max=steps)  # (B,) on CPU
-        previous = self.embed(target[:, : steps - 1])  # (B, S-1, E)
+        previous = self.drop(self.embed(target[:, : steps - 1]))  # (B, S-1, E)
         inputs = torch.cat([self.start.expand(batch, 1, -1), previous], dim=1)  # (B, S, E)
         # The decoder is causal, so outputs at real positions never see the padding after them: one
         # unpacked call is exact and lets the fused (oneDNN / cuDNN) kernel run.
@@ -232,7 +236,7 @@ class QuackAutoEncoder(pl.LightningModule):
         context, _ = attend(states, scores, enc_mask, check=False)  # (B, S, H)
         features = torch.cat([context, decoded], dim=-1)  # (B, S, 2H)
         time, item, weights = (t.to(target.device, non_blocking=True) for t in _valid_positions(lengths, steps))
-        logits = self.predict(features[item, time])  # (N, 2H) -> (N, V)
+        logits = self.predict(self.drop(features[item, time]))  # (N, 2H) -> (N, V)
         wanted = target[item, time]  # (N,)
         return logits, wanted, weights
 
@@ -249,7 +253,7 @@ class QuackAutoEncoder(pl.LightningModule):
             outputs.append(logits)
             with torch.no_grad():
                 sampled = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)  # (B,)
-            token_embed = self.embed(sampled)  # (B, E)
+            token_embed = self.drop(self.embed(sampled))  # (B, E)
         return torch.stack(outputs, dim=1)  # (B, S, V)
 
     # ------------------------------------------------------------------ losses
@@ -314,10 +318,19 @@ class QuackAutoEncoder(pl.LightningModule):
         return self._step_loss(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
-        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, H))``."""
+        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, H))``.
+
+        With ``predict_attention`` set (``quackae encode --png attention``) a third element holds
+        the greedy reconstruction's attention weights (B, S, T) for the heat maps.
+        """
         metadata, x = batch
-        encoding, _ = self(x)
-        return metadata, encoding
+        if not getattr(self, "predict_attention", False):
+            encoding, _ = self(x)
+            return metadata, encoding
+        x, _, lengths = self._check(x)
+        encoding, _ = self._encode(x, lengths)
+        tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)
+        return metadata, encoding, (attention,)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``.

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from quackae.errors import QuackError, StrictError
-from quackae.tokenizer import EOS, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from quackae.tokenizer import EOS, MIN_VOCAB, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,11 @@ class PrepareConfig:
     inputs: tuple[str, ...] = field(
         metadata={
             "positional": True,
+            "path": True,
             "help": "text files (.jsonl .json .csv .parquet .txt, one text per line for .txt)",
         }
     )
-    out: str = field(default="storage/prepared", metadata={"help": "output directory"})
+    out: str = field(default="storage/prepared", metadata={"path": True, "help": "output directory"})
     format: str | None = field(
         default=None, metadata={"help": "input format, overriding the file extension", "choices": FORMATS}
     )
@@ -61,7 +62,9 @@ class PrepareConfig:
     )
     vocab_size: int = field(default=8000, metadata={"help": "BPE vocabulary size when training a tokenizer"})
     min_frequency: int = field(default=2, metadata={"help": "minimum pair frequency for a BPE merge"})
-    tokenizer: str | None = field(default=None, metadata={"help": "use this tokenizer.json instead of training one"})
+    tokenizer: str | None = field(
+        default=None, metadata={"path": True, "help": "use this tokenizer.json instead of training one"}
+    )
     max_length: int = field(
         default=128,
         metadata={"help": "maximum tokens per item, [EOS] included; longer texts are truncated and counted"},
@@ -73,8 +76,11 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("give at least one INPUT file")
-        if self.vocab_size < 16:
-            raise ValueError(f"--vocab-size must be at least 16, got {self.vocab_size}")
+        if self.vocab_size < MIN_VOCAB:
+            raise ValueError(
+                f"--vocab-size must be at least {MIN_VOCAB} (256 byte tokens, 4 special tokens and "
+                f"one merge), got {self.vocab_size}"
+            )
         if self.max_length < 2:
             raise ValueError(f"--max-length must be at least 2 (one token and [EOS]), got {self.max_length}")
         if self.num_proc < 1:

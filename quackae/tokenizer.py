@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens and at least one merge
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ def train_tokenizer(
     show_progress: bool = True,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on ``texts``; ``[PAD]`` gets id 0. Deterministic for the same texts."""
-    if vocab_size < len(SPECIAL_TOKENS) + 1:
-        raise ValueError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 1}, got {vocab_size}")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"--vocab-size must be at least {MIN_VOCAB}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
