@@ -1,0 +1,312 @@
+"""``quackae encode``: a trained encoder over a prepared dataset, one stored item per row.
+
+Items already in the store are neither encoded nor written again, so rerunning the same command
+after a kill finishes the job. Batches are sorted by length; predictions are never gathered in
+memory; under DDP each rank encodes and writes its own items and rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quackae.errors import QuackError
+from quackae.train import TrainerFlags, resolve_run
+from quackae.writer import AutoencoderWriter, clean_temporary, keep_item, stored_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodeConfig(TrainerFlags):
+    data: str = field(
+        default="storage/prepared",
+        metadata={"positional": True, "path": True, "help": "prepared directory (quackae prepare --out)"},
+    )
+    model: str = field(default="storage/run", metadata={"path": True, "help": "RUN directory or .ckpt file"})
+    out: str = field(default="storage/store", metadata={"path": True, "help": "store directory to write"})
+    batch_size: int = field(default=128, metadata={"help": "items per batch"})
+    png: str | None = field(
+        default=None,
+        metadata={"help": "also write a PNG per item: attention or encoding", "choices": ("attention", "encoding")},
+    )
+    label_field: str | None = field(
+        default=None, metadata={"help": "metadata column with labels (for --filtered / --evaluate)"}
+    )
+    unlabeled_value: str | None = field(
+        default=None, metadata={"help": "label value meaning unlabelled (null always does)"}
+    )
+    filtered: bool = field(default=False, metadata={"help": "store only labelled items"})
+    evaluate: bool = field(default=False, metadata={"help": "store only unlabelled items"})
+    reduction_threshold: float = field(
+        default=1.0, metadata={"help": "with --filtered, keep this share of the majority class"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for --reduction-threshold sampling"})
+    writer_threads: int = field(default=4, metadata={"help": "background writer threads"})
+
+    def __post_init__(self) -> None:
+        self.check_trainer_flags()
+        if self.filtered and self.evaluate:
+            raise ValueError("--filtered and --evaluate exclude each other")
+        if (self.filtered or self.evaluate) and not self.label_field:
+            raise ValueError("--filtered and --evaluate need --label-field")
+        if not 0 < self.reduction_threshold <= 1:
+            raise ValueError(f"--reduction-threshold must be in (0, 1], got {self.reduction_threshold}")
+        if self.writer_threads < 1:
+            raise ValueError(f"--writer-threads must be at least 1, got {self.writer_threads}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _selection(dataset: Any, config: EncodeConfig) -> tuple[np.ndarray, Any]:
+    """Row indices the writer would keep, and the class that --reduction-threshold thins."""
+    rows = np.arange(dataset.num_rows)
+    if not config.label_field or not (config.filtered or config.evaluate):
+        return rows, None
+    if config.label_field not in dataset.column_names:
+        raise QuackError(
+            f"--label-field {config.label_field!r} is not a column of the data (columns: "
+            f"{', '.join(dataset.column_names)})"
+        )
+    ids = dataset.data.column("id").to_pylist()
+    labels = dataset.data.column(config.label_field).to_pylist()
+    metas = [{"id": i, config.label_field: v} for i, v in zip(ids, labels, strict=True)]
+    from collections import Counter
+
+    counts = Counter(
+        str(m[config.label_field])
+        for m in metas
+        if keep_item(
+            m, filtered=True, evaluate=False, label_field=config.label_field, unlabeled_value=config.unlabeled_value
+        )
+    )
+    reduce_label = counts.most_common(1)[0][0] if counts and config.reduction_threshold < 1 else None
+    keep = [
+        keep_item(
+            m,
+            filtered=config.filtered,
+            evaluate=config.evaluate,
+            label_field=config.label_field,
+            unlabeled_value=config.unlabeled_value,
+            reduce_label=reduce_label,
+            reduction_threshold=config.reduction_threshold,
+            seed=config.seed,
+        )
+        for m in metas
+    ]
+    return rows[np.asarray(keep, dtype=bool)], reduce_label
+
+
+def encode(config: EncodeConfig) -> dict[str, Any]:
+    """Run ``quackae encode``; returns counts and throughput."""
+    import pytorch_lightning as pl
+
+    from quackae.data import TokenizedDataModule
+    from quackae.model import load_model
+    from quackae.prepare import load_prepared
+    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+
+    started = time.time()
+    checkpoint, tokenizer_file = resolve_run(config.model)
+    dataset, data_tokenizer, _ = load_prepared(config.data)
+    model_tokenizer = load_tokenizer(tokenizer_file)
+    if tokenizer_hash(model_tokenizer) != tokenizer_hash(data_tokenizer):
+        raise QuackError(
+            f"the data in {config.data} was tokenized with another tokenizer than the model "
+            f"{checkpoint} was trained with; prepare it again with --tokenizer {tokenizer_file}"
+        )
+    model = load_model(str(checkpoint))
+    store = Path(config.out)
+    manifest_file = store / "manifest.json"
+    checkpoint_hash = _sha256(checkpoint)
+    if manifest_file.is_file():
+        previous = json.loads(manifest_file.read_text())
+        if previous.get("checkpoint_sha256") not in (None, checkpoint_hash):
+            raise QuackError(
+                f"{store} holds encodings from another model ({previous.get('checkpoint')}); choose another --out"
+            )
+    removed = clean_temporary(store)
+    if removed:
+        log.info("removed %d temporary files a stopped run left in %s", removed, store)
+    existing = set(stored_ids(store))
+    wanted, reduce_label = _selection(dataset, config)
+    ids = np.asarray(dataset.data.column("id").to_numpy())
+    todo = wanted[~np.isin(ids[wanted], np.fromiter(existing, dtype=np.int64, count=len(existing)))]
+    log.info(
+        "%d items to encode (%d already stored, %d not selected)",
+        len(todo),
+        len(wanted) - len(todo),
+        dataset.num_rows - len(wanted),
+    )
+    manifest = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": checkpoint_hash,
+        "tokenizer": str(tokenizer_file),
+        "tokenizer_sha256": tokenizer_hash(model_tokenizer),
+        "dataset": str(Path(config.data).resolve()),
+        "dataset_rows": dataset.num_rows,
+        "model": {k: v for k, v in model.hparams.items()},
+    }
+    writer = AutoencoderWriter(
+        storage_path=store,
+        filtered=config.filtered,
+        evaluate=config.evaluate,
+        reduction_threshold=config.reduction_threshold,
+        label_field=config.label_field,
+        unlabeled_value=config.unlabeled_value,
+        reduce_label=reduce_label,
+        seed=config.seed,
+        png=config.png,
+        threads=config.writer_threads,
+        manifest=manifest,
+    )
+    model.predict_attention = config.png == "attention"
+    datamodule = TokenizedDataModule(
+        config.data,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        pad_id=model.pad_id,
+        predict_indices=todo,
+    )
+    trainer = pl.Trainer(
+        callbacks=[writer],
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        inference_mode=True,
+        **config.trainer_kwargs(),
+    )
+    if len(todo):
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    elif trainer.is_global_zero:
+        writer.write_manifest()
+    seconds = time.time() - started
+    if not trainer.is_global_zero:
+        return {}
+    total = len(stored_ids(store))
+    summary = {
+        "store": str(store),
+        "items_written": writer.written,
+        "items_skipped": len(wanted) - len(todo),
+        "items_in_store": total,
+        "encoding_size": model.hidden_size,
+        "items_per_s": round(writer.written / seconds, 1) if seconds else None,
+        "seconds": round(seconds, 1),
+    }
+    log.info("store %s holds %d items (%d written now)", store, total, writer.written)
+    return summary
+
+
+def bench_encode(config: Any) -> dict[str, Any]:
+    """items/s of the encoder alone, of ``encode`` end to end, and of the writer alone (256-d items)."""
+    import tempfile
+
+    import datasets
+
+    from quackae.model import QuackAutoEncoder
+
+    datasets.disable_progress_bars()
+    batch_size = config.batch_size or 128
+    items = config.items
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    vocab, hidden = 8000, 256
+    model = QuackAutoEncoder(vocab, embed_size=128, hidden_size=hidden).eval()
+    lengths = torch.randint(8, 65, (items,), generator=generator)
+    rows = [torch.randint(4, vocab, (int(n) - 1,), generator=generator).tolist() + [3] for n in lengths]
+    result: dict[str, Any] = {
+        "bench": "encode",
+        "items": items,
+        "batch_size": batch_size,
+        "hidden": hidden,
+        "device": f"cpu ({torch.get_num_threads()} threads)",
+    }
+    with tempfile.TemporaryDirectory(prefix="quackae-bench-") as tmp:
+        root = Path(tmp)
+        # model only: the encoder on pre-built, length-sorted batches already in memory
+        from quackae.data import pad_batch
+
+        order = sorted(range(items), key=lambda i: len(rows[i]))
+        batches = [pad_batch([rows[i] for i in order[s : s + batch_size]], 0) for s in range(0, items, batch_size)]
+        with torch.inference_mode():
+            model(batches[0])
+            start = time.perf_counter()
+            for x in batches:
+                model(x)
+            result["model_only_items_per_s"] = round(items / (time.perf_counter() - start), 1)
+        # end to end: a prepared dataset on disk -> a store on disk, through encode()
+        _write_bench_run(root, rows, model, vocab)
+        start = time.perf_counter()
+        encode(
+            EncodeConfig(
+                data=str(root / "prepared"),
+                model=str(root / "run"),
+                out=str(root / "store"),
+                batch_size=batch_size,
+                accelerator="cpu",
+                devices="1",
+            )
+        )
+        result["end_to_end_items_per_s"] = round(items / (time.perf_counter() - start), 1)
+        # the writer alone: 256-d float32 items with metadata, atomic, no pickle
+        writer = AutoencoderWriter(storage_path=root / "writer")
+        matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
+        start = time.perf_counter()
+        for s in range(0, items, batch_size):
+            writer.write_batch(
+                [{"id": i, "label": i % 7} for i in range(s, min(s + batch_size, items))], matrix[s : s + batch_size]
+            )
+        writer.flush()
+        result["writer_items_per_s"] = round(items / (time.perf_counter() - start), 1)
+    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / result["model_only_items_per_s"], 3)
+    return result
+
+
+def _write_bench_run(root: Path, rows: list[list[int]], model: Any, vocab: int) -> None:
+    """A prepared directory and a RUN directory for ``rows`` and ``model``, as prepare and train write them."""
+    import datasets
+    import pytorch_lightning as pl
+
+    from quackae.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["quackae benchmark"], vocab_size=300, show_progress=False)
+    tokenizer.add_tokens([f"tok{i}" for i in range(vocab - tokenizer.get_vocab_size())])
+    prepared = root / "prepared"
+    prepared.mkdir()
+    datasets.Dataset.from_dict(
+        {
+            "id": list(range(len(rows))),
+            "input_ids": rows,
+            "length": [len(r) for r in rows],
+            "label": [i % 7 for i in range(len(rows))],
+        }
+    ).save_to_disk(str(prepared / "dataset"))
+    tokenizer.save(str(prepared / "tokenizer.json"))
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    tokenizer.save(str(run / "tokenizer.json"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)
