@@ -23,10 +23,7 @@ def test_bad_flag_value_is_one_line_error(capsys):
 
 
 @pytest.mark.parametrize(
-    "command",
-    [
-        "bench",
-    ],
+    "command", ["prepare", "train", "encode", "reconstruct", "export", "classify", "bench", "run", "demo"]
 )
 def test_every_subcommand_documents_its_flags(command):
     out = subprocess.run([sys.executable, "-m", "quackae", command, "--help"], capture_output=True, text=True)

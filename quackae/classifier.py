@@ -1,0 +1,468 @@
+"""``LatentClassifier`` and ``quackae classify``: a classifier over stored encodings.
+
+The split is stratified and deterministic: within each class, items are ordered by a keyed hash
+of their id and the first ``test_fraction`` go to test, the next ``val_fraction`` to validation.
+Classes too small for all three splits are warned about and kept in training only. The report
+sets the classifier beside two baselines measured on the same split: the majority class and a
+linear probe (softmax regression on the same standardised encodings).
+
+Shape glossary: N items, H encoding size, C classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from quackae.errors import QuackError
+from quackae.train import TrainerFlags
+
+log = logging.getLogger(__name__)
+
+
+class LatentClassifier(pl.LightningModule):
+    """MLP over encodings (H,) -> logits (C,), with standardisation stored in the checkpoint."""
+
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        hidden_sizes: tuple[int, ...] = (256,),
+        dropout: float = 0.2,
+        learning_rate: float = 1e-3,
+        learning_rate_min: float = 1e-5,
+        weight_decay: float = 1e-2,
+        max_epochs: int = 100,
+        class_weights: list[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if input_size <= 0 or num_classes < 2:
+            raise ValueError(f"need input_size > 0 and at least 2 classes, got {input_size} and {num_classes}")
+        self.save_hyperparameters()
+        layers: list[nn.Module] = []
+        width = input_size
+        for size in hidden_sizes:
+            layers += [nn.Linear(width, size), nn.GELU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("mean", torch.zeros(input_size))
+        self.register_buffer("std", torch.ones(input_size))
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else torch.ones(num_classes)
+        self.register_buffer("class_weights", weights)
+
+    def set_standardisation(self, features: np.ndarray) -> None:
+        self.mean.copy_(torch.from_numpy(features.mean(axis=0)))
+        self.std.copy_(torch.from_numpy(features.std(axis=0) + 1e-6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encodings (N, H) -> logits (N, C)."""
+        return self.net((x - self.mean) / self.std)
+
+    def _step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)  # (N, C)
+        loss = F.cross_entropy(logits, y, weight=self.class_weights)
+        accuracy = (logits.argmax(-1) == y).float().mean()
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}_acc", accuracy, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, self.hparams.max_epochs), eta_min=self.hparams.learning_rate_min
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """``(ids (N,), encodings (N, H), metadata list)`` from an ``EncodingStore`` folder or an exported Parquet."""
+    path = Path(source)
+    if path.suffix == ".parquet":
+        if not path.is_file():
+            raise QuackError(f"Parquet file {path} does not exist")
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "encoding" not in table.column_names or "id" not in table.column_names:
+            raise QuackError(f"{path} has no id/encoding columns; make it with quackae export")
+        ids = np.asarray(table.column("id").to_pylist(), dtype=np.int64)
+        matrix = np.asarray(table.column("encoding").to_pylist(), dtype=np.float32)
+        rest = [c for c in table.column_names if c not in ("encoding",)]
+        metadata = table.select(rest).to_pylist()
+        return ids, matrix, metadata
+    from quackae.store import EncodingStore
+
+    store = EncodingStore(path)
+    if not len(store):
+        raise QuackError(f"store {path} holds no items")
+    ids, matrix = store.to_numpy()
+    metadata = [store[int(i)][1] for i in ids]
+    return ids, matrix, metadata
+
+
+def stratified_split(
+    ids: np.ndarray, labels: list[str], seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, list[str]]:
+    """0/1/2 (train/val/test) per item, stratified by label and ordered by a keyed hash of the id."""
+    split = np.zeros(len(ids), dtype=np.int8)
+    small = []
+    key = str(seed).encode()
+    by_class: dict[str, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    for label, positions in sorted(by_class.items()):
+        if len(positions) < 3:
+            small.append(label)
+            continue
+        positions.sort(key=lambda p: hashlib.blake2b(str(int(ids[p])).encode(), key=key, digest_size=8).digest())
+        n_test = max(1, round(len(positions) * test_fraction))
+        n_val = max(1, round(len(positions) * val_fraction))
+        for rank, position in enumerate(positions):
+            split[position] = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
+    return split, small
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def classification_report(true: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    count = len(classes)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (true, predicted), 1)
+    per_class, f1s = {}, []
+    for k, name in enumerate(classes):
+        tp = int(confusion[k, k])
+        precision = tp / max(int(confusion[:, k].sum()), 1)
+        recall = tp / max(int(confusion[k].sum()), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": int(confusion[k].sum()),
+        }
+        if confusion[k].sum():
+            f1s.append(f1)
+    accuracy = float((true == predicted).mean()) if len(true) else float("nan")
+    return {
+        "accuracy": round(accuracy, 4),
+        "macro_f1": round(float(np.mean(f1s)) if f1s else 0.0, 4),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    classes: int,
+    seed: int,
+    weight_decay: float = 1e-3,
+    steps: int = 300,
+) -> np.ndarray:
+    """Softmax regression on standardised features (full-batch L-BFGS); returns test predictions."""
+    torch.manual_seed(seed)
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    x = torch.from_numpy((train_x - mean) / std)
+    y = torch.from_numpy(train_y)
+    layer = nn.Linear(x.size(1), classes)
+    optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(layer(x), y) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
+
+
+def confusion_image(confusion: list[list[int]], classes: list[str], cell: int = 28) -> Any:
+    """The confusion matrix as a PNG-ready pillow image: rows true, columns predicted, row-normalised."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from quackae.render import _colour
+
+    matrix = np.asarray(confusion, dtype=np.float64)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    font = ImageFont.load_default()
+    margin = 8 + 7 * max((len(c) for c in classes), default=1)
+    size = len(classes) * cell
+    image = Image.new("RGB", (margin + size + 8, margin + size + 8), "white")
+    draw = ImageDraw.Draw(image)
+    colours = _colour(share)
+    for i, name in enumerate(classes):
+        draw.text((4, margin + i * cell + cell // 3), name, fill="black", font=font)
+        for j in range(len(classes)):
+            x0, y0 = margin + j * cell, margin + i * cell
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=tuple(int(v) for v in colours[i, j]))
+            if matrix[i, j]:
+                draw.text(
+                    (x0 + 3, y0 + cell // 3),
+                    str(int(matrix[i, j])),
+                    font=font,
+                    fill="black" if share[i, j] > 0.5 else "white",
+                )
+    for j in range(len(classes)):
+        draw.text((margin + j * cell + 3, margin - 14), str(j), fill="black", font=font)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+@dataclass(frozen=True)
+class ClassifyConfig(TrainerFlags):
+    store: str = field(
+        default="storage/store",
+        metadata={"positional": True, "path": True, "help": "encoding store directory or exported .parquet"},
+    )
+    label_field: str = field(default="label", metadata={"help": "metadata field holding the class"})
+    out: str = field(default="storage/classifier", metadata={"path": True, "help": "output directory"})
+    predict: str | None = field(
+        default=None, metadata={"path": True, "help": "apply the classifier in this directory instead of training one"}
+    )
+    unlabeled_value: str | None = field(default=None, metadata={"help": "label value meaning unlabelled"})
+    seed: int = field(default=0, metadata={"help": "seed for the split and initialisation"})
+    max_epochs: int = field(default=100, metadata={"help": "maximum epochs"})
+    hidden_sizes: tuple[int, ...] = field(default=(256,), metadata={"help": "MLP hidden layer sizes"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout after each hidden layer"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    class_weights: bool = field(default=False, metadata={"help": "weight the loss by inverse class frequency"})
+    val_fraction: float = field(default=0.15, metadata={"help": "share of each class for validation"})
+    test_fraction: float = field(default=0.15, metadata={"help": "share of each class for the test"})
+    patience: int = field(default=10, metadata={"help": "early-stopping patience in epochs"})
+
+    def __post_init__(self) -> None:
+        self.check_trainer_flags()
+        if self.max_epochs < 1 or self.patience < 1:
+            raise ValueError("--max-epochs and --patience must be at least 1")
+        if any(h <= 0 for h in self.hidden_sizes):
+            raise ValueError(f"--hidden-sizes must be positive, got {self.hidden_sizes}")
+        if not 0 <= self.dropout < 1 or self.lr <= 0:
+            raise ValueError("--dropout must be in [0, 1) and --lr positive")
+        if not (
+            0 < self.val_fraction < 1 and 0 < self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1
+        ):
+            raise ValueError("--val-fraction and --test-fraction must be in (0, 1) with a sum below 1")
+
+
+def _labels_of(metadata: list[dict[str, Any]], field_name: str, unlabeled: str | None, source: str) -> list[str | None]:
+    if not any(field_name in m for m in metadata):
+        known = sorted({k for m in metadata[:1000] for k in m})
+        raise QuackError(
+            f"--label-field {field_name!r} is not in the metadata of {source} (fields: {', '.join(known)})"
+        )
+    labels = []
+    for m in metadata:
+        value = m.get(field_name)
+        labels.append(None if value is None or str(value) == str(unlabeled) else str(value))
+    return labels
+
+
+def classify(config: ClassifyConfig) -> dict[str, Any]:
+    """Run ``quackae classify`` (train, pick the best on validation, test) or, with ``--predict``, apply one."""
+    if config.predict:
+        return predict_with(config)
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    started = time.time()
+    ids, matrix, metadata = load_encodings(config.store)
+    labels = _labels_of(metadata, config.label_field, config.unlabeled_value, config.store)
+    labelled = np.asarray([label is not None for label in labels])
+    if not labelled.any():
+        raise QuackError(f"no item in {config.store} has a {config.label_field!r} label; nothing to learn from")
+    classes = sorted({label for label in labels if label is not None})
+    if len(classes) < 2:
+        raise QuackError(
+            f"{config.store} has one class ({classes[0]!r}) in {config.label_field!r}; a classifier needs at least two"
+        )
+    if (~labelled).any():
+        log.info("%d unlabelled items are left out of training and get predictions only", int((~labelled).sum()))
+    index = {c: k for k, c in enumerate(classes)}
+    l_ids, l_x = ids[labelled], matrix[labelled]
+    l_labels = [label for label in labels if label is not None]
+    l_y = np.asarray([index[label] for label in l_labels], dtype=np.int64)
+    split, small = stratified_split(l_ids, l_labels, config.seed, config.val_fraction, config.test_fraction)
+    if small:
+        log.warning("classes with fewer than 3 items stay in training only (no val/test score): %s", ", ".join(small))
+    parts = {name: split == code for code, name in enumerate(("train", "val", "test"))}
+    if not parts["val"].any() or not parts["test"].any():
+        raise QuackError(f"too few labelled items in {config.store} for validation and test splits")
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    counts = np.bincount(l_y[parts["train"]], minlength=len(classes))
+    weights = (counts.sum() / np.maximum(counts, 1) / len(classes)).tolist() if config.class_weights else None
+    model = LatentClassifier(
+        matrix.shape[1],
+        len(classes),
+        config.hidden_sizes,
+        config.dropout,
+        config.lr,
+        weight_decay=config.weight_decay,
+        max_epochs=config.max_epochs,
+        class_weights=weights,
+    )
+    model.set_standardisation(l_x[parts["train"]])
+
+    def loader(mask: np.ndarray, shuffle: bool) -> DataLoader:
+        data = TensorDataset(torch.from_numpy(l_x[mask]), torch.from_numpy(l_y[mask]))
+        return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers)
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="best",
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    trainer = pl.Trainer(
+        max_epochs=config.max_epochs,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
+        default_root_dir=str(out),
+        log_every_n_steps=1,
+        **config.trainer_kwargs(),
+    )
+    trainer.fit(model, loader(parts["train"], True), loader(parts["val"], False))
+    if not trainer.is_global_zero:
+        return {}
+    best = LatentClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu", weights_only=True)
+    best.eval()
+    with torch.no_grad():
+        probabilities = F.softmax(best(torch.from_numpy(matrix)), dim=-1).numpy()  # (N, C)
+    predicted = probabilities.argmax(axis=1)
+    test = np.flatnonzero(labelled)[parts["test"]]
+    report = classification_report(l_y[parts["test"]], predicted[test], classes)
+    majority = int(np.argmax(counts))
+    baseline_majority = classification_report(l_y[parts["test"]], np.full(int(parts["test"].sum()), majority), classes)
+    probe = linear_probe(l_x[parts["train"]], l_y[parts["train"]], l_x[parts["test"]], len(classes), config.seed)
+    baseline_probe = classification_report(l_y[parts["test"]], probe, classes)
+    report = {
+        "store": config.store,
+        "label_field": config.label_field,
+        "classes": classes,
+        "items": {
+            "labelled": int(labelled.sum()),
+            "unlabelled": int((~labelled).sum()),
+            **{name: int(mask.sum()) for name, mask in parts.items()},
+        },
+        "small_classes": small,
+        **report,
+        "baselines": {
+            "majority_class": {
+                "class": classes[majority],
+                "accuracy": baseline_majority["accuracy"],
+                "macro_f1": baseline_majority["macro_f1"],
+            },
+            "linear_probe": {"accuracy": baseline_probe["accuracy"], "macro_f1": baseline_probe["macro_f1"]},
+        },
+        "checkpoint": str(out / "checkpoints" / "best.ckpt"),
+        "config": asdict(config),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "classes.json").write_text(json.dumps({"label_field": config.label_field, "classes": classes}) + "\n")
+    confusion_image(report["confusion_matrix"], classes).save(out / "confusion.png")
+    split_names = np.full(len(ids), "unlabelled", dtype=object)
+    split_names[np.flatnonzero(labelled)] = np.asarray(["train", "val", "test"], dtype=object)[split]
+    _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, split_names)
+    print(
+        f"test accuracy {report['accuracy']:.3f} (macro-F1 {report['macro_f1']:.3f}) on "
+        f"{report['items']['test']} items; majority class {report['baselines']['majority_class']['accuracy']:.3f}, "
+        f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}"
+    )
+    return {
+        "out": str(out),
+        "accuracy": report["accuracy"],
+        "macro_f1": report["macro_f1"],
+        "majority_accuracy": report["baselines"]["majority_class"]["accuracy"],
+        "linear_probe_accuracy": report["baselines"]["linear_probe"]["accuracy"],
+    }
+
+
+def _write_predictions(
+    file: Path,
+    ids: np.ndarray,
+    labels: list[str | None],
+    predicted: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    splits: Any,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, Any] = {
+        "id": pa.array(ids, type=pa.int64()),
+        "true_label": pa.array(labels, type=pa.string()),
+        "predicted_label": pa.array([classes[k] for k in predicted], type=pa.string()),
+        "probabilities": pa.FixedSizeListArray.from_arrays(
+            pa.array(probabilities.astype(np.float32).reshape(-1), type=pa.float32()), len(classes)
+        ),
+    }
+    if splits is not None:
+        columns["split"] = pa.array(list(splits), type=pa.string())
+    table = pa.table(columns)
+    table = table.replace_schema_metadata({"classes": json.dumps(classes)})
+    pq.write_table(table, file)
+
+
+def predict_with(config: ClassifyConfig) -> dict[str, Any]:
+    """Apply the classifier in ``config.predict`` to ``config.store``; writes ``OUT/predictions.parquet``."""
+    directory = Path(config.predict)
+    checkpoint, classes_file = directory / "checkpoints" / "best.ckpt", directory / "classes.json"
+    if not checkpoint.is_file() or not classes_file.is_file():
+        raise QuackError(
+            f"{directory} is not a classifier directory (no checkpoints/best.ckpt and classes.json); "
+            "train one with quackae classify"
+        )
+    classes = json.loads(classes_file.read_text())["classes"]
+    model = LatentClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    ids, matrix, metadata = load_encodings(config.store)
+    if matrix.shape[1] != model.hparams.input_size:
+        raise QuackError(
+            f"{config.store} holds {matrix.shape[1]}-d encodings, the classifier in {directory} "
+            f"expects {model.hparams.input_size}"
+        )
+    labels = [None if m.get(config.label_field) is None else str(m.get(config.label_field)) for m in metadata]
+    with torch.no_grad():
+        probabilities = F.softmax(model(torch.from_numpy(matrix)), dim=-1).numpy()
+    predicted = probabilities.argmax(axis=1)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, None)
+    counts = Counter(classes[k] for k in predicted)
+    print(
+        f"predicted {len(ids)} items of {config.store} into {out / 'predictions.parquet'}: "
+        + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+    )
+    return {"out": str(out), "items": len(ids)}
