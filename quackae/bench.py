@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from quackae.model import QuackAutoEncoder
+from quackae.model import QuackAutoEncoder, adamw
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,14 @@ class BenchConfig:
     )
     cuda: bool = field(default=True, metadata={"help": "also measure on CUDA when a GPU is present"})
     seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
+    dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for the generated corpus, dataset and store "
+            "(default: the system temporary folder); put it on "
+            "the disk you want to measure"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.what not in ("train", "prepare", "encode"):
@@ -66,7 +74,7 @@ def time_training(
 ) -> float:
     """Non-pad tokens/s of full training steps (forward, backward, AdamW step) over ``batches``."""
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = adamw(model.parameters(), lr=1e-3, weight_decay=0.01)
     batches = [b.to(device) for b in batches]
 
     def step(x: torch.Tensor) -> None:

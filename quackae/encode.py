@@ -50,7 +50,7 @@ class EncodeConfig(TrainerFlags):
         default=1.0, metadata={"help": "with --filtered, keep this share of the majority class"}
     )
     seed: int = field(default=0, metadata={"help": "seed for --reduction-threshold sampling"})
-    writer_threads: int = field(default=4, metadata={"help": "background writer threads"})
+    writer_threads: int = field(default=2, metadata={"help": "background writer threads"})
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
@@ -236,7 +236,7 @@ def bench_encode(config: Any) -> dict[str, Any]:
         "hidden": hidden,
         "device": f"cpu ({torch.get_num_threads()} threads)",
     }
-    with tempfile.TemporaryDirectory(prefix="quackae-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="quackae-bench-", dir=config.dir) as tmp:
         root = Path(tmp)
         # model only: the encoder on pre-built, length-sorted batches already in memory
         from quackae.data import pad_batch

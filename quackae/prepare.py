@@ -424,7 +424,7 @@ def bench_prepare(config: Any) -> dict[str, Any]:
         for i in range(config.rows)
     ]
     texts = [r["text"] for r in rows]
-    with tempfile.TemporaryDirectory(prefix="quackae-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="quackae-bench-", dir=config.dir) as tmp:
         source = write_jsonl(rows, Path(tmp) / "corpus.jsonl")
         start = time.perf_counter()
         tokenizer = train_tokenizer(texts, vocab_size=8000, show_progress=False)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_padded
 
+import quackae.model
 from quackae.model import QuackAutoEncoder, load_model
 
 
@@ -68,8 +69,10 @@ def reference_loss(model: QuackAutoEncoder, x: torch.Tensor, steps: int | None =
     return loss
 
 
+@pytest.mark.parametrize("chunk", [512, 5])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_vectorized_loss_equals_step_by_step_reference(layers):
+def test_vectorized_loss_equals_step_by_step_reference(layers, chunk, monkeypatch):
+    monkeypatch.setattr(quackae.model, "LOGIT_CHUNK", chunk)  # 5: logits in many blocks
     model = tiny(layers=layers)
     x = random_padded(7, 20, 1, 10, seed=2)
     fast = model.training_loss(x)

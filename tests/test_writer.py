@@ -56,11 +56,13 @@ def test_writer_stores_one_valid_item_per_row_and_skips_existing(tmp_path):
 
 def test_temporary_files_never_count_and_are_cleaned(tmp_path):
     write(AutoencoderWriter(storage_path=tmp_path), [{"id": 5}], np.ones((1, 3), dtype=np.float32))
-    stray = tmp_path / "0" / "0" / ".6.npz.tmp-0-1-2"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["5.npz"]  # no staging left behind
+    stray = tmp_path / ".staging" / "0-123-456" / "6.npz.part"
+    stray.parent.mkdir(parents=True)
     stray.write_bytes(b"half a file")
     assert stored_ids(tmp_path) == [5]
     assert EncodingStore(tmp_path).ids() == [5]
-    assert clean_temporary(tmp_path) == 1 and not stray.exists()
+    assert clean_temporary(tmp_path) == 1 and not (tmp_path / ".staging").exists()
 
 
 def test_io_error_stops_with_one_line_error_and_leaves_valid_items(tmp_path):
