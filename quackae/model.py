@@ -218,12 +218,14 @@ class QuackAutoEncoder(pl.LightningModule):
         states: torch.Tensor,
         enc_mask: torch.Tensor,
         target_lengths: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        accuracy: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Whole-sequence teacher forcing; returns ``(cross-entropy (N,), correct (N,) bool, step weights (N,))``.
 
         The N tokens are the target's non-pad positions within the decoded steps (time-major);
         each token's step weight is 1 / (items still present at its step), so the weighted sum
         equals ``loss_over_time`` without computing vocabulary logits at padded positions.
+        ``correct`` is None without ``accuracy`` (the argmax costs a pass over the logits).
         Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block
         never has to exist at once, which keeps it in cache on a CPU (about 20% faster here).
         """
@@ -245,8 +247,9 @@ class QuackAutoEncoder(pl.LightningModule):
         for rows, goal in zip(selected.split(LOGIT_CHUNK), wanted.split(LOGIT_CHUNK), strict=True):
             logits = self.predict(rows).float()  # (n, 2H) -> (n, V)
             losses.append(F.cross_entropy(logits, goal, reduction="none"))  # (n,)
-            correct.append(logits.detach().argmax(dim=-1) == goal)  # (n,)
-        return torch.cat(losses), torch.cat(correct), weights
+            if accuracy:
+                correct.append(logits.detach().argmax(dim=-1) == goal)  # (n,)
+        return torch.cat(losses), torch.cat(correct) if accuracy else None, weights
 
     def _free_running(
         self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
@@ -311,7 +314,7 @@ class QuackAutoEncoder(pl.LightningModule):
         """The training loss of a batch of token ids (B, T), without Lightning logging (benchmarks)."""
         target, mask, lengths = self._check(x)
         encoding, states = self._encode(target, lengths)
-        ce, _, weights = self._teacher_forced(target, encoding, states, mask, lengths)  # (N,), (N,)
+        ce, _, weights = self._teacher_forced(target, encoding, states, mask, lengths, accuracy=False)  # (N,), (N,)
         return (ce * weights).sum()
 
     # ------------------------------------------------------------------ Lightning hooks
