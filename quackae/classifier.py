@@ -119,9 +119,7 @@ def load_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dic
     store = EncodingStore(path)
     if not len(store):
         raise QuackError(f"store {path} holds no items")
-    ids, matrix = store.to_numpy()
-    metadata = [store[int(i)][1] for i in ids]
-    return ids, matrix, metadata
+    return store.load_all()
 
 
 def stratified_split(

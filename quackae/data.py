@@ -194,18 +194,21 @@ class TokenizedDataModule(pl.LightningDataModule):
         self.pad_id = pad_id
         self.predict_indices = predict_indices
         self.dataset: Any = None
+        self.tokenizer: Any = None
         self.splits: dict[str, np.ndarray] = {}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
-        from quackae.prepare import load_prepared
-        from quackae.tokenizer import special_ids
+        """Open the prepared directory; for any stage but ``predict`` (which covers every item) also split it."""
+        if self.dataset is None:
+            from quackae.prepare import load_prepared
+            from quackae.tokenizer import special_ids
 
-        self.dataset, tokenizer, _ = load_prepared(self.path)
-        if self.pad_id is None:
-            self.pad_id = special_ids(tokenizer).pad
-        self.lengths = self.dataset.data.column("length").to_numpy().astype(np.int64)
+            self.dataset, self.tokenizer, _ = load_prepared(self.path)
+            if self.pad_id is None:
+                self.pad_id = special_ids(self.tokenizer).pad
+            self.lengths = self.dataset.data.column("length").to_numpy().astype(np.int64)
+        if stage == "predict" or self.splits:
+            return
         ids = self.dataset.data.column("id").to_pylist()
         split = split_of(ids, self.seed, self.val_fraction, self.test_fraction)
         self.splits = {name: np.flatnonzero(split == code) for code, name in enumerate(("train", "val", "test"))}

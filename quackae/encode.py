@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 
 from quackae.errors import QuackError
 from quackae.train import TrainerFlags, resolve_run
-from quackae.writer import AutoencoderWriter, clean_temporary, keep_item, stored_ids
+from quackae.writer import AutoencoderWriter, clean_temporary, is_labelled, stored_ids
 
 log = logging.getLogger(__name__)
 
@@ -72,43 +73,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _selection(dataset: Any, config: EncodeConfig) -> tuple[np.ndarray, Any]:
-    """Row indices the writer would keep, and the class that --reduction-threshold thins."""
-    rows = np.arange(dataset.num_rows)
+def _majority_label(dataset: Any, config: EncodeConfig) -> Any:
+    """The most frequent labelled class, which ``--reduction-threshold`` thins under ``--filtered``."""
     if not config.label_field or not (config.filtered or config.evaluate):
-        return rows, None
+        return None
     if config.label_field not in dataset.column_names:
         raise QuackError(
             f"--label-field {config.label_field!r} is not a column of the data (columns: "
             f"{', '.join(dataset.column_names)})"
         )
-    ids = dataset.data.column("id").to_pylist()
+    if config.reduction_threshold >= 1:
+        return None
     labels = dataset.data.column(config.label_field).to_pylist()
-    metas = [{"id": i, config.label_field: v} for i, v in zip(ids, labels, strict=True)]
-    from collections import Counter
+    counts = Counter(str(v) for v in labels if is_labelled({"label": v}, "label", config.unlabeled_value))
+    return counts.most_common(1)[0][0] if counts else None
 
-    counts = Counter(
-        str(m[config.label_field])
-        for m in metas
-        if keep_item(
-            m, filtered=True, evaluate=False, label_field=config.label_field, unlabeled_value=config.unlabeled_value
-        )
-    )
-    reduce_label = counts.most_common(1)[0][0] if counts and config.reduction_threshold < 1 else None
-    keep = [
-        keep_item(
-            m,
-            filtered=config.filtered,
-            evaluate=config.evaluate,
-            label_field=config.label_field,
-            unlabeled_value=config.unlabeled_value,
-            reduce_label=reduce_label,
-            reduction_threshold=config.reduction_threshold,
-            seed=config.seed,
-        )
-        for m in metas
-    ]
-    return rows[np.asarray(keep, dtype=bool)], reduce_label
+
+def _selected_rows(dataset: Any, writer: AutoencoderWriter) -> np.ndarray:
+    """Row indices of the items ``writer`` would store: the others are not worth encoding."""
+    rows = np.arange(dataset.num_rows)
+    if writer.label_field is None or not (writer.filtered or writer.evaluate):
+        return rows
+    ids = dataset.data.column("id").to_pylist()
+    labels = dataset.data.column(writer.label_field).to_pylist()
+    keep = [writer.keeps({"id": i, writer.label_field: v}) for i, v in zip(ids, labels, strict=True)]
+    return rows[np.asarray(keep, dtype=bool)]
 
 
 def encode(config: EncodeConfig) -> dict[str, Any]:
@@ -142,16 +131,6 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     removed = clean_temporary(store)
     if removed:
         log.info("removed %d temporary files a stopped run left in %s", removed, store)
-    existing = set(stored_ids(store))
-    wanted, reduce_label = _selection(dataset, config)
-    ids = np.asarray(dataset.data.column("id").to_numpy())
-    todo = wanted[~np.isin(ids[wanted], np.fromiter(existing, dtype=np.int64, count=len(existing)))]
-    log.info(
-        "%d items to encode (%d already stored, %d not selected)",
-        len(todo),
-        len(wanted) - len(todo),
-        dataset.num_rows - len(wanted),
-    )
     manifest = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": checkpoint_hash,
@@ -168,11 +147,21 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         reduction_threshold=config.reduction_threshold,
         label_field=config.label_field,
         unlabeled_value=config.unlabeled_value,
-        reduce_label=reduce_label,
+        reduce_label=_majority_label(dataset, config),
         seed=config.seed,
         png=config.png,
         threads=config.writer_threads,
         manifest=manifest,
+    )
+    existing = set(stored_ids(store))
+    wanted = _selected_rows(dataset, writer)
+    ids = np.asarray(dataset.data.column("id").to_numpy())
+    todo = wanted[~np.isin(ids[wanted], np.fromiter(existing, dtype=np.int64, count=len(existing)))]
+    log.info(
+        "%d items to encode (%d already stored, %d not selected)",
+        len(todo),
+        len(wanted) - len(todo),
+        dataset.num_rows - len(wanted),
     )
     model.predict_attention = config.png == "attention"
     datamodule = TokenizedDataModule(

@@ -19,6 +19,7 @@ Shape glossary:
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -425,13 +426,11 @@ def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, t
     return time, item, per_step[time]
 
 
-def load_model(path: str, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
-    """Load a ``QuackAutoEncoder`` from a Lightning checkpoint with ``torch.load(weights_only=True)``.
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A quackae checkpoint's contents through ``torch.load(weights_only=True)``: loading never runs code.
 
     Raises ``ValueError`` naming the file when it is missing or is not a quackae checkpoint.
     """
-    from pathlib import Path
-
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
@@ -441,6 +440,12 @@ def load_model(path: str, map_location: str | torch.device = "cpu") -> QuackAuto
         raise ValueError(f"checkpoint {file} cannot be loaded safely: {str(error).splitlines()[0]}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ValueError(f"{file} is not a quackae model checkpoint (no state_dict / hyper_parameters)")
+    return checkpoint
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
+    """A ``QuackAutoEncoder`` in eval mode from a Lightning checkpoint (see ``read_checkpoint``)."""
+    checkpoint = read_checkpoint(path, map_location)
     model = QuackAutoEncoder(**dict(checkpoint["hyper_parameters"]))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()

@@ -68,27 +68,27 @@ class EncodingStore:
             return int(self.manifest["encoding_size"])
         return int(self[self._ids[0]][0].shape[0]) if self._ids else None
 
+    def load_all(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """``(ids (N,) int64, encodings (N, H) float32, metadata list)`` in id order, reading each item once."""
+        matrix = np.empty((len(self._ids), self.encoding_size or 0), dtype=np.float32)
+        metadata = []
+        for row, (_, encoding, meta) in enumerate(self):
+            matrix[row] = encoding
+            metadata.append(meta)
+        return np.asarray(self._ids, dtype=np.int64), matrix, metadata
+
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (N,) int64, encodings (N, H) float32)`` in id order."""
-        size = self.encoding_size or 0
-        matrix = np.empty((len(self._ids), size), dtype=np.float32)
-        for row, (_, encoding, _) in enumerate(self):
-            matrix[row] = encoding
-        return np.asarray(self._ids, dtype=np.int64), matrix
+        ids, matrix, _ = self.load_all()
+        return ids, matrix
 
     def records(self) -> dict[str, list[Any]]:
-        """Columns ``id``, ``encoding`` and one per metadata field, in id order."""
-        columns: dict[str, list[Any]] = {"id": [], "encoding": []}
-        for row, (index, encoding, metadata) in enumerate(self):
-            columns["id"].append(index)
-            columns["encoding"].append(encoding)
-            for key, value in metadata.items():
-                if key == "id":
-                    continue
-                columns.setdefault(key, [None] * row).append(value)
-            for values in columns.values():
-                if len(values) < row + 1:
-                    values.append(None)
+        """Columns ``id``, ``encoding`` and one per metadata field (None where an item lacks it), in id order."""
+        ids, matrix, metadata = self.load_all()
+        names = list(dict.fromkeys(k for meta in metadata for k in meta if k != "id"))
+        columns: dict[str, list[Any]] = {"id": ids.tolist(), "encoding": list(matrix)}
+        for name in names:
+            columns[name] = [meta.get(name) for meta in metadata]
         return columns
 
     def to_dataset(self) -> Any:

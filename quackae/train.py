@@ -125,16 +125,6 @@ class TrainConfig(TrainerFlags):
             raise ValueError("--patience must be at least 1 and --gradient-clip not negative")
 
 
-def _checkpoint_hparams(path: Path) -> dict[str, Any]:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise QuackError(f"checkpoint {path} cannot be loaded safely: {str(error).splitlines()[0]}") from None
-    if "hyper_parameters" not in checkpoint:
-        raise QuackError(f"{path} is not a quackae checkpoint (no hyper_parameters)")
-    return dict(checkpoint["hyper_parameters"])
-
-
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``quackae train``; returns the figures also written to ``RUN/summary.json``."""
     import pytorch_lightning as pl
@@ -142,7 +132,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from pytorch_lightning.loggers import CSVLogger
 
     from quackae.data import TokenizedDataModule
-    from quackae.model import QuackAutoEncoder
+    from quackae.model import QuackAutoEncoder, read_checkpoint
     from quackae.tokenizer import special_ids
 
     started = time.time()
@@ -171,7 +161,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"{config.data} has too few items for a train and a validation split "
             f"({ {k: len(v) for k, v in datamodule.splits.items()} }); add rows or raise --val-fraction"
         )
-    tokenizer = load_tokenizer_of(config.data)
+    tokenizer = datamodule.tokenizer
     ids = special_ids(tokenizer)
     hparams: dict[str, Any] = {
         "num_embeddings": tokenizer.get_vocab_size(),
@@ -190,7 +180,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "dropout": config.dropout,
     }
     if resume is not None:
-        saved = _checkpoint_hparams(resume)
+        saved = dict(read_checkpoint(resume)["hyper_parameters"])
         if saved.get("num_embeddings") != hparams["num_embeddings"]:
             raise QuackError(
                 f"--resume {resume} was trained with vocabulary {saved.get('num_embeddings')}, the data "
@@ -300,15 +290,6 @@ def _flatten_metrics(out: Path) -> None:
     found = sorted(out.rglob("metrics.csv"))
     if found:
         shutil.copyfile(found[0], out / "metrics.csv")
-
-
-def load_tokenizer_of(path: str | Path) -> Any:
-    from quackae.tokenizer import load_tokenizer
-
-    directory = Path(path)
-    if not directory.is_dir():
-        raise QuackError(f"prepared data directory {directory} does not exist; run quackae prepare first")
-    return load_tokenizer(directory / "tokenizer.json")
 
 
 @torch.no_grad()

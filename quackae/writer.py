@@ -326,6 +326,19 @@ class AutoencoderWriter(BasePredictionWriter):
         self._pending = [f for f in self._pending if not f.done()]
         self._pending.append(future)
 
+    def keeps(self, metadata: dict[str, Any]) -> bool:
+        """Whether this writer stores an item with ``metadata`` (``filtered`` / ``evaluate`` selection)."""
+        return keep_item(
+            metadata,
+            filtered=self.filtered,
+            evaluate=self.evaluate,
+            label_field=self.label_field,
+            unlabeled_value=self.unlabeled_value,
+            reduce_label=self.reduce_label,
+            reduction_threshold=self.reduction_threshold,
+            seed=self.seed,
+        )
+
     def _staging(self) -> str:
         """This thread's staging folder (created once)."""
         folder = getattr(self._local, "staging", None)
@@ -358,16 +371,7 @@ class AutoencoderWriter(BasePredictionWriter):
         try:
             staging = self._staging()
             for row, meta in enumerate(metadata):
-                if selecting and not keep_item(
-                    meta,
-                    filtered=self.filtered,
-                    evaluate=self.evaluate,
-                    label_field=self.label_field,
-                    unlabeled_value=self.unlabeled_value,
-                    reduce_label=self.reduce_label,
-                    reduction_threshold=self.reduction_threshold,
-                    seed=self.seed,
-                ):
+                if selecting and not self.keeps(meta):
                     dropped += 1
                     continue
                 index = int(meta["id"])

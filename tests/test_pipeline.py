@@ -45,25 +45,27 @@ def write_corpus(path: Path, rows: int = ROWS, unlabelled: int = 0) -> Path:
     return path
 
 
+def tiny_train(data: Path, out: Path, **flags) -> dict:
+    """A tiny model trained on CPU for a few steps."""
+    config = {
+        "max_epochs": -1,
+        "embed_size": 16,
+        "hidden_size": 32,
+        "batch_size": 32,
+        "lr": 1e-2,
+        "accelerator": "cpu",
+        "devices": "1",
+        **flags,
+    }
+    return train(TrainConfig(data=str(data), out=str(out), **config))
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("e2e")
     corpus = write_corpus(root / "corpus.jsonl", unlabelled=24)
     prepare(PrepareConfig(inputs=(str(corpus),), out=str(root / "prepared"), vocab_size=300, min_frequency=1))
-    train(
-        TrainConfig(
-            data=str(root / "prepared"),
-            out=str(root / "run"),
-            max_steps=60,
-            max_epochs=-1,
-            embed_size=16,
-            hidden_size=32,
-            batch_size=32,
-            lr=1e-2,
-            accelerator="cpu",
-            devices="1",
-        )
-    )
+    tiny_train(root / "prepared", root / "run", max_steps=60)
     return root
 
 
@@ -86,20 +88,8 @@ def test_train_writes_its_run(workspace):
 
 
 def test_resume_continues_the_step_count(workspace, tmp_path):
-    train(
-        TrainConfig(
-            data=str(workspace / "prepared"),
-            out=str(tmp_path / "more"),
-            max_steps=75,
-            max_epochs=-1,
-            embed_size=16,
-            hidden_size=32,
-            batch_size=32,
-            lr=1e-2,
-            accelerator="cpu",
-            devices="1",
-            resume=str(workspace / "run/checkpoints/last.ckpt"),
-        )
+    tiny_train(
+        workspace / "prepared", tmp_path / "more", max_steps=75, resume=str(workspace / "run/checkpoints/last.ckpt")
     )
     assert torch.load(tmp_path / "more/checkpoints/last.ckpt", weights_only=True)["global_step"] == 75
     assert (tmp_path / "more/checkpoints/best.ckpt").is_file()
