@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class BenchConfig:
     what: str = field(default="train", metadata={"help": "what to measure: train, prepare or encode"})
-    steps: int = field(default=20, metadata={"help": "timed training steps per device (train)"})
+    steps: int = field(default=40, metadata={"help": "timed training steps per device (train)"})
     warmup: int = field(default=3, metadata={"help": "untimed warm-up steps (train)"})
     rows: int = field(default=100_000, metadata={"help": "corpus rows (prepare)"})
     items: int = field(default=10_000, metadata={"help": "items to encode (encode)"})
