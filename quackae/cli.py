@@ -134,8 +134,19 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+class _RankZeroFilter(logging.Filter):
+    """Under DDP only rank 0 reports progress; warnings and errors come from every rank."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+        return record.levelno >= logging.WARNING or getattr(rank_zero_only, "rank", 0) == 0
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_RankZeroFilter())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -188,16 +188,17 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return {}
     total = len(stored_ids(store))
+    written = total - len(existing)  # every rank's items, not only this rank's writer
     summary = {
         "store": str(store),
-        "items_written": writer.written,
+        "items_written": written,
         "items_skipped": len(wanted) - len(todo),
         "items_in_store": total,
         "encoding_size": model.hidden_size,
-        "items_per_s": round(writer.written / seconds, 1) if seconds else None,
+        "items_per_s": round(written / seconds, 1) if seconds else None,
         "seconds": round(seconds, 1),
     }
-    log.info("store %s holds %d items (%d written now)", store, total, writer.written)
+    log.info("store %s holds %d items (%d written now)", store, total, written)
     return summary
 
 
