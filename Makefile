@@ -24,8 +24,8 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check quackae tests
-	$(VENV)/bin/ruff format --check quackae tests
+	$(VENV)/bin/ruff check quackae tests benchmarks
+	$(VENV)/bin/ruff format --check quackae tests benchmarks
 
 bench: $(STAMP)
 	$(VENV)/bin/quackae bench --what train
