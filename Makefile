@@ -1,7 +1,8 @@
 # Two-command set-up: `make demo` and `make test` create .venv when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
-# The torch build installed first; override for a CUDA build, e.g. `make test TORCH_SPEC='torch==2.13.0+cu126'`.
+# The torch build installed first (the CPU build on this project's machines); override with any pip
+# requirement, e.g. `make test TORCH_SPEC='torch==2.13.0'` pointing pip at your own CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.quackae-installed
