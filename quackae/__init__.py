@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from quackae.attention import AttentionModule, AttentionScore
+from quackae.data import TokenizedDataModule
 from quackae.model import QuackAutoEncoder, load_model
-from quackae.writer import item_path
+from quackae.store import EncodingStore
+from quackae.writer import AutoencoderWriter, item_path
 
-__all__ = ["AttentionModule", "AttentionScore", "QuackAutoEncoder", "item_path", "load_model"]
+__all__ = [
+    "AttentionModule",
+    "AttentionScore",
+    "AutoencoderWriter",
+    "EncodingStore",
+    "QuackAutoEncoder",
+    "TokenizedDataModule",
+    "item_path",
+    "load_model",
+]
 __version__ = "0.1.0"

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from quackae import EncodingStore
 from quackae.errors import QuackError
-from quackae.store import EncodingStore, read_item
+from quackae.store import read_item
 from quackae.writer import AutoencoderWriter, clean_temporary, item_path, keep_item, npz_bytes, stored_ids
 
 
