@@ -18,6 +18,7 @@ import torch
 from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
 from quackae.encode import EncodeConfig, encode
+from quackae.errors import QuackError
 from quackae.model import load_model
 from quackae.pipeline import RunConfig, run_pipeline
 from quackae.prepare import PrepareConfig, prepare
@@ -175,7 +176,7 @@ def test_encode_rerun_skips_everything(workspace, store):
 def test_encode_refuses_mismatched_tokenizer(workspace, tmp_path):
     other = write_corpus(tmp_path / "other.jsonl", rows=60)
     prepare(PrepareConfig(inputs=(str(other),), out=str(tmp_path / "p"), vocab_size=280, min_frequency=1))
-    with pytest.raises(Exception, match="another tokenizer"):
+    with pytest.raises(QuackError, match="another tokenizer"):
         encode(
             EncodeConfig(
                 data=str(tmp_path / "p"),
@@ -249,8 +250,6 @@ def test_export_and_classify(workspace, store, tmp_path):
 
 
 def test_pipeline_file_runs_stages_and_rejects_typos(workspace, tmp_path):
-    from quackae.errors import QuackError
-
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(
         f"root: {tmp_path / 'out'}\nstages:\n"
