@@ -280,19 +280,15 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         raise QuackError(f"{out / 'dataset'} already exists; pass --overwrite or choose another --out")
     datasets.disable_caching()
     rows = _Rows()
+    formats = [_format_of(path, config.format) for path in paths]
     with tempfile.TemporaryDirectory(prefix="quackae-read-") as cache_dir:
-        for index, path in enumerate(paths):
-            fmt = _format_of(path, config.format)
+        for index, (path, fmt) in enumerate(zip(paths, formats, strict=True)):
             log.info("reading %s (%s)", path, fmt)
             if fmt == "jsonl":
                 _read_jsonl(path, index, rows)
             else:
                 _read_with_datasets(path, fmt, index, rows, cache_dir)
-    text_field = (
-        "text"
-        if config.format == "txt" or all(_format_of(p, config.format) == "txt" for p in paths)
-        else config.text_field
-    )
+    text_field = "text" if all(fmt == "txt" for fmt in formats) else config.text_field
     columns = sorted(rows.columns)
     if rows.count and text_field not in rows.columns:
         raise QuackError(

@@ -20,7 +20,7 @@ import threading
 import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Integral
 from pathlib import Path
 from typing import Any
@@ -272,7 +272,6 @@ class AutoencoderWriter(BasePredictionWriter):
         self.skipped = 0
         self.filtered_out = 0
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
         self._slots = threading.BoundedSemaphore(max_pending)
         self._folders: set[str] = set()
         self._local = threading.local()
@@ -323,8 +322,6 @@ class AutoencoderWriter(BasePredictionWriter):
         self._slots.acquire()  # bounded: at most max_pending batches wait for the disk
         future = self._pool.submit(self._write_items, metadata, matrix, extra)
         future.add_done_callback(lambda _: self._slots.release())
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(future)
 
     def keeps(self, metadata: dict[str, Any]) -> bool:
         """Whether this writer stores an item with ``metadata`` (``filtered`` / ``evaluate`` selection)."""
