@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import pytorch_lightning as pl
@@ -78,11 +77,13 @@ def test_vectorized_loss_equals_step_by_step_reference(layers, chunk, monkeypatc
     fast = model.training_loss(x)
     slow = reference_loss(model, x)
     assert fast.item() == pytest.approx(slow.item(), abs=1e-5)
+    names = [name for name, _ in model.named_parameters()]
     fast_grads = torch.autograd.grad(fast, list(model.parameters()), allow_unused=True)
     slow_grads = torch.autograd.grad(slow, list(model.parameters()), allow_unused=True)
-    for a, b in zip(fast_grads, slow_grads, strict=True):
-        if a is not None and b is not None:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    unused = [name for name, a, b in zip(names, fast_grads, slow_grads, strict=True) if a is None or b is None]
+    assert not unused, f"parameters without a gradient in one of the two losses: {unused}"
+    for name, a, b in zip(names, fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_loss_over_time_equals_per_step_cross_entropy_and_ignores_padding():
@@ -115,8 +116,8 @@ def test_overfits_random_sequences():
     x = random_padded(64, 20, 3, 12, seed=6)
     model = QuackAutoEncoder(20, embed_size=32, hidden_size=64, learning_rate=1e-2).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    start = time.perf_counter()
     accuracy = 0.0
+    step = 0
     for step in range(600):
         optimizer.zero_grad()
         model.training_loss(x).backward()
@@ -130,9 +131,7 @@ def test_overfits_random_sequences():
             model.train()
             if accuracy >= 0.95:
                 break
-    elapsed = time.perf_counter() - start
-    assert accuracy >= 0.95, f"greedy token accuracy {accuracy:.3f} after {elapsed:.0f}s"
-    assert elapsed < 60
+    assert accuracy >= 0.95, f"greedy token accuracy {accuracy:.3f} after {step + 1} steps"
 
 
 def test_reconstruct_stops_at_max_length_and_pads_after_eos():
@@ -142,13 +141,32 @@ def test_reconstruct_stops_at_max_length_and_pads_after_eos():
     assert out.dtype == torch.long and out.shape[0] == 3 and out.shape[1] <= 4
     out, attention = model.reconstruct(x, max_length=6, return_attention=True)
     assert attention.shape == (3, out.size(1), 8)
-    assert torch.equal(
-        attention[x.ne(0).logical_not().unsqueeze(1).expand_as(attention)],
-        torch.zeros_like(attention[x.ne(0).logical_not().unsqueeze(1).expand_as(attention)]),
-    )
-    for row in out.tolist():
-        if 2 in row:
-            assert all(t == 0 for t in row[row.index(2) + 1 :])
+    padded = x.eq(0).unsqueeze(1).expand_as(attention)  # (B, S, T)
+    assert torch.equal(attention[padded], torch.zeros_like(attention[padded]))
+
+
+def test_reconstruct_pads_after_eos_and_stops_when_every_item_has_ended():
+    """Row r emits token 5 for r steps, then EOS: the rest of its row is padding, and decoding stops
+    once the last row has emitted EOS (not at max_length)."""
+    model = tiny(eos_id=2)
+    x = random_padded(3, 20, 2, 8, seed=7)
+
+    class Scripted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.step = 0
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, 1, 2H) -> (B, 1, V)
+            logits = torch.zeros(features.size(0), 1, 20)
+            for row in range(features.size(0)):
+                logits[row, 0, 2 if self.step == row else 5] = 10.0
+            self.step += 1
+            return logits
+
+    model.predict = Scripted()
+    out = model.reconstruct(x, max_length=7)
+    assert out.tolist() == [[2, 0, 0], [5, 2, 0], [5, 5, 2]]
+    assert model.predict.step == 3
 
 
 def test_free_running_and_denoising_batches_train():
@@ -261,10 +279,26 @@ def test_load_model_errors(tmp_path):
         load_model(str(tmp_path / "other.ckpt"))
 
 
-def test_configure_optimizers_defaults_to_trainer_horizon():
+def test_configure_optimizers_defaults_to_trainer_horizon(tmp_path):
     model = tiny()
     config = model.configure_optimizers()
     assert isinstance(config["optimizer"], torch.optim.AdamW)
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.CosineAnnealingLR)
     fixed = tiny(lr_max_epochs=7).configure_optimizers()["lr_scheduler"]
     assert fixed["scheduler"].T_max == 7 and fixed["interval"] == "epoch"
+    x = random_padded(4, 20, 2, 6, seed=11)
+    loader = torch.utils.data.DataLoader(_Batches(x), batch_size=None)
+    for limits, period, interval in (({"max_steps": 5}, 5, "step"), ({"max_epochs": 3}, 3, "epoch")):
+        trainer = pl.Trainer(
+            **limits,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        model = tiny().train()
+        trainer.fit(model, loader)
+        (scheduler,) = trainer.lr_scheduler_configs
+        assert scheduler.scheduler.T_max == period and scheduler.interval == interval
