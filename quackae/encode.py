@@ -248,7 +248,8 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
 
 
 def bench_encode(config: Any) -> dict[str, Any]:
-    """items/s of the encoder alone, of ``encode`` end to end, and of the writer alone (256-d items)."""
+    """items/s of the encoder alone, of ``encode`` end to end (default ``shards`` layout, and ``files`` under
+    ``files_*`` keys), and of the writer alone (256-d items, default layout)."""
     import tempfile
 
     import datasets
@@ -284,21 +285,23 @@ def bench_encode(config: Any) -> dict[str, Any]:
             for x in batches:
                 model(x)
             result["model_only_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-        # end to end: a prepared dataset on disk -> a store on disk, through encode()
+        # end to end: a prepared dataset on disk -> a store on disk, through encode(), both layouts
         _write_bench_run(root, rows, model, vocab)
-        start = time.perf_counter()
-        encode(
-            EncodeConfig(
-                data=str(root / "prepared"),
-                model=str(root / "run"),
-                out=str(root / "store"),
-                batch_size=batch_size,
-                accelerator="cpu",
-                devices="1",
+        for layout, key in (("shards", "end_to_end_items_per_s"), ("files", "files_end_to_end_items_per_s")):
+            start = time.perf_counter()
+            encode(
+                EncodeConfig(
+                    data=str(root / "prepared"),
+                    model=str(root / "run"),
+                    out=str(root / f"store-{layout}"),
+                    batch_size=batch_size,
+                    accelerator="cpu",
+                    devices="1",
+                    layout=layout,
+                )
             )
-        )
-        result["end_to_end_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-        # the writer alone: 256-d float32 items with metadata, atomic, no pickle
+            result[key] = round(items / (time.perf_counter() - start), 1)
+        # the writer alone: 256-d float32 items with metadata, atomic, no pickle (default layout)
         writer = AutoencoderWriter(storage_path=root / "writer")
         matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
         start = time.perf_counter()
@@ -308,7 +311,9 @@ def bench_encode(config: Any) -> dict[str, Any]:
             )
         writer.flush()
         result["writer_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / result["model_only_items_per_s"], 3)
+    model_only = result["model_only_items_per_s"]
+    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / model_only, 3)
+    result["files_end_to_end_vs_model_only"] = round(result["files_end_to_end_items_per_s"] / model_only, 3)
     return result
 
 

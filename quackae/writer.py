@@ -299,7 +299,10 @@ class AutoencoderWriter(BasePredictionWriter):
     def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         import pyarrow as pa
 
-        columns = pa.Table.from_pylist(metadata, schema=self.schema) if self.schema else pa.Table.from_pylist(metadata)
+        if self.schema is not None:  # one typed array per column (from_pylist with a schema is 100x slower)
+            columns = pa.table({f.name: pa.array([m.get(f.name) for m in metadata], type=f.type) for f in self.schema})
+        else:
+            columns = pa.Table.from_pylist(metadata)
         if texts is not None:
             columns = columns.append_column("text", pa.array(texts, type=pa.string()))
         if not self.text and "text" in columns.column_names:
