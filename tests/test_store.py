@@ -291,3 +291,24 @@ def test_files_layout_reads_items_with_numpy(tiny, tmp_path):
     encoding, metadata = read_item(store.item_path(1))
     assert encoding.shape == (16,) and metadata["id"] == 1
     assert len(list((tmp_path / "s").rglob("*.png"))) == 5
+
+
+@pytest.mark.slow
+def test_ddp_shards_match_single_process_and_verify(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    single = tmp_path / "single"
+    _encode(tiny, single)
+    ddp = tmp_path / "ddp"
+    command = [sys.executable, "-m", "quackae", "encode", str(tiny / "prepared"), "--model", str(tiny / "run1")]
+    flags = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--shard-size", "16"]
+    result = subprocess.run([*command, "--out", str(ddp), *flags], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["verify", str(ddp), "--data", str(tiny / "prepared")]) == 0
+    names = [p.name for p in shard_files(ddp)]
+    assert {n.split("-")[1] for n in names} == {"00000", "00001"}  # each rank wrote its own shards
+    a, b = EncodingStore(single), EncodingStore(ddp)
+    assert a.ids() == b.ids()
+    np.testing.assert_allclose(a.to_numpy()[1], b.to_numpy()[1], atol=1e-5)
+    assert a.to_arrow().drop_columns(["encoding"]).equals(b.to_arrow().drop_columns(["encoding"]))
