@@ -151,6 +151,12 @@ class StoreJob:
             if removed:
                 log.info("--overwrite: emptied %s (%d entries)", store, removed)
         elif previous is not None:
+            held = "shards" if shard_files(store) else "files" if item_files(store) else None
+            if held is not None and held != header.get("layout"):
+                raise QuackError(
+                    f"{store} holds a {held} store, not {header.get('layout')}; pass --layout {held}, "
+                    "--overwrite to replace it, or choose another --out"
+                )
             for key in PROVENANCE_KEYS:
                 if key in previous and previous.get(key) != header.get(key):
                     raise QuackError(

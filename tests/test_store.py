@@ -312,3 +312,12 @@ def test_ddp_shards_match_single_process_and_verify(tiny, tmp_path):
     assert a.ids() == b.ids()
     np.testing.assert_allclose(a.to_numpy()[1], b.to_numpy()[1], atol=1e-5)
     assert a.to_arrow().drop_columns(["encoding"]).equals(b.to_arrow().drop_columns(["encoding"]))
+
+
+def test_another_layout_is_refused(tiny, tmp_path):
+    _encode(tiny, tmp_path / "s", layout="files")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["layout"]  # as a store of the first format has it
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QuackError, match="holds a files store, not shards; pass --layout files"):
+        _encode(tiny, tmp_path / "s")
