@@ -28,11 +28,15 @@ def original_style(root: Path, matrix: np.ndarray, metas: list[dict]) -> None:
             pickle.dump({"metadata": meta, "encoded": row}, target)
 
 
-def quackae_writer(root: Path, matrix: np.ndarray, metas: list[dict]) -> None:
-    writer = AutoencoderWriter(storage_path=root)
+def quackae_writer(root: Path, matrix: np.ndarray, metas: list[dict], layout: str = "shards") -> None:
+    writer = AutoencoderWriter(storage_path=root, layout=layout)
     for start in range(0, len(metas), 128):
         writer.write_batch(metas[start : start + 128], matrix[start : start + 128])
     writer.flush()
+
+
+def quackae_files_writer(root: Path, matrix: np.ndarray, metas: list[dict]) -> None:
+    quackae_writer(root, matrix, metas, layout="files")
 
 
 def main() -> None:
@@ -45,7 +49,11 @@ def main() -> None:
     base = Path(args.folder)
     matrix = np.random.default_rng(0).standard_normal((args.items, args.size)).astype(np.float32)
     metas = [{"id": i, "label": i % 7} for i in range(args.items)]
-    contenders = [("original pickle writer", original_style), ("quackae writer", quackae_writer)]
+    contenders = [
+        ("original pickle writer", original_style),
+        ("quackae shards", quackae_writer),
+        ("quackae files", quackae_files_writer),
+    ]
     for round_ in range(args.rounds):
         # Alternate who goes first: a file system recycles the inodes the previous round freed, and
         # the first writer of a round gets the cheap ones.

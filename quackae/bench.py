@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchConfig:
-    what: str = field(default="train", metadata={"help": "what to measure: train, prepare or encode"})
+    what: str = field(default="train", metadata={"help": "what to measure: train, prepare, encode or store"})
     steps: int = field(default=40, metadata={"help": "timed training steps per device (train)"})
     warmup: int = field(default=3, metadata={"help": "untimed warm-up steps (train)"})
     rows: int = field(default=100_000, metadata={"help": "corpus rows (prepare)"})
-    items: int = field(default=10_000, metadata={"help": "items to encode (encode)"})
+    items: int = field(default=10_000, metadata={"help": "items to encode (encode) or to store (store)"})
     batch_size: int = field(
         default=0, metadata={"help": "batch size; 0 takes each bench's standard (32 train, 128 encode)"}
     )
@@ -41,8 +41,8 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.what not in ("train", "prepare", "encode"):
-            raise ValueError(f"--what must be train, prepare or encode, got {self.what!r}")
+        if self.what not in ("train", "prepare", "encode", "store"):
+            raise ValueError(f"--what must be train, prepare, encode or store, got {self.what!r}")
         for name in ("steps", "rows", "items"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -137,6 +137,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         from quackae.prepare import bench_prepare
 
         return bench_prepare(config)
+    if config.what == "store":
+        from quackae.storebench import bench_store
+
+        return bench_store(config)
     from quackae.encode import bench_encode
 
     return bench_encode(config)

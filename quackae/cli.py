@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "reconstruct_command",
         "print texts beside their greedy reconstructions",
     ),
+    "verify": ("quackae.verify", "VerifyConfig", "verify", "check a store and list every problem"),
     "export": ("quackae.store", "ExportConfig", "export", "export an encoding store to one Parquet file"),
     "classify": ("quackae.classifier", "ClassifyConfig", "classify", "train a classifier on stored encodings"),
     "bench": ("quackae.bench", "BenchConfig", "run_bench", "measure throughput on generated data"),

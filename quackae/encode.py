@@ -1,14 +1,16 @@
-"""``quackae encode``: a trained encoder over a prepared dataset, one stored item per row.
+"""``quackae encode``: a trained encoder over a prepared dataset, each selected item stored exactly once.
 
-Items already in the store are neither encoded nor written again, so rerunning the same command
-after a kill finishes the job. Batches are sorted by length; predictions are never gathered in
-memory; under DDP each rank encodes and writes its own items and rank 0 writes the manifest.
+Before the first item the store gets its provenance (checkpoint and tokenizer sha256, dataset
+fingerprint, layout, encoding size, selection) under an exclusive lock; a rerun with the same
+inputs encodes only the ids no sound shard or item holds (corrupt ones are quarantined first), and a
+rerun with other inputs is refused unless ``--overwrite``. Batches are sorted by length; predictions
+are never gathered in memory; under DDP each rank encodes and writes its own items and rank 0
+completes the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections import Counter
@@ -20,8 +22,11 @@ import numpy as np
 import torch
 
 from quackae.errors import QuackError
+from quackae.layout import LAYOUTS
+from quackae.selection import is_labelled, selected_mask
+from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
 from quackae.train import TrainerFlags, resolve_run
-from quackae.writer import AutoencoderWriter, clean_temporary, is_labelled, stored_ids
+from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +40,18 @@ class EncodeConfig(TrainerFlags):
     model: str = field(default="storage/run", metadata={"path": True, "help": "RUN directory or .ckpt file"})
     out: str = field(default="storage/store", metadata={"path": True, "help": "store directory to write"})
     batch_size: int = field(default=128, metadata={"help": "items per batch"})
+    layout: str = field(
+        default="shards",
+        metadata={"help": "shards (columnar Arrow files) or files (one .npz per item)", "choices": LAYOUTS},
+    )
+    shard_size: int = field(default=DEFAULT_SHARD_SIZE, metadata={"help": "items per shard and rank (shards layout)"})
+    text: bool = field(default=True, metadata={"help": "store each item's text (decoded from its tokens)"})
+    overwrite: bool = field(default=False, metadata={"help": "empty the store first, whatever made it"})
     png: str | None = field(
         default=None,
         metadata={"help": "also write a PNG per item: attention or encoding", "choices": ("attention", "encoding")},
     )
+    png_limit: int = field(default=1000, metadata={"help": "at most this many PNGs per rank"})
     label_field: str | None = field(
         default=None, metadata={"help": "metadata column with labels (for --filtered / --evaluate)"}
     )
@@ -51,7 +64,7 @@ class EncodeConfig(TrainerFlags):
         default=1.0, metadata={"help": "with --filtered, keep this share of the majority class"}
     )
     seed: int = field(default=0, metadata={"help": "seed for --reduction-threshold sampling"})
-    writer_threads: int = field(default=2, metadata={"help": "background writer threads"})
+    writer_threads: int = field(default=2, metadata={"help": "background writer threads (files layout)"})
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
@@ -63,6 +76,12 @@ class EncodeConfig(TrainerFlags):
             raise ValueError(f"--reduction-threshold must be in (0, 1], got {self.reduction_threshold}")
         if self.writer_threads < 1:
             raise ValueError(f"--writer-threads must be at least 1, got {self.writer_threads}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.shard_size < 1:
+            raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
+        if self.png_limit < 0:
+            raise ValueError(f"--png-limit must not be negative, got {self.png_limit}")
 
 
 def _sha256(path: Path) -> str:
@@ -85,19 +104,26 @@ def _majority_label(dataset: Any, config: EncodeConfig) -> Any:
     if config.reduction_threshold >= 1:
         return None
     labels = dataset.data.column(config.label_field).to_pylist()
-    counts = Counter(str(v) for v in labels if is_labelled({"label": v}, "label", config.unlabeled_value))
+    counts = Counter(str(v) for v in labels if is_labelled(v, config.unlabeled_value))
     return counts.most_common(1)[0][0] if counts else None
 
 
-def _selected_rows(dataset: Any, writer: AutoencoderWriter) -> np.ndarray:
-    """Row indices of the items ``writer`` would store: the others are not worth encoding."""
-    rows = np.arange(dataset.num_rows)
-    if writer.label_field is None or not (writer.filtered or writer.evaluate):
-        return rows
-    ids = dataset.data.column("id").to_pylist()
-    labels = dataset.data.column(writer.label_field).to_pylist()
-    keep = [writer.keeps({"id": i, writer.label_field: v}) for i, v in zip(ids, labels, strict=True)]
-    return rows[np.asarray(keep, dtype=bool)]
+def selected_rows(dataset: Any, selection: dict[str, Any]) -> np.ndarray:
+    """Row indices of the items a store with ``selection`` keeps: the others are not worth encoding."""
+    field_name = selection.get("label_field")
+    labels = None
+    if field_name and (selection.get("filtered") or selection.get("evaluate")):
+        labels = dataset.data.column(field_name).to_pylist()
+    ids = dataset.data.column("id").to_numpy()
+    return np.flatnonzero(selected_mask(ids.tolist() if labels is not None else ids, labels, selection))
+
+
+def _metadata_schema(dataset: Any) -> Any:
+    """The Arrow schema of the metadata columns the data module hands the writer (real types, not guessed)."""
+    import pyarrow as pa
+
+    schema = dataset.features.arrow_schema
+    return pa.schema([f for f in schema if f.name not in ("input_ids", "length")])
 
 
 def encode(config: EncodeConfig) -> dict[str, Any]:
@@ -120,77 +146,96 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         )
     model = load_model(str(checkpoint))
     store = Path(config.out)
-    manifest_file = store / "manifest.json"
-    checkpoint_hash = _sha256(checkpoint)
-    if manifest_file.is_file():
-        previous = json.loads(manifest_file.read_text())
-        if previous.get("checkpoint_sha256") not in (None, checkpoint_hash):
-            raise QuackError(
-                f"{store} holds encodings from another model ({previous.get('checkpoint')}); choose another --out"
-            )
-    removed = clean_temporary(store)
-    if removed:
-        log.info("removed %d temporary files a stopped run left in %s", removed, store)
-    manifest = {
+    selection = {
+        "filtered": config.filtered,
+        "evaluate": config.evaluate,
+        "label_field": config.label_field,
+        "unlabeled_value": config.unlabeled_value,
+        "reduce_label": _majority_label(dataset, config),
+        "reduction_threshold": config.reduction_threshold,
+        "seed": config.seed,
+    }
+    header = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": checkpoint_hash,
+        "checkpoint_sha256": _sha256(checkpoint),
         "tokenizer": str(tokenizer_file),
         "tokenizer_sha256": tokenizer_hash(model_tokenizer),
         "dataset": str(Path(config.data).resolve()),
         "dataset_rows": dataset.num_rows,
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "layout": config.layout,
+        "encoding_size": int(model.hidden_size),
+        "dtype": "float32",
+        "text": config.text,
+        "selection": selection,
         "model": {k: v for k, v in model.hparams.items()},
     }
-    writer = AutoencoderWriter(
-        storage_path=store,
-        filtered=config.filtered,
-        evaluate=config.evaluate,
-        reduction_threshold=config.reduction_threshold,
-        label_field=config.label_field,
-        unlabeled_value=config.unlabeled_value,
-        reduce_label=_majority_label(dataset, config),
-        seed=config.seed,
-        png=config.png,
-        threads=config.writer_threads,
-        manifest=manifest,
-    )
-    existing = set(stored_ids(store))
-    wanted = _selected_rows(dataset, writer)
-    ids = np.asarray(dataset.data.column("id").to_numpy())
-    todo = wanted[~np.isin(ids[wanted], np.fromiter(existing, dtype=np.int64, count=len(existing)))]
-    log.info(
-        "%d items to encode (%d already stored, %d not selected)",
-        len(todo),
-        len(wanted) - len(todo),
-        dataset.num_rows - len(wanted),
-    )
-    model.predict_attention = config.png == "attention"
-    datamodule = TokenizedDataModule(
-        config.data,
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        pad_id=model.pad_id,
-        predict_indices=todo,
-    )
-    trainer = pl.Trainer(
-        callbacks=[writer],
-        logger=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        enable_model_summary=False,
-        inference_mode=True,
-        **config.trainer_kwargs(),
-    )
-    if len(todo):
-        trainer.predict(model, datamodule=datamodule, return_predictions=False)
-    elif trainer.is_global_zero:
-        writer.write_manifest()
+    job = StoreJob.start(store, header, config.overwrite)
+    try:
+        existing = stored_ids_checked(
+            store, config.layout, header["encoding_size"], header if config.layout == "shards" else None, job.leader
+        )
+        wanted = selected_rows(dataset, selection)
+        ids = np.asarray(dataset.data.column("id").to_numpy())
+        todo = wanted[~np.isin(ids[wanted], existing)]
+        log.info(
+            "%d items to encode (%d already stored, %d not selected)",
+            len(todo),
+            len(wanted) - len(todo),
+            dataset.num_rows - len(wanted),
+        )
+        writer = AutoencoderWriter(
+            storage_path=store,
+            filtered=config.filtered,
+            evaluate=config.evaluate,
+            reduction_threshold=config.reduction_threshold,
+            label_field=config.label_field,
+            unlabeled_value=config.unlabeled_value,
+            reduce_label=selection["reduce_label"],
+            seed=config.seed,
+            png=config.png,
+            png_limit=config.png_limit,
+            threads=config.writer_threads,
+            manifest={k: v for k, v in header.items() if k != "model"},
+            layout=config.layout,
+            shard_size=config.shard_size,
+            schema=_metadata_schema(dataset),
+            tokenizer=model_tokenizer,
+            text=config.text,
+            job=job,
+            known_ids=existing,
+        )
+        model.predict_attention = config.png == "attention"
+        datamodule = TokenizedDataModule(
+            config.data,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            pad_id=model.pad_id,
+            predict_indices=todo,
+        )
+        trainer = pl.Trainer(
+            callbacks=[writer],
+            logger=False,
+            enable_checkpointing=False,
+            use_distributed_sampler=False,
+            enable_model_summary=False,
+            inference_mode=True,
+            **config.trainer_kwargs(),
+        )
+        if len(todo):
+            trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        elif trainer.is_global_zero:
+            writer.write_manifest()
+    finally:
+        job.close()
     seconds = time.time() - started
     if not trainer.is_global_zero:
         return {}
-    total = len(stored_ids(store))
+    total = len(stored_ids_checked(store, config.layout, None, None, move=False))
     written = total - len(existing)  # every rank's items, not only this rank's writer
     summary = {
         "store": str(store),
+        "layout": config.layout,
         "items_written": written,
         "items_skipped": len(wanted) - len(todo),
         "items_in_store": total,
@@ -203,7 +248,8 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
 
 
 def bench_encode(config: Any) -> dict[str, Any]:
-    """items/s of the encoder alone, of ``encode`` end to end, and of the writer alone (256-d items)."""
+    """items/s of the encoder alone, of ``encode`` end to end (default ``shards`` layout, and ``files`` under
+    ``files_*`` keys), and of the writer alone (256-d items, default layout)."""
     import tempfile
 
     import datasets
@@ -239,21 +285,23 @@ def bench_encode(config: Any) -> dict[str, Any]:
             for x in batches:
                 model(x)
             result["model_only_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-        # end to end: a prepared dataset on disk -> a store on disk, through encode()
+        # end to end: a prepared dataset on disk -> a store on disk, through encode(), both layouts
         _write_bench_run(root, rows, model, vocab)
-        start = time.perf_counter()
-        encode(
-            EncodeConfig(
-                data=str(root / "prepared"),
-                model=str(root / "run"),
-                out=str(root / "store"),
-                batch_size=batch_size,
-                accelerator="cpu",
-                devices="1",
+        for layout, key in (("shards", "end_to_end_items_per_s"), ("files", "files_end_to_end_items_per_s")):
+            start = time.perf_counter()
+            encode(
+                EncodeConfig(
+                    data=str(root / "prepared"),
+                    model=str(root / "run"),
+                    out=str(root / f"store-{layout}"),
+                    batch_size=batch_size,
+                    accelerator="cpu",
+                    devices="1",
+                    layout=layout,
+                )
             )
-        )
-        result["end_to_end_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-        # the writer alone: 256-d float32 items with metadata, atomic, no pickle
+            result[key] = round(items / (time.perf_counter() - start), 1)
+        # the writer alone: 256-d float32 items with metadata, atomic, no pickle (default layout)
         writer = AutoencoderWriter(storage_path=root / "writer")
         matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
         start = time.perf_counter()
@@ -263,7 +311,9 @@ def bench_encode(config: Any) -> dict[str, Any]:
             )
         writer.flush()
         result["writer_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / result["model_only_items_per_s"], 3)
+    model_only = result["model_only_items_per_s"]
+    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / model_only, 3)
+    result["files_end_to_end_vs_model_only"] = round(result["files_end_to_end_items_per_s"] / model_only, 3)
     return result
 
 

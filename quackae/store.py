@@ -1,12 +1,14 @@
-"""``EncodingStore``: read a store that ``quackae encode`` wrote, and ``quackae export`` it to Parquet.
+"""``EncodingStore``: read a store that ``quackae encode`` wrote (either layout), and ``quackae export`` it.
 
-Items are read with ``numpy.load(..., allow_pickle=False)``: reading a store never executes code.
+Shards are memory-mapped Arrow IPC files; items are read with ``numpy.load(..., allow_pickle=False)``.
+Reading a store never executes code. Glossary: N items, H encoding size.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,50 +17,119 @@ from typing import Any
 import numpy as np
 
 from quackae.errors import QuackError
-from quackae.writer import item_path, stored_ids
+from quackae.layout import (
+    MANIFEST,
+    item_files,
+    item_path,
+    layout_of,
+    open_shard,
+    read_item,
+    read_manifest,
+    shard_files,
+    shard_matrix,
+)
+from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
 
-
-def read_item(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(encoding float32 (H,), metadata dict)`` of one ``.npz`` item."""
-    with np.load(path, allow_pickle=False) as item:
-        return item["encoding"].astype(np.float32, copy=False), json.loads(str(item["metadata"]))
+__all__ = ["EncodingStore", "ExportConfig", "export", "read_item"]
 
 
 class EncodingStore:
-    """A folder of items at ``item_path(id, "npz")`` plus ``manifest.json``.
+    """A store folder: ``manifest.json`` plus ``shards/`` (default) or one ``.npz`` per item.
 
     ``len``, ``store[id] -> (encoding, metadata)`` (``KeyError`` for an unknown id), iteration over
     ``(id, encoding, metadata)`` in id order, ``ids()``, ``to_numpy() -> (ids, matrix)``,
-    ``torch_dataset()``, ``to_dataset()`` (HF ``datasets``) and ``export(file.parquet)``.
+    ``to_arrow()``, ``to_dataset()`` (HF ``datasets``), ``torch_dataset()`` and ``export(file.parquet)``.
+    A corrupt shard or item raises a one-line ``QuackError`` naming the file.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_dir():
             raise QuackError(f"encoding store {self.path} does not exist; run quackae encode --out {self.path}")
-        manifest = self.path / "manifest.json"
-        self.manifest: dict[str, Any] = json.loads(manifest.read_text()) if manifest.is_file() else {}
-        self._ids = stored_ids(self.path)
-        self._known = set(self._ids)
+        self.manifest: dict[str, Any] = read_manifest(self.path) or {}
+        self.layout = layout_of(self.path, self.manifest)
+        self._tables: list[Any] = []
+        if self.layout == "shards":
+            self._open_shards()
+        else:
+            found = item_files(self.path)
+            self._ids = np.asarray([i for i, _ in found], dtype=np.int64)
+            self._files = {i: p for i, p in found}
+        if not (self.path / MANIFEST).is_file():
+            log.warning(
+                "%s has no %s (a stopped encode?); reading the %d items it holds", self.path, MANIFEST, len(self._ids)
+            )
+        elif self.manifest.get("complete") is False:
+            log.warning("%s is incomplete (an encode is running or stopped); it holds %d items", self.path, len(self))
+
+    def _open_shards(self) -> None:
+        ids, shard, row = [], [], []
+        for number, path in enumerate(shard_files(self.path)):
+            table = open_shard(path)
+            self._tables.append((path, table))
+            column = table.column("id").to_numpy()  # (n,)
+            ids.append(column)
+            shard.append(np.full(len(column), number, dtype=np.int32))
+            row.append(np.arange(len(column), dtype=np.int64))
+        all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
+        unique, first = np.unique(all_ids, return_index=True)
+        if len(unique) != len(all_ids):
+            log.warning(
+                "%s stores %d ids more than once; reading the first copy (quackae verify lists them)",
+                self.path,
+                len(all_ids) - len(unique),
+            )
+        self._ids = unique  # (N,) sorted
+        self._shard = np.concatenate(shard)[first] if ids else np.empty(0, dtype=np.int32)
+        self._row = np.concatenate(row)[first] if ids else np.empty(0, dtype=np.int64)
+        self._matrices: dict[int, np.ndarray] = {}
+        self._metadata_tables: dict[int, Any] = {}
 
     def __len__(self) -> int:
         return len(self._ids)
 
+    def _position(self, index: object) -> int:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            return -1
+        position = int(np.searchsorted(self._ids, index))
+        return position if position < len(self._ids) and self._ids[position] == index else -1
+
     def __contains__(self, index: object) -> bool:
-        return index in self._known
+        return self._position(index) >= 0
 
     def ids(self) -> list[int]:
-        return list(self._ids)
+        return self._ids.tolist()
+
+    def _matrix(self, shard: int) -> np.ndarray:
+        matrix = self._matrices.get(shard)
+        if matrix is None:
+            matrix = self._matrices[shard] = shard_matrix(self._tables[shard][1])  # (n, H), memory-mapped
+        return matrix
+
+    def _metadata(self, shard: int) -> Any:
+        table = self._metadata_tables.get(shard)
+        if table is None:
+            table = self._metadata_tables[shard] = self._tables[shard][1].drop_columns(["encoding"])
+        return table
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
-        if index not in self._known:
+        position = self._position(index)
+        if position < 0:
             raise KeyError(f"id {index} is not in the store {self.path}")
-        return read_item(self.path / item_path(index, "npz"))
+        if self.layout == "files":
+            return read_item(self._files[int(index)])
+        shard, row = int(self._shard[position]), int(self._row[position])
+        metadata = self._metadata(shard).slice(row, 1).to_pylist()[0]
+        return np.array(self._matrix(shard)[row], dtype=np.float32), metadata
+
+    def item_path(self, index: int, suffix: str = "npz") -> Path:
+        """Where item ``index``'s own file lives (its ``.npz`` in the files layout, its ``--png`` picture in both)."""
+        return self.path / item_path(index, suffix)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, dict[str, Any]]]:
-        for index in self._ids:
+        for index in self._ids.tolist():
             encoding, metadata = self[index]
             yield index, encoding, metadata
 
@@ -66,74 +137,121 @@ class EncodingStore:
     def encoding_size(self) -> int | None:
         if self.manifest.get("encoding_size"):
             return int(self.manifest["encoding_size"])
-        return int(self[self._ids[0]][0].shape[0]) if self._ids else None
-
-    def load_all(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """``(ids (N,) int64, encodings (N, H) float32, metadata list)`` in id order, reading each item once."""
-        matrix = np.empty((len(self._ids), self.encoding_size or 0), dtype=np.float32)
-        metadata = []
-        for row, (_, encoding, meta) in enumerate(self):
-            matrix[row] = encoding
-            metadata.append(meta)
-        return np.asarray(self._ids, dtype=np.int64), matrix, metadata
+        if self._tables:
+            return int(self._tables[0][1].schema.field("encoding").type.list_size)
+        return int(self[int(self._ids[0])][0].shape[0]) if len(self._ids) else None
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids (N,) int64, encodings (N, H) float32)`` in id order."""
-        ids, matrix, _ = self.load_all()
-        return ids, matrix
+        """``(ids (N,) int64, encodings (N, H) float32)`` in id order, with bulk column reads."""
+        size = self.encoding_size or 0
+        matrix = _empty_matrix(len(self._ids), size)  # (N, H)
+        if self.layout == "files":
+            for position, index in enumerate(self._ids.tolist()):
+                encoding = read_item(self._files[index])[0]
+                if encoding.shape != (size,):
+                    raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
+                matrix[position] = encoding
+            return self._ids.copy(), matrix
+        for shard in range(len(self._tables)):
+            positions = np.flatnonzero(self._shard == shard)  # rows of the output this shard fills
+            if not len(positions):
+                continue
+            source = self._matrix(shard)  # (n, H)
+            if source.shape[1] != size:
+                raise QuackError(f"shard {self._tables[shard][0]} has {source.shape[1]}-d encodings, not {size}")
+            rows = self._row[positions]
+            if len(rows) == len(source) and np.array_equal(
+                positions, np.arange(positions[0], positions[0] + len(rows))
+            ):
+                if np.array_equal(rows, np.arange(len(rows))):
+                    matrix[positions[0] : positions[0] + len(rows)] = source
+                    continue
+            matrix[positions] = source[rows]
+        return self._ids.copy(), matrix
+
+    def to_arrow(self) -> Any:
+        """One Arrow table in id order: ``id``, ``encoding`` (fixed_size_list<float32>[H]), the metadata columns
+        with the types the shards hold (files layout: inferred over all items, never from one row)."""
+        import pyarrow as pa
+
+        if self.layout == "shards":
+            if not self._tables:
+                return pa.table({"id": pa.array([], pa.int64())})
+            tables = [t for _, t in self._tables]
+            table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="permissive")
+            offsets = np.cumsum([0] + [t.num_rows for t in tables[:-1]])
+            return table.take(pa.array(offsets[self._shard] + self._row))
+        from quackae.layout import shard_table
+
+        ids, matrix = self.to_numpy()
+        metadata = [read_item(self._files[i])[1] for i in ids.tolist()]
+        names = list(dict.fromkeys(k for meta in metadata for k in meta if k not in ("id", "encoding")))
+        columns = pa.table({name: _arrow_column(name, [m.get(name) for m in metadata]) for name in names})
+        return shard_table(ids, matrix, columns if names else None, None)
+
+    def load_all(self) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """``(ids (N,) int64, encodings (N, H) float32, metadata list)`` in id order."""
+        ids, matrix = self.to_numpy()
+        table = self.to_arrow()
+        metadata = table.drop_columns(["encoding"]).to_pylist() if "encoding" in table.column_names else []
+        return ids, matrix, metadata
 
     def records(self) -> dict[str, list[Any]]:
         """Columns ``id``, ``encoding`` and one per metadata field (None where an item lacks it), in id order."""
-        ids, matrix, metadata = self.load_all()
-        names = list(dict.fromkeys(k for meta in metadata for k in meta if k != "id"))
-        columns: dict[str, list[Any]] = {"id": ids.tolist(), "encoding": list(matrix)}
-        for name in names:
-            columns[name] = [meta.get(name) for meta in metadata]
-        return columns
+        return self.to_arrow().to_pydict()
 
     def to_dataset(self) -> Any:
-        """A HF ``datasets.Dataset`` with ``id``, ``encoding`` (float32 list) and the metadata columns."""
+        """A HF ``datasets.Dataset`` with the store's columns; types come from the shards' schema."""
         import datasets
 
-        columns = self.records()
-        size = self.encoding_size or 0
-        features = None
-        if size:
-            inferred = datasets.Dataset.from_dict({k: v[:1] for k, v in columns.items()}).features
-            inferred["encoding"] = datasets.Sequence(datasets.Value("float32"), length=size)
-            features = inferred
-        return datasets.Dataset.from_dict(columns, features=features)
+        return datasets.Dataset(self.to_arrow())
 
     def export(self, file: str | Path) -> int:
-        """Write one Parquet table (id, encoding, metadata columns); returns its row count."""
-        import pyarrow as pa
+        """Write one Parquet table (id, encoding, metadata columns) atomically; returns its row count."""
         import pyarrow.parquet as pq
 
-        columns = self.records()
-        size = self.encoding_size or 0
-        matrix = np.stack(columns.pop("encoding")) if columns["id"] else np.empty((0, size), dtype=np.float32)
-        encoding = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), type=pa.float32()), size)
-        table = pa.table(
-            {
-                "id": pa.array(columns.pop("id"), type=pa.int64()),
-                "encoding": encoding,
-                **{k: _arrow_column(k, v) for k, v in columns.items()},
-            }
-        )
         out = Path(file)
+        if out.is_dir():
+            raise QuackError(f"--out {out} is a directory; name a .parquet file to write")
+        if not len(self):
+            raise QuackError(f"store {self.path} holds no items; nothing to export (run quackae encode first)")
+        table = self.to_arrow()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(out)
+        try:
+            with open(tmp, "wb") as handle:
+                pq.write_table(table, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return table.num_rows
 
     def torch_dataset(self, label_field: str | None = None, classes: list[Any] | None = None) -> Any:
-        """A torch ``Dataset`` of ``(encoding tensor (H,), metadata)`` or, with ``label_field``,
-        ``(encoding, class index)`` (``classes`` fixes the order; default sorted labels)."""
+        """A torch ``Dataset`` of ``(encoding tensor (H,), metadata)`` or, with ``label_field``, only the
+        labelled items as ``(encoding, class index)`` (``classes`` fixes the order; default sorted labels)."""
         return _TorchView(self, label_field, classes)
 
 
+def _empty_matrix(rows: int, size: int) -> np.ndarray:
+    """An uninitialised (rows, size) float32 array; a large one on transparent huge pages where the kernel
+    offers them, which makes filling it several times faster (one page fault per 2 MB, not per 4 KB)."""
+    nbytes = rows * size * 4
+    if nbytes < 1 << 22 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty((rows, size), dtype=np.float32)
+    memory = mmap.mmap(-1, nbytes)
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
+        pass  # huge pages off: an ordinary anonymous mapping
+    return np.frombuffer(memory, dtype=np.float32).reshape(rows, size)
+
+
 def _arrow_column(name: str, values: list[Any]) -> Any:
+    import json
+
     import pyarrow as pa
 
     try:
@@ -149,12 +267,23 @@ class _TorchView:
 
         self._torch = torch
         self.store = store
-        self.ids = store.ids()
         self.label_field = label_field
+        self.ids = store.ids()
         if label_field is not None:
-            labels = [store[i][1].get(label_field) for i in self.ids]
-            self.classes = classes if classes is not None else sorted({str(v) for v in labels if v is not None})
-            self._index = {c: k for k, c in enumerate(self.classes)}
+            table = store.to_arrow()
+            if label_field not in table.column_names:
+                raise QuackError(f"label field {label_field!r} is not a column of {store.path}")
+            unlabeled = (store.manifest.get("selection") or {}).get("unlabeled_value")
+            values = table.column(label_field).to_pylist()
+            keep = [k for k, v in enumerate(values) if is_labelled(v, unlabeled)]
+            self.ids = [self.ids[k] for k in keep]
+            labels = [str(values[k]) for k in keep]
+            self.classes = list(classes) if classes is not None else sorted(set(labels))
+            self._index = {str(c): k for k, c in enumerate(self.classes)}
+            unknown = sorted(set(labels) - set(self._index))
+            if unknown:
+                raise QuackError(f"labels {unknown[:5]} of {store.path} are not among the given classes")
+            self._labels = [self._index[label] for label in labels]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -164,7 +293,7 @@ class _TorchView:
         tensor = self._torch.from_numpy(encoding)
         if self.label_field is None:
             return tensor, metadata
-        return tensor, self._index[str(metadata.get(self.label_field))]
+        return tensor, self._labels[position]
 
 
 @dataclass(frozen=True)

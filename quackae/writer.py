@@ -1,27 +1,24 @@
-"""Where stored items live (``item_path``) and how they get there (``AutoencoderWriter``).
+"""``AutoencoderWriter``: the Lightning callback that stores each predicted item exactly once.
 
-Each item is one ``.npz`` at ``STORE/item_path(id, "npz")`` holding ``encoding`` (float32, (H,))
-and ``metadata`` (a 0-d unicode array with a JSON string); ``numpy.load(path, allow_pickle=False)``
-reads it, so a store can never execute code. Writes are atomic (a hidden temporary file in the
-same folder, then ``os.replace``), happen on a bounded background thread pool, and skip items
-already present, so a rerun of a killed job completes it without duplicating or losing items.
+Batches leave the prediction thread right after one device-to-host copy and go through a bounded
+queue (at most ``max_pending`` batches) to background writing. In the ``shards`` layout one writer
+thread buffers rows and commits a shard of ``shard_size`` items at a time (Arrow columns built from
+numpy in bulk); in the ``files`` layout ``threads`` threads write one ``.npz`` per item. Memory stays
+flat: at most one shard plus the queued batches are held. Formats and commits live in
+``quackae.layout``, the lock and the provenance header in ``quackae.storejob``, the label selection
+in ``quackae.selection``. Glossary: B batch size, H encoding size, T tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
-import shutil
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -29,198 +26,60 @@ import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from quackae.errors import QuackError
+from quackae.layout import (
+    LAYOUTS,
+    SHARDS,
+    item_path,
+    layout_of,
+    npz_bytes,
+    read_manifest,
+    shard_table,
+    write_atomic,
+    write_shard,
+)
+from quackae.selection import is_labelled, keep_item
+from quackae.storejob import StoreJob, fresh_job, remove_staging, stored_ids_checked, write_manifest
 
 log = logging.getLogger(__name__)
 
-STAGING = ".staging"  # STORE/.staging/{rank}-{pid}-{thread}/{id}.npz.part while an item is written
+DEFAULT_SHARD_SIZE = 16_384
 
-
-def item_path(index: int, suffix: str = "png", dir_only: bool = False, is_collection: bool = False) -> str:
-    """Relative path of item ``index``: ``f"{index // 100000}/{index % 100000 // 1000}/{index}.{suffix}"``.
-
-    At most 1000 items share a folder. With ``is_collection`` the item gets a folder of its own
-    (``.../{index}/{index}.{suffix}``); ``dir_only`` returns only the enclosing folder. Raises
-    ``ValueError`` for a negative or non-integer index.
-    """
-    if isinstance(index, bool) or not isinstance(index, Integral) or index < 0:
-        raise ValueError(f"item index must be a non-negative integer, got {index!r}")
-    index = int(index)
-    folder = f"{index // 100000}/{index % 100000 // 1000}"
-    if is_collection:
-        folder = f"{folder}/{index}"
-    if dir_only:
-        return folder
-    return f"{folder}/{index}.{suffix}"
-
-
-# ---------------------------------------------------------------------------------------------- npz bytes
-_DOS_DATE = (1 << 5) | 1  # 1980-01-01, a fixed timestamp keeps identical items byte-identical
-
-
-def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    buffer = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-    )
-    return buffer.getvalue()
-
-
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def _cached_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    key = (dtype.str, shape)
-    header = _HEADERS.get(key)
-    if header is None:
-        header = _HEADERS[key] = _npy_header(dtype, shape)
-    return header
-
-
-def npz_bytes(encoding: np.ndarray, metadata_json: str) -> bytes:
-    """The bytes of an uncompressed ``.npz`` with ``encoding`` and ``metadata`` (as ``numpy.savez`` would store).
-
-    Built directly (zip local headers, data, central directory) instead of through ``zipfile``:
-    the writer's hot path. ``tests/test_writer.py`` checks it against ``numpy.savez``.
-    """
-    encoding = np.ascontiguousarray(encoding, dtype=np.float32)
-    text = metadata_json.encode("utf-32-le")
-    members = (
-        (b"encoding.npy", _cached_header(encoding.dtype, encoding.shape) + encoding.tobytes()),
-        (
-            b"metadata.npy",
-            _cached_header(np.dtype(f"<U{max(len(text) // 4, 1)}"), ()) + (text if text else b"\0\0\0\0"),
-        ),
-    )
-    local, central, offset = [], [], 0
-    for name, data in members:
-        crc = zlib.crc32(data)
-        size = len(data)
-        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0)
-        local.append(header + name + data)
-        central.append(
-            struct.pack(
-                "<IHHHHHHIIIHHHHHII",
-                0x02014B50,
-                20,
-                20,
-                0,
-                0,
-                0,
-                _DOS_DATE,
-                crc,
-                size,
-                size,
-                len(name),
-                0,
-                0,
-                0,
-                0,
-                0o600 << 16,
-                offset,
-            )
-            + name
-        )
-        offset += len(header) + len(name) + size
-    directory = b"".join(central)
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), offset, 0)
-    return b"".join(local) + directory + end
-
-
-def write_atomic(path: str | Path, data: bytes, staging: str | Path) -> None:
-    """Write ``data`` to ``path`` atomically: a file in the ``staging`` folder (same file system), then
-    ``os.replace``. Readers see the whole item or nothing; a killed writer leaves only staging files.
-
-    Staging folders are per writer thread, so file creation never contends for the lock of the
-    item's folder (one rename touches it): on this project's disks that is faster than creating
-    the item in place, as the original writer did.
-    """
-    tmp = os.path.join(staging, os.path.basename(path) + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+__all__ = [
+    "AutoencoderWriter",
+    "clean_temporary",
+    "is_labelled",
+    "item_path",
+    "keep_item",
+    "npz_bytes",
+    "stored_ids",
+    "write_atomic",
+]
 
 
 def clean_temporary(store: Path) -> int:
-    """Delete the staging files a killed run left in ``store``; returns how many."""
-    staging = Path(store) / STAGING
-    if not staging.is_dir():
-        return 0
-    removed = sum(len(files) for _, _, files in os.walk(staging))
-    shutil.rmtree(staging)
-    return removed
+    """Delete the staging files stopped jobs left in ``store`` (only when no encode is live); returns how many."""
+    return remove_staging(Path(store))
 
 
-def stored_ids(store: Path, suffix: str = "npz") -> list[int]:
-    """Ids of the complete items in ``store`` (temporary files never count)."""
-    ids = []
+def stored_ids(store: str | Path) -> list[int]:
+    """Ids of the sound items in ``store``, either layout, in id order (staging never counts)."""
+    store = Path(store)
     if not store.is_dir():
-        return ids
-    end = f".{suffix}"
-    for _, folders, files in os.walk(store):
-        folders[:] = [f for f in folders if not f.startswith(".")]  # staging never holds items
-        for name in files:
-            if name.endswith(end) and not name.startswith("."):
-                stem = name[: -len(end)]
-                if stem.isdigit():
-                    ids.append(int(stem))
-    ids.sort()
-    return ids
+        return []
+    layout = layout_of(store, read_manifest(store))
+    return stored_ids_checked(store, layout, None, None, move=False).tolist()
 
 
-# ---------------------------------------------------------------------------------------------- selection
-def is_labelled(metadata: dict[str, Any], label_field: str, unlabeled_value: Any) -> bool:
-    value = metadata.get(label_field)
-    return value is not None and value != unlabeled_value and str(value) != str(unlabeled_value)
-
-
-def keep_item(
-    metadata: dict[str, Any],
-    *,
-    filtered: bool,
-    evaluate: bool,
-    label_field: str | None,
-    unlabeled_value: Any = None,
-    reduce_label: Any = None,
-    reduction_threshold: float = 1.0,
-    seed: int = 0,
-) -> bool:
-    """Whether the writer stores this item.
-
-    ``evaluate`` keeps only unlabelled items; ``filtered`` keeps only labelled ones, and keeps an
-    item of class ``reduce_label`` with probability ``reduction_threshold`` (a hash of seed and id,
-    so a rerun makes the same choice).
-    """
-    if label_field is None or not (filtered or evaluate):
-        return True
-    labelled = is_labelled(metadata, label_field, unlabeled_value)
-    if evaluate:
-        return not labelled
-    if not labelled:
-        return False
-    if reduction_threshold < 1.0 and reduce_label is not None and str(metadata.get(label_field)) == str(reduce_label):
-        digest = hashlib.blake2b(f"{seed}:{metadata['id']}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2**64 < reduction_threshold
-    return True
-
-
-# ---------------------------------------------------------------------------------------------- the writer
 class AutoencoderWriter(BasePredictionWriter):
-    """Stores each predicted item's encoding and metadata at ``storage_path/item_path(id, "npz")``.
+    """Stores each predicted item's encoding and metadata in ``storage_path`` (layout ``shards`` or ``files``).
 
-    ``prediction`` is ``(metadata list, encoding (B, H))`` (optionally a third element with greedy
-    tokens and attention for ``png="attention"``). Items already stored are skipped. Writing runs on
-    ``threads`` background threads with at most ``max_pending`` batches queued; an I/O error stops
-    the job with a ``QuackError`` naming the file, and every item written before stays valid. Under
-    DDP each rank writes only the items of its own batches; rank 0 writes ``manifest.json`` after
-    every rank has finished.
+    ``prediction`` is ``(metadata list, encoding (B, H))`` (optionally a third element with the
+    attention for ``png="attention"``). Items already stored when the writer starts are skipped.
+    ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
+    ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the
+    metadata has none. An I/O error stops the job with a ``QuackError`` naming the file; every unit
+    committed before stays valid. Under DDP each rank writes its own shards; rank 0 completes the
+    manifest after every rank has finished.
     """
 
     def __init__(
@@ -236,9 +95,17 @@ class AutoencoderWriter(BasePredictionWriter):
         reduce_label: Any = None,
         seed: int = 0,
         png: str | None = None,
+        png_limit: int = 1000,
         threads: int = 2,
         max_pending: int = 8,
         manifest: dict[str, Any] | None = None,
+        layout: str = "shards",
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        schema: Any = None,
+        tokenizer: Any = None,
+        text: bool = True,
+        job: StoreJob | None = None,
+        known_ids: np.ndarray | None = None,
     ) -> None:
         if write_interval != "batch":
             raise ValueError(
@@ -255,6 +122,10 @@ class AutoencoderWriter(BasePredictionWriter):
             raise ValueError(f"reduction_threshold must be in (0, 1], got {reduction_threshold}")
         if png not in (None, "attention", "encoding"):
             raise ValueError(f"png must be None, 'attention' or 'encoding', got {png!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be positive, got {shard_size}")
         super().__init__(write_interval)
         self.storage_path = Path(storage_path)
         self.filtered = filtered
@@ -265,31 +136,56 @@ class AutoencoderWriter(BasePredictionWriter):
         self.reduce_label = reduce_label
         self.seed = seed
         self.png = png
-        self.threads = threads
+        self.png_limit = png_limit
+        self.layout = layout
+        self.shard_size = shard_size
+        self.threads = 1 if layout == "shards" else threads  # one thread owns the shard buffer
         self.max_pending = max_pending
         self.manifest = dict(manifest or {})
+        self.schema = schema
+        self.tokenizer = tokenizer
+        self.text = text
+        self.job = job
         self.written = 0
         self.skipped = 0
         self.filtered_out = 0
+        self.shards_written = 0
+        self._known = None if known_ids is None else np.sort(np.asarray(known_ids, dtype=np.int64))
         self._pool: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(max_pending)
         self._folders: set[str] = set()
-        self._local = threading.local()
-        self._staging_folders: list[str] = []
-        self._root = str(self.storage_path)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._rank = 0
-        self._started = time.time()
+        self._job_id = job.job if job is not None else fresh_job()
+        self._staging: Path | None = None
+        self._buffer: list[tuple[np.ndarray, np.ndarray, Any]] = []
+        self._buffered = 0
+        self._sequence = 0
+        self._size: int | None = None
+        self._pngs = 0
 
     # -- lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._rank = trainer.global_rank
-        self.storage_path.mkdir(parents=True, exist_ok=True)
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        if self._pool is not None:
+            return
+        self.storage_path.mkdir(parents=True, exist_ok=True)
+        if self.job is not None:
+            self._staging = self.job.staging(self._rank)
+        else:
+            self._staging = self.storage_path / ".staging" / f"{self._job_id}-{self._rank}"
+            self._staging.mkdir(parents=True, exist_ok=True)
+        if self.layout == "shards":
+            (self.storage_path / SHARDS).mkdir(exist_ok=True)
+        if self._known is None:
+            self._known = stored_ids_checked(self.storage_path, self.layout, None, None, move=False)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="quackae-writer")
-        self._started = time.time()
 
     def write_on_batch_end(
         self,
@@ -307,20 +203,21 @@ class AutoencoderWriter(BasePredictionWriter):
         matrix = encoding.detach().float().cpu().numpy()  # (B, H), one device-to-host copy per batch
         if extra is not None:
             extra = tuple(t.detach().float().cpu().numpy() for t in extra)
-        self._submit(list(metadata), matrix, extra)
+        tokens = None
+        if self.text and self.tokenizer is not None and metadata and "text" not in metadata[0]:
+            tokens = batch[1].cpu().numpy()  # (B, T) token ids for the text column
+        self._submit(list(metadata), matrix, tokens, extra)
 
     def write_batch(self, metadata: list[dict[str, Any]], encodings: np.ndarray) -> None:
         """Store a batch outside Lightning (benchmarks, scripts): same path as during prediction."""
-        if self._pool is None:
-            self.storage_path.mkdir(parents=True, exist_ok=True)
-            self.on_predict_start(None, None)
+        self._start()
         self._raise_pending_error()
-        self._submit(metadata, np.asarray(encodings, dtype=np.float32), None)
+        self._submit(list(metadata), np.asarray(encodings, dtype=np.float32), None, None)
 
-    def _submit(self, metadata: list[dict[str, Any]], matrix: np.ndarray, extra: Any) -> None:
+    def _submit(self, metadata: list[dict[str, Any]], matrix: np.ndarray, tokens: Any, extra: Any) -> None:
         assert self._pool is not None
         self._slots.acquire()  # bounded: at most max_pending batches wait for the disk
-        future = self._pool.submit(self._write_items, metadata, matrix, extra)
+        future = self._pool.submit(self._write_batch, metadata, matrix, tokens, extra)
         future.add_done_callback(lambda _: self._slots.release())
 
     def keeps(self, metadata: dict[str, Any]) -> bool:
@@ -336,80 +233,144 @@ class AutoencoderWriter(BasePredictionWriter):
             seed=self.seed,
         )
 
-    def _staging(self) -> str:
-        """This thread's staging folder (created once)."""
-        folder = getattr(self._local, "staging", None)
-        if folder is None:
-            folder = os.path.join(self._root, STAGING, f"{self._rank}-{os.getpid()}-{threading.get_ident()}")
-            os.makedirs(folder, exist_ok=True)
-            self._local.staging = folder
-            with self._lock:
-                self._staging_folders.append(folder)
-        return folder
+    @property
+    def selection(self) -> dict[str, Any]:
+        return {
+            "filtered": self.filtered,
+            "evaluate": self.evaluate,
+            "label_field": self.label_field,
+            "unlabeled_value": self.unlabeled_value,
+            "reduce_label": self.reduce_label,
+            "reduction_threshold": self.reduction_threshold,
+            "seed": self.seed,
+        }
 
-    def _remove_staging(self) -> None:
-        """Drop this writer's (empty) staging folders, and the staging root once nothing is left in it."""
-        with self._lock:
-            folders, self._staging_folders = self._staging_folders, []
-        for folder in folders:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._local = threading.local()
-        try:
-            os.rmdir(os.path.join(self._root, STAGING))
-        except OSError:
-            pass  # another rank still writes there, or it is already gone
-
-    def _write_items(self, metadata: list[dict[str, Any]], matrix: np.ndarray, extra: Any) -> None:
+    # -- the background side
+    def _write_batch(self, metadata: list[dict[str, Any]], matrix: np.ndarray, tokens: Any, extra: Any) -> None:
         if self._error is not None:
             return
-        written = skipped = dropped = 0
-        current = None
-        selecting = self.label_field is not None and (self.filtered or self.evaluate)
+        current = str(self.storage_path)
         try:
-            staging = self._staging()
-            for row, meta in enumerate(metadata):
-                if selecting and not self.keeps(meta):
-                    dropped += 1
-                    continue
-                index = int(meta["id"])
-                folder = f"{self._root}/{item_path(index, dir_only=True)}"
-                current = f"{folder}/{index}.npz"
-                if folder not in self._folders:
-                    os.makedirs(folder, exist_ok=True)
-                    self._folders.add(folder)
-                if os.path.exists(current):
-                    skipped += 1
-                    continue
-                if self.png is not None:
-                    item_extra = None if extra is None else tuple(e[row] for e in extra)
-                    self._write_png(index, folder, matrix[row], item_extra, staging)
-                payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
-                write_atomic(current, payload, staging)
-                written += 1
-        except OSError as error:
+            keep = np.ones(len(metadata), dtype=bool)
+            if self.label_field is not None and (self.filtered or self.evaluate):
+                keep = np.fromiter((self.keeps(m) for m in metadata), dtype=bool, count=len(metadata))
+            ids = np.fromiter((int(m["id"]) for m in metadata), dtype=np.int64, count=len(metadata))  # (B,)
+            known = self._known
+            if known is not None and len(known):
+                found = np.searchsorted(known, ids).clip(max=len(known) - 1)
+                stored = known[found] == ids
+                skipped = int((stored & keep).sum())
+                dropped = int((~keep).sum())
+                keep &= ~stored
+            else:
+                skipped, dropped = 0, int((~keep).sum())
+            rows = np.flatnonzero(keep)
             with self._lock:
-                if self._error is None:
-                    where = error.filename or current
-                    self._error = QuackError(
-                        f"writing {where} failed: {error.strerror or error}; items written "
-                        "so far are complete, rerun the same command to finish"
-                    )
-        finally:
-            with self._lock:
-                self.written += written
                 self.skipped += skipped
                 self.filtered_out += dropped
+            if not len(rows):
+                return
+            if len(rows) != len(metadata):
+                metadata = [metadata[r] for r in rows]
+                matrix = matrix[rows]  # (B', H)
+                ids = ids[rows]
+                tokens = None if tokens is None else tokens[rows]
+                extra = None if extra is None else tuple(e[rows] for e in extra)
+            texts = None
+            if tokens is not None:
+                texts = self.tokenizer.decode_batch(tokens.tolist(), skip_special_tokens=True)
+            self._size = int(matrix.shape[1])
+            self._write_pngs(ids, matrix, extra)
+            if self.layout == "shards":
+                current = str(self.storage_path / SHARDS)
+                self._buffer_rows(ids, matrix, metadata, texts)
+            else:
+                self._write_items(ids, matrix, metadata, texts)
+        except (OSError, QuackError) as error:
+            with self._lock:
+                if self._error is None:
+                    where = getattr(error, "filename", None) or current
+                    reason = getattr(error, "strerror", None) or error
+                    self._error = QuackError(
+                        f"writing {where} failed: {reason}; items committed so far are complete, "
+                        "rerun the same command to finish"
+                    )
 
-    def _write_png(self, index: int, folder: str, encoding: np.ndarray, extra: Any, staging: str) -> None:
+    def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
+        import pyarrow as pa
+
+        if self.schema is not None:  # one typed array per column (from_pylist with a schema is 100x slower)
+            columns = pa.table({f.name: pa.array([m.get(f.name) for m in metadata], type=f.type) for f in self.schema})
+        else:
+            columns = pa.Table.from_pylist(metadata)
+        if texts is not None:
+            columns = columns.append_column("text", pa.array(texts, type=pa.string()))
+        if not self.text and "text" in columns.column_names:
+            columns = columns.drop_columns(["text"])
+        self._buffer.append((ids, matrix, columns))
+        self._buffered += len(ids)
+        while self._buffered >= self.shard_size:
+            self._commit_shard(self.shard_size)
+
+    def _commit_shard(self, count: int) -> None:
+        """Commit the first ``count`` buffered rows as one shard; the rest stays buffered."""
+        import pyarrow as pa
+
+        ids = np.concatenate([b[0] for b in self._buffer])  # (N,)
+        matrix = np.concatenate([b[1] for b in self._buffer])  # (N, H)
+        columns = pa.concat_tables([b[2] for b in self._buffer], promote_options="permissive")
+        table = shard_table(ids[:count], matrix[:count], columns.slice(0, count), self.manifest or None)
+        self._sequence += 1
+        name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
+        assert self._staging is not None
+        write_shard(table, self._staging, self.storage_path / SHARDS, name)
+        self._buffer = [(ids[count:], matrix[count:], columns.slice(count))] if len(ids) > count else []
+        self._buffered = len(ids) - count
+        with self._lock:
+            self.written += count
+            self.shards_written += 1
+
+    def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
+        assert self._staging is not None
+        written = 0
+        for row, meta in enumerate(metadata):
+            index = int(ids[row])
+            folder = f"{self.storage_path}/{item_path(index, dir_only=True)}"
+            if folder not in self._folders:
+                os.makedirs(folder, exist_ok=True)
+                self._folders.add(folder)
+            if texts is not None:
+                meta = {**meta, "text": texts[row]}
+            elif not self.text and "text" in meta:
+                meta = {k: v for k, v in meta.items() if k != "text"}
+            payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
+            write_atomic(f"{folder}/{index}.npz", payload, self._staging)
+            written += 1
+        with self._lock:
+            self.written += written
+
+    def _write_pngs(self, ids: np.ndarray, matrix: np.ndarray, extra: Any) -> None:
+        if self.png is None:
+            return
+        with self._lock:  # writer threads share the limit: reserve this batch's share first
+            count = max(0, min(len(ids), self.png_limit - self._pngs))
+            self._pngs += count
+        if not count:
+            return
         from quackae.render import attention_image, encoding_image
 
-        if self.png == "attention" and extra is not None:
-            image = attention_image(extra[0])
-        else:
-            image = encoding_image(encoding)
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        write_atomic(f"{folder}/{index}.png", buffer.getvalue(), staging)
+        assert self._staging is not None
+        for row in range(count):
+            index = int(ids[row])
+            if self.png == "attention" and extra is not None:
+                image = attention_image(extra[0][row])
+            else:
+                image = encoding_image(matrix[row])
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            folder = self.storage_path / item_path(index, dir_only=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / f"{index}.png", buffer.getvalue(), self._staging)
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
@@ -421,10 +382,32 @@ class AutoencoderWriter(BasePredictionWriter):
             self._pool.shutdown(wait=wait, cancel_futures=not wait)
             self._pool = None
 
+    def _drop_staging(self) -> None:
+        if self._staging is None:
+            return
+        if self.job is not None:
+            self.job.drop_staging(self._rank)
+        else:
+            import shutil
+
+            shutil.rmtree(self._staging, ignore_errors=True)
+            try:
+                self._staging.parent.rmdir()
+            except OSError:
+                pass
+        self._staging = None
+
     def flush(self) -> None:
-        """Wait for every queued write and remove the staging folders; raises the first I/O error."""
+        """Wait for every queued write, commit the last partial shard, remove staging; raises the first I/O error."""
         self._shutdown(wait=True)
-        self._remove_staging()
+        if self._error is None and self._buffered:
+            try:
+                self._commit_shard(self._buffered)
+            except (OSError, QuackError) as error:
+                self._error = QuackError(
+                    f"writing the last shard of {self.storage_path} failed: {error}; rerun the same command to finish"
+                )
+        self._drop_staging()
         if self._error is not None:
             raise self._error
 
@@ -436,34 +419,35 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._shutdown(wait=True)
-        self._remove_staging()
+        self._drop_staging()
 
     def write_manifest(self) -> dict[str, Any]:
-        ids = stored_ids(self.storage_path)
-        size = None
-        if ids:
-            with np.load(self.storage_path / item_path(ids[0], "npz"), allow_pickle=False) as first:
-                size = int(first["encoding"].shape[0])
+        """Mark the store complete: ``manifest.json`` with the item count, provenance and selection."""
+        previous = read_manifest(self.storage_path) or {}
+        ids = stored_ids_checked(self.storage_path, self.layout, None, None, move=False)
+        size = self._size or previous.get("encoding_size") or self.manifest.get("encoding_size")
         manifest = {
-            "format": "quackae-store-1",
-            "items": len(ids),
-            "encoding_size": size,
+            **previous,
+            "format": "quackae-store-2",
+            "layout": self.layout,
             "dtype": "float32",
-            "item_path": "{id // 100000}/{id % 100000 // 1000}/{id}.npz",
+            "encoding_size": size,
             **self.manifest,
-            "selection": {
-                "filtered": self.filtered,
-                "evaluate": self.evaluate,
-                "label_field": self.label_field,
-                "unlabeled_value": self.unlabeled_value,
-                "reduce_label": self.reduce_label,
-                "reduction_threshold": self.reduction_threshold,
-                "seed": self.seed,
-            },
+            "items": int(len(ids)),
+            "complete": True,
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        write_atomic(
-            self.storage_path / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode(), self._staging()
-        )
-        self._remove_staging()
+        manifest.setdefault("selection", self.selection)
+        if self.layout == "files":
+            manifest["item_path"] = "{id // 100000}/{id % 100000 // 1000}/{id}.npz"
+        staging = self.storage_path / ".staging" / f"{self._job_id}-manifest"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            write_manifest(self.storage_path, manifest, staging)
+        finally:
+            staging.rmdir()
+            try:
+                staging.parent.rmdir()
+            except OSError:
+                pass
         return manifest

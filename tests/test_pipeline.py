@@ -145,16 +145,19 @@ def test_encode_writes_exactly_one_item_per_row(workspace, store):
 
     data = datasets.load_from_disk(str(workspace / "prepared/dataset"))
     assert stored_ids(store) == sorted(data["id"])
-    files = [p for p in store.rglob("*") if p.is_file()]
-    assert len(files) == data.num_rows + 1  # the items and the manifest, nothing else
+    files = sorted(p.relative_to(store).as_posix() for p in store.rglob("*") if p.is_file())
+    assert files[:2] == [".lock", "manifest.json"] and len(files) > 2  # the lock, the manifest and shards only
+    assert all(f.startswith("shards/") and f.endswith(".arrow") for f in files[2:]), files
     manifest = json.loads((store / "manifest.json").read_text())
     assert manifest["items"] == data.num_rows and manifest["encoding_size"] == 32
+    assert manifest["complete"] is True and manifest["layout"] == "shards"
     assert len(manifest["checkpoint_sha256"]) == 64 and len(manifest["tokenizer_sha256"]) == 64
+    texts = {r["id"]: r["text"] for r in map(json.loads, (workspace / "corpus.jsonl").read_text().splitlines())}
     model = load_model(str(workspace / "run/checkpoints/best.ckpt"))
     reader = EncodingStore(store)
     for row in data.select(range(0, data.num_rows, 37)):
         encoding, metadata = reader[row["id"]]
-        assert metadata == {"id": row["id"], "label": row["label"]}
+        assert metadata == {"id": row["id"], "label": row["label"], "text": texts[row["id"]]}
         with torch.no_grad():
             expected = model(torch.tensor([row["input_ids"]]))[0][0].numpy()
         np.testing.assert_allclose(encoding, expected, atol=1e-5)
@@ -295,7 +298,7 @@ def test_killed_encode_resumes_to_exactly_one_item_per_row(workspace, tmp_path):
     (ws / "run").symlink_to(workspace / "run")
     store = tmp_path / "store"
     process = subprocess.Popen(
-        _encode_command(ws, store, "--batch-size", "32", "--writer-threads", "1"),
+        _encode_command(ws, store, "--batch-size", "32", "--shard-size", "64"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -310,10 +313,8 @@ def test_killed_encode_resumes_to_exactly_one_item_per_row(workspace, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     data = datasets.load_from_disk(str(tmp_path / "prepared/dataset"))
     assert stored_ids(store) == sorted(data["id"])
-    strays = [
-        p for p in store.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix not in (".npz", ".json"))
-    ]
-    assert strays == []
+    strays = [p for p in store.rglob("*") if p.is_file() and p.suffix not in (".arrow", ".json", ".lock")]
+    assert strays == [] and not (store / ".staging").exists()
     for index in stored_ids(store)[::500]:
         encoding, metadata = EncodingStore(store)[index]
         assert encoding.shape == (32,) and metadata["id"] == index

@@ -42,13 +42,13 @@ def write(writer: AutoencoderWriter, metas, matrix) -> None:
 def test_writer_stores_one_valid_item_per_row_and_skips_existing(tmp_path):
     matrix = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
     metas = [{"id": 100_000 + i * 1500, "label": f"l{i}"} for i in range(5)]
-    writer = AutoencoderWriter(storage_path=tmp_path)
+    writer = AutoencoderWriter(storage_path=tmp_path, layout="files")
     write(writer, metas, matrix)
     assert writer.written == 5
     for meta, row in zip(metas, matrix, strict=True):
         encoding, metadata = read_item(tmp_path / item_path(meta["id"], "npz"))
         assert np.array_equal(encoding, row) and metadata == meta
-    again = AutoencoderWriter(storage_path=tmp_path)
+    again = AutoencoderWriter(storage_path=tmp_path, layout="files")
     write(again, metas, matrix + 1)
     assert again.written == 0 and again.skipped == 5
     assert np.array_equal(read_item(tmp_path / item_path(metas[0]["id"], "npz"))[0], matrix[0])
@@ -56,7 +56,7 @@ def test_writer_stores_one_valid_item_per_row_and_skips_existing(tmp_path):
 
 
 def test_temporary_files_never_count_and_are_cleaned(tmp_path):
-    write(AutoencoderWriter(storage_path=tmp_path), [{"id": 5}], np.ones((1, 3), dtype=np.float32))
+    write(AutoencoderWriter(storage_path=tmp_path, layout="files"), [{"id": 5}], np.ones((1, 3), dtype=np.float32))
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["5.npz"]  # no staging left behind
     stray = tmp_path / ".staging" / "0-123-456" / "6.npz.part"
     stray.parent.mkdir(parents=True)
@@ -67,7 +67,7 @@ def test_temporary_files_never_count_and_are_cleaned(tmp_path):
 
 
 def test_io_error_stops_with_one_line_error_and_leaves_valid_items(tmp_path):
-    writer = AutoencoderWriter(storage_path=tmp_path, threads=1)
+    writer = AutoencoderWriter(storage_path=tmp_path, threads=1, layout="files")
     write(writer, [{"id": 1}], np.ones((1, 3), dtype=np.float32))
     blocked = tmp_path / "0" / "1"
     blocked.parent.mkdir(parents=True, exist_ok=True)
@@ -129,10 +129,11 @@ def test_writer_rejects_bad_options(tmp_path):
         AutoencoderWriter(write_interval="epoch", storage_path=tmp_path)
 
 
-def test_store_readers(tmp_path):
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_store_readers(tmp_path, layout):
     matrix = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     metas = [{"id": i * 7, "label": ["x", "y"][i % 2], "score": i} for i in range(6)]
-    writer = AutoencoderWriter(storage_path=tmp_path, manifest={"checkpoint": "c"})
+    writer = AutoencoderWriter(storage_path=tmp_path, manifest={"checkpoint": "c"}, layout=layout, shard_size=4)
     write(writer, metas, matrix)
     manifest = writer.write_manifest()
     assert manifest["items"] == 6 and manifest["encoding_size"] == 4 and manifest["dtype"] == "float32"

@@ -1,0 +1,323 @@
+"""The encoding store: provenance, lock, quarantine, both layouts, readers, verify and export errors."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from quackae import EncodingStore
+from quackae.cli import main
+from quackae.encode import EncodeConfig, encode
+from quackae.errors import QuackError
+from quackae.layout import LOCK, SHARDS, read_item, shard_files
+from quackae.model import QuackAutoEncoder
+from quackae.prepare import PrepareConfig, prepare
+from quackae.tokenizer import special_ids
+from quackae.writer import AutoencoderWriter, stored_ids
+
+WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
+ROWS = 90
+
+
+def _corpus(path: Path, rows: int = ROWS) -> Path:
+    rng = np.random.default_rng(1)
+    with path.open("w") as handle:
+        for i in range(rows):
+            text = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 6))))
+            label = None if i % 5 == 4 else ["a", "b", "c"][i % 3]
+            handle.write(json.dumps({"id": 3 * i + 1, "text": text, "label": label, "score": i / 2}) + "\n")
+    return path
+
+
+def _run(root: Path, prepared: Path, seed: int) -> Path:
+    """An untrained (seeded) tiny model saved as a RUN directory, as train writes one."""
+    import pytorch_lightning as pl
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    torch.manual_seed(seed)
+    model = QuackAutoEncoder(
+        tokenizer.get_vocab_size(), embed_size=8, hidden_size=16, pad_id=special_ids(tokenizer).pad
+    )
+    run = root / f"run{seed}"
+    (run / "checkpoints").mkdir(parents=True)
+    tokenizer.save(str(run / "tokenizer.json"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    prepare(PrepareConfig(inputs=(str(_corpus(root / "c.jsonl")),), out=str(root / "prepared"), vocab_size=300))
+    _run(root, root / "prepared", 1)
+    _run(root, root / "prepared", 2)
+    return root
+
+
+def _encode(tiny: Path, out: Path, seed: int = 1, **flags) -> dict:
+    config = {"batch_size": 8, "shard_size": 16, "accelerator": "cpu", "devices": "1", **flags}
+    return encode(EncodeConfig(data=str(tiny / "prepared"), model=str(tiny / f"run{seed}"), out=str(out), **config))
+
+
+def _one_line(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_encode_stores_every_id_once_with_typed_columns_and_text(tiny, tmp_path, layout):
+    out = tmp_path / "s"
+    summary = _encode(tiny, out, layout=layout)
+    corpus = [json.loads(line) for line in (tiny / "c.jsonl").read_text().splitlines()]
+    assert summary["items_written"] == ROWS and stored_ids(out) == sorted(r["id"] for r in corpus)
+    store = EncodingStore(out)
+    ids, matrix = store.to_numpy()
+    assert ids.tolist() == sorted(r["id"] for r in corpus) and matrix.shape == (ROWS, 16)
+    by_id = {r["id"]: r for r in corpus}
+    for index in ids[::7].tolist():
+        encoding, metadata = store[index]
+        assert metadata["text"] == by_id[index]["text"] and metadata["label"] == by_id[index]["label"]
+        assert np.array_equal(encoding, matrix[ids.tolist().index(index)])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["items"] == ROWS and manifest["layout"] == layout
+    if layout == "shards":
+        table = pa.ipc.open_file(pa.memory_map(str(shard_files(out)[0]))).read_all()
+        assert table.schema.field("id").type == pa.int64()
+        assert table.schema.field("encoding").type == pa.list_(pa.float32(), 16)
+        assert table.schema.field("score").type == pa.float64() and table.schema.field("label").type == pa.string()
+        provenance = json.loads(table.schema.metadata[b"quackae"])
+        assert provenance["checkpoint_sha256"] == manifest["checkpoint_sha256"]
+        assert len(shard_files(out)) == -(-ROWS // 16)
+    assert not (out / ".staging").exists()
+    assert _encode(tiny, out, layout=layout)["items_written"] == 0  # a rerun has nothing left to do
+
+
+def test_pandas_reads_the_shards_alike(tiny, tmp_path):
+    import pandas as pd
+
+    _encode(tiny, tmp_path / "s")
+    frame = pd.concat([pd.read_feather(p) for p in shard_files(tmp_path / "s")]).sort_values("id")
+    ids, matrix = EncodingStore(tmp_path / "s").to_numpy()
+    assert frame["id"].tolist() == ids.tolist()
+    assert np.array_equal(np.stack(frame["encoding"].to_numpy()).astype(np.float32), matrix)
+
+
+def test_no_text_drops_the_column(tiny, tmp_path):
+    _encode(tiny, tmp_path / "s", text=False)
+    assert "text" not in EncodingStore(tmp_path / "s").to_arrow().column_names
+
+
+def test_another_model_is_refused_even_after_a_kill_and_overwrite_replaces(tiny, tmp_path, capsys):
+    out = tmp_path / "s"
+    _encode(tiny, out, seed=1)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.pop("items")
+    manifest["complete"] = False  # as a killed encode leaves it: the header is written before any item
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    flags = ["--accelerator", "cpu", "--devices", "1", "--batch-size", "8", "--shard-size", "16"]
+    args = ["encode", str(tiny / "prepared"), "--model", str(tiny / "run2"), "--out", str(out), *flags]
+    assert main(args) == 2
+    err = _one_line(capsys)
+    assert len(err) == 1 and re.search("made with another model .*--overwrite", err[0]), err
+    assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()
+    store = EncodingStore(out)
+    assert len(store) == ROWS and json.loads((out / "manifest.json").read_text())["tokenizer"]
+    fresh = tmp_path / "b"
+    _encode(tiny, fresh, seed=2)
+    assert np.array_equal(store.to_numpy()[1], EncodingStore(fresh).to_numpy()[1])
+
+
+def test_items_without_a_manifest_are_refused(tiny, tmp_path):
+    _encode(tiny, tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").unlink()
+    with pytest.raises(QuackError, match="no manifest.json"):
+        _encode(tiny, tmp_path / "s")
+
+
+def test_a_live_encode_holds_the_store(tiny, tmp_path, capsys):
+    out = tmp_path / "s"
+    out.mkdir()
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"job123\n")
+    try:
+        assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(out)]) == 2
+        err = _one_line(capsys)
+        assert len(err) == 1 and "another live encode (job job123)" in err[0], err
+    finally:
+        os.close(fd)
+    assert _encode(tiny, out)["items_in_store"] == ROWS
+
+
+def test_staging_of_dead_jobs_is_removed_and_symlinks_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "s"
+    stray = out / ".staging" / "deadjob-0" / "x.arrow.part"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half")
+    _encode(tiny, out)
+    assert not (out / ".staging").exists()
+    other = tmp_path / "t"
+    other.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (other / ".staging").symlink_to(tmp_path / "elsewhere")
+    assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(other)]) == 2
+    err = _one_line(capsys)
+    assert len(err) == 1 and "symbolic link" in err[0], err
+
+
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_a_corrupt_unit_is_quarantined_and_redone(tiny, tmp_path, caplog, layout):
+    out = tmp_path / "s"
+    _encode(tiny, out, layout=layout)
+    before = EncodingStore(out).to_numpy()
+    victim = shard_files(out)[1] if layout == "shards" else EncodingStore(out).item_path(4)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    with pytest.raises(QuackError, match=re.escape(str(victim))):
+        EncodingStore(out).to_numpy() if layout == "files" else EncodingStore(out)
+    assert main(["verify", str(out)]) == 1
+    summary = _encode(tiny, out, layout=layout)
+    assert summary["items_written"] == (16 if layout == "shards" else 1)
+    assert any("quarantine" in r.getMessage() for r in caplog.records)
+    assert len(list((out / ".quarantine").iterdir())) == 1
+    after = EncodingStore(out).to_numpy()
+    assert np.array_equal(after[0], before[0]) and np.allclose(after[1], before[1], atol=1e-6)
+    assert main(["verify", str(out), "--data", str(tiny / "prepared")]) == 0
+
+
+def test_stray_names_never_count_twice(tmp_path):
+    writer = AutoencoderWriter(storage_path=tmp_path, layout="files")
+    writer.write_batch([{"id": 1}], np.ones((1, 3), dtype=np.float32))
+    writer.flush()
+    (tmp_path / "0" / "0" / "01.npz").write_bytes((tmp_path / "0/0/1.npz").read_bytes())
+    (tmp_path / "0" / "5").mkdir()
+    (tmp_path / "0" / "5" / "1.npz").write_bytes((tmp_path / "0/0/1.npz").read_bytes())
+    assert EncodingStore(tmp_path).ids() == [1]
+    assert EncodingStore(tmp_path).to_arrow().column("id").to_pylist() == [1]
+
+
+def test_verify_lists_every_problem(tiny, tmp_path, capsys):
+    out = tmp_path / "s"
+    _encode(tiny, out)
+    assert main(["verify", str(out), "--data", str(tiny / "prepared")]) == 0
+    assert f"{ROWS} items" in capsys.readouterr().out
+    shards = shard_files(out)
+    table = pa.ipc.open_file(pa.memory_map(str(shards[0]))).read_all()
+    with pa.OSFile(str(out / SHARDS / "copy.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table.slice(0, 2))  # ids twice
+    shards[-1].unlink()  # ids missing
+    (out / ".staging" / "job-0").mkdir(parents=True)
+    (out / ".staging" / "job-0" / "left.part").write_bytes(b"x")
+    assert main(["verify", str(out), "--data", str(tiny / "prepared")]) == 1
+    printed = capsys.readouterr().out
+    assert "stored 2 times" in printed and "missing" in printed and "staging" in printed
+
+
+def test_readers_on_a_store_with_unlabelled_first_row(tiny, tmp_path):
+    out = tmp_path / "s"
+    _encode(tiny, out)
+    store = EncodingStore(out)
+    dataset = store.to_dataset()
+    assert dataset.num_rows == ROWS and dataset.features["label"].dtype == "string"
+    view = store.torch_dataset(label_field="label")
+    labelled = [i for i in range(ROWS) if i % 5 != 4]
+    assert len(view) == len(labelled) and view.classes == ["a", "b", "c"]
+    tensor, label = view[0]
+    assert tensor.shape == (16,) and label in (0, 1, 2)
+    for k in range(5):
+        assert view.classes[view[k][1]] == store[view.ids[k]][1]["label"]
+
+
+def test_a_store_without_manifest_is_read_with_a_warning(tiny, tmp_path, caplog):
+    _encode(tiny, tmp_path / "s")
+    (tmp_path / "s" / "manifest.json").unlink()
+    assert len(EncodingStore(tmp_path / "s")) == ROWS
+    assert any(f"reading the {ROWS} items" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        ("dir", ["--out", "{tmp}/d.parquet"], "is a directory; name a .parquet file"),
+        ("empty", ["--out", "{tmp}/e.parquet"], "holds no items; nothing to export"),
+        ("list", ["--out", "{tmp}/e.parquet"], "not a quackae manifest .*a JSON list"),
+    ],
+)
+def test_export_mistakes_are_one_line(tiny, tmp_path, capsys, setup, args, message):
+    out = tmp_path / "s"
+    if setup == "empty":
+        out.mkdir()
+        (out / SHARDS).mkdir()
+    else:
+        _encode(tiny, out)
+    if setup == "dir":
+        (tmp_path / "d.parquet").mkdir()
+    if setup == "list":
+        (out / "manifest.json").write_text("[1, 2]")
+    code = main(["export", str(out), *[a.format(tmp=tmp_path) for a in args]])
+    err = _one_line(capsys)
+    assert code == 2 and len(err) == 1 and re.search(message, err[0]), err
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_export_round_trips_both_layouts(tiny, tmp_path):
+    import pyarrow.parquet as pq
+
+    for layout in ("shards", "files"):
+        _encode(tiny, tmp_path / layout, layout=layout)
+        assert main(["export", str(tmp_path / layout), "--out", str(tmp_path / f"{layout}.parquet")]) == 0
+    a, b = (pq.read_table(tmp_path / f"{layout}.parquet") for layout in ("shards", "files"))
+    assert a.column("id").to_pylist() == b.column("id").to_pylist()
+    assert np.array_equal(
+        np.stack(a.column("encoding").to_numpy(zero_copy_only=False)),
+        np.stack(b.column("encoding").to_numpy(zero_copy_only=False)),
+    )
+    assert a.column("text").to_pylist() == b.column("text").to_pylist()
+
+
+def test_files_layout_reads_items_with_numpy(tiny, tmp_path):
+    _encode(tiny, tmp_path / "s", layout="files", png="encoding", png_limit=5)
+    store = EncodingStore(tmp_path / "s")
+    encoding, metadata = read_item(store.item_path(1))
+    assert encoding.shape == (16,) and metadata["id"] == 1
+    assert len(list((tmp_path / "s").rglob("*.png"))) == 5
+
+
+@pytest.mark.slow
+def test_ddp_shards_match_single_process_and_verify(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    single = tmp_path / "single"
+    _encode(tiny, single)
+    ddp = tmp_path / "ddp"
+    command = [sys.executable, "-m", "quackae", "encode", str(tiny / "prepared"), "--model", str(tiny / "run1")]
+    flags = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "8", "--shard-size", "16"]
+    result = subprocess.run([*command, "--out", str(ddp), *flags], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["verify", str(ddp), "--data", str(tiny / "prepared")]) == 0
+    names = [p.name for p in shard_files(ddp)]
+    assert {n.split("-")[1] for n in names} == {"00000", "00001"}  # each rank wrote its own shards
+    a, b = EncodingStore(single), EncodingStore(ddp)
+    assert a.ids() == b.ids()
+    np.testing.assert_allclose(a.to_numpy()[1], b.to_numpy()[1], atol=1e-5)
+    assert a.to_arrow().drop_columns(["encoding"]).equals(b.to_arrow().drop_columns(["encoding"]))
+
+
+def test_another_layout_is_refused(tiny, tmp_path):
+    _encode(tiny, tmp_path / "s", layout="files")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    del manifest["layout"]  # as a store of the first format has it
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(QuackError, match="holds a files store, not shards; pass --layout files"):
+        _encode(tiny, tmp_path / "s")
