@@ -2,7 +2,7 @@
 
 Every flag comes from a field of a frozen config dataclass (its ``help`` metadata becomes the
 ``--help`` text and its default the flag's default), so a stage runs the same from Python, from
-``quackae`` and from a pipeline file. User mistakes (``ValueError``, ``QuackError``) become one line
+``quackae`` and from a pipeline file. User mistakes (see ``user_error``) become one line
 on stderr and exit code 2; a refused ``--strict`` run exits 1.
 """
 
@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
 import logging
+import pickle
 import sys
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from quackae.errors import QuackError, StrictError
+from quackae.errors import StrictError, unpickling_reason
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="quackae",
         description="Turn a text corpus into stored, fixed-size learned encodings.",
     )
@@ -150,6 +152,53 @@ def setup_logging(level: str) -> None:
         handler.addFilter(_RankZeroFilter())
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (naming the flag and pointing at ``--help``) and exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# OSErrors that come from the user's paths or machine (full disk, no permission, a file where a
+# folder belongs ...), not from a bug: reported as one line.
+_USER_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EEXIST,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+}
+
+
+def user_error(error: BaseException) -> str | None:
+    """The one line to print for a user mistake, or None for a bug (which stays a traceback).
+
+    User mistakes: ``QuackError`` and ``ValueError`` (checked flags, files, rows, checkpoints),
+    Lightning's ``MisconfigurationException`` (a Trainer setting this machine cannot honour), a file
+    refused by the safe unpickler, and the ``OSError``s in ``_USER_ERRNOS``.
+    """
+    misconfiguration = getattr(
+        sys.modules.get("lightning_fabric.utilities.exceptions"), "MisconfigurationException", None
+    )
+    if isinstance(error, ValueError) or (misconfiguration is not None and isinstance(error, misconfiguration)):
+        text = str(error)
+    elif isinstance(error, pickle.UnpicklingError):
+        text = f"refused to load a file that holds more than tensors and plain values: {unpickling_reason(error)}"
+    elif isinstance(error, OSError) and error.errno in _USER_ERRNOS:
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        text = f"{error.strerror or error}: {where}" if where else str(error)
+        if error.errno == errno.EEXIST:
+            text += " (choose another path)"
+    else:
+        return None
+    return " ".join(text.split()) or type(error).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _command_of(argv)
@@ -163,15 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config_cls, function = _load(namespace.command)
         config = config_from_namespace(config_cls, namespace)
         result = function(config)
-    except StrictError as error:
-        print(f"quackae {namespace.command}: error: {error}", file=sys.stderr)
-        return 1
-    except (QuackError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as error:
-        print(f"quackae {namespace.command}: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"quackae {namespace.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        message = user_error(error)
+        if message is None:
+            raise
+        print(f"quackae {namespace.command}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(error, StrictError) else 2
     if namespace.command == "bench":
         _print_bench(result, as_json=namespace.json)
     return 0

@@ -429,24 +429,70 @@ def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, t
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A quackae checkpoint's contents through ``torch.load(weights_only=True)``: loading never runs code.
 
-    Raises ``ValueError`` naming the file when it is missing or is not a quackae checkpoint.
+    Raises ``QuackError`` (a ``ValueError``) naming the file when it is missing, empty, refused by the
+    safe unpickler or not a quackae checkpoint.
     """
+    from quackae.errors import QuackError, unpickling_reason
+
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
+        raise QuackError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
+    if file.stat().st_size == 0:
+        raise QuackError(f"checkpoint {file} is empty (0 bytes); train again or pass another checkpoint")
     try:
         checkpoint = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
-        raise ValueError(f"checkpoint {file} cannot be loaded safely: {str(error).splitlines()[0]}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{file} is not a quackae model checkpoint (no state_dict / hyper_parameters)")
+        raise QuackError(f"checkpoint {file} cannot be loaded safely: {unpickling_reason(error)}") from None
+    if (
+        not isinstance(checkpoint, dict)
+        or not isinstance(checkpoint.get("state_dict"), dict)
+        or not isinstance(checkpoint.get("hyper_parameters"), dict)
+    ):
+        raise QuackError(f"{file} is not a quackae model checkpoint (no state_dict / hyper_parameters)")
     return checkpoint
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
-    """A ``QuackAutoEncoder`` in eval mode from a Lightning checkpoint (see ``read_checkpoint``)."""
+    """A ``QuackAutoEncoder`` in eval mode from a Lightning checkpoint (see ``read_checkpoint``).
+
+    The hyper-parameters and the state_dict are checked against each other on the meta device (no
+    memory is allocated) before the model is built, so a damaged or foreign checkpoint is a
+    ``QuackError`` naming the file and the problem, never an allocation of its claimed size.
+    """
+    import inspect
+
+    from quackae.errors import QuackError
+
     checkpoint = read_checkpoint(path, map_location)
-    model = QuackAutoEncoder(**dict(checkpoint["hyper_parameters"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    hparams = dict(checkpoint["hyper_parameters"])
+    state = checkpoint["state_dict"]
+    known = set(inspect.signature(QuackAutoEncoder.__init__).parameters) - {"self"}
+    unknown = sorted(set(hparams) - known)
+    if unknown:
+        raise QuackError(
+            f"checkpoint {path} has hyper-parameters this quackae does not know ({', '.join(map(str, unknown))}); "
+            "it comes from another version or another model"
+        )
+    try:
+        with torch.device("meta"):
+            skeleton = QuackAutoEncoder(**hparams)
+    except (TypeError, ValueError) as error:
+        raise QuackError(f"checkpoint {path} has unusable hyper-parameters: {error}") from None
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        problems.append(f"missing weights {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"unexpected weights {', '.join(map(str, extra[:5]))}")
+    for name in sorted(set(expected) & set(state)):
+        shape = tuple(getattr(state[name], "shape", ()))
+        if not isinstance(state[name], torch.Tensor) or shape != expected[name]:
+            problems.append(f"{name} has shape {shape}, its hyper-parameters need {expected[name]}")
+    if problems:
+        raise QuackError(f"checkpoint {path} does not match its own hyper-parameters: {'; '.join(problems[:5])}")
+    model = QuackAutoEncoder(**hparams)
+    model.load_state_dict(state)
     model.eval()
     return model

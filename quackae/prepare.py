@@ -1,16 +1,29 @@
 """``quackae prepare``: text files -> ``tokenizer.json`` + a tokenized HF dataset + ``prepare.json``.
 
 Rows that cannot be used (malformed JSON, empty, null or non-string text, missing, negative,
-non-integer or duplicate id) are counted and listed with ``file:line``; ``--strict`` refuses them.
-When the id column does not exist at all, ids are the row numbers (0-based, across all inputs).
+non-integer, out-of-range or duplicate id) are counted and listed with ``file:line`` (the file's
+physical line, also for CSV records that span lines); ``--strict`` refuses them. Ids are integers
+in [0, 2**63), written as JSON/Arrow integers or ASCII decimal strings. When the id column does not
+exist at all, ids are the row numbers (0-based, across all inputs). Text files may start with a
+UTF-8 byte-order mark.
+
+The output appears at once: it is built in a sibling staging folder, completed by a ``COMPLETE``
+marker written last, and swapped in for any previous output with one atomic exchange of the two
+folders (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames). ``load_prepared`` refuses
+a folder without the marker, including one written by a quackae from before the marker existed:
+prepare it again.
 """
 
 from __future__ import annotations
 
+import csv
+import ctypes
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -40,6 +53,11 @@ _EXTENSIONS = {
 }
 _RESERVED = ("input_ids", "length")
 MAX_EXAMPLES = 20
+MAX_ID = 2**63  # ids are int64
+MAX_VOCAB = 2**24
+COMPLETE = "COMPLETE"  # written last into a prepared folder; readers require it
+_OWN_NAMES = {"dataset", "tokenizer.json", "prepare.json", COMPLETE, ".dataset.tmp"}
+_DECIMAL = re.compile(r"-?[0-9]+")  # ASCII digits only: "²" or "٣٥" are not ids
 
 
 @dataclass(frozen=True)
@@ -76,6 +94,10 @@ class PrepareConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise ValueError("give at least one INPUT file")
+        if self.vocab_size > MAX_VOCAB:
+            raise ValueError(f"--vocab-size must be at most {MAX_VOCAB:,}, got {self.vocab_size}")
+        if self.min_frequency > 2**31:
+            raise ValueError(f"--min-frequency must be at most {2**31}, got {self.min_frequency}")
         if self.vocab_size < MIN_VOCAB:
             raise ValueError(
                 f"--vocab-size must be at least {MIN_VOCAB} (256 byte tokens, 4 special tokens and "
@@ -115,8 +137,8 @@ def _format_of(path: Path, forced: str | None) -> str:
         raise QuackError(f"cannot tell the format of {path} from its extension; pass --format ({', '.join(FORMATS)})")
     if fmt == "json":
         with path.open("rb") as handle:
-            head = handle.read(4096).lstrip()
-        if not head.startswith(b"["):
+            head = handle.read(4096)
+        if not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
             fmt = "jsonl"  # JSON lines in a .json file
     return fmt
 
@@ -125,7 +147,7 @@ def _read_jsonl(path: Path, file_index: int, rows: _Rows) -> None:
     records: dict[str, list[Any]] = {}
     where = []
     n = 0
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
+    with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
         try:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -153,10 +175,65 @@ def _read_jsonl(path: Path, file_index: int, rows: _Rows) -> None:
     rows.add(records, where)
 
 
+def _read_json_array(path: Path, file_index: int, rows: _Rows) -> None:
+    """A ``.json`` file holding one array of objects; row numbers are 1-based positions in the array."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise QuackError(f"cannot read {path} as json: {error.msg} at line {error.lineno}") from None
+    if not isinstance(records, list):
+        raise QuackError(f"cannot read {path} as json: expected an array of objects")
+    columns: dict[str, list[Any]] = {}
+    where = []
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            rows.rejected.append((file_index, number, "malformed JSON (not an object)"))
+            continue
+        n = len(where)
+        for name, value in record.items():
+            columns.setdefault(name, [None] * n).append(value)
+        where.append((file_index, number))
+        for column in columns.values():
+            if len(column) < n + 1:
+                column.append(None)
+    rows.add(columns, where)
+
+
+def _read_txt(path: Path, file_index: int, rows: _Rows) -> None:
+    """One text per line (line breaks dropped), a UTF-8 byte-order mark allowed."""
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="strict", newline=None) as handle:
+            texts = [line.rstrip("\n") for line in handle]
+    except UnicodeDecodeError as error:
+        raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    rows.add({"text": texts}, [(file_index, number) for number in range(1, len(texts) + 1)])
+
+
+def _csv_record_lines(path: Path) -> list[int] | None:
+    """The physical line each CSV record after the header starts on (quoted fields may span lines)."""
+    try:
+        with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as handle:
+            reader = csv.reader(handle)
+            lines, previous = [], 0
+            for record in reader:
+                if record:
+                    lines.append(previous + 1)
+                previous = reader.line_num
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    return lines[1:]
+
+
 def _read_with_datasets(path: Path, fmt: str, file_index: int, rows: _Rows, cache_dir: str) -> None:
     import datasets
 
-    builder = {"json": "json", "csv": "csv", "parquet": "parquet", "txt": "text"}[fmt]
+    if fmt == "json":
+        return _read_json_array(path, file_index, rows)
+    if fmt == "txt":
+        return _read_txt(path, file_index, rows)
+    builder = {"csv": "csv", "parquet": "parquet"}[fmt]
     kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
     try:
         table = datasets.load_dataset(
@@ -166,8 +243,11 @@ def _read_with_datasets(path: Path, fmt: str, file_index: int, rows: _Rows, cach
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise QuackError(f"cannot read {path} as {fmt}: {message}") from None
     records = table.to_dict()
-    first_line = {"csv": 2, "txt": 1}.get(fmt, 1)  # csv: line 1 is the header; parquet/json: row numbers from 1
-    rows.add(records, [(file_index, first_line + i) for i in range(table.num_rows)])
+    numbers = list(range(1, table.num_rows + 1))  # parquet: row numbers from 1
+    if fmt == "csv":
+        lines = _csv_record_lines(path)
+        numbers = lines if lines is not None and len(lines) == table.num_rows else [n + 1 for n in numbers]
+    rows.add(records, [(file_index, number) for number in numbers])
 
 
 def _check_id(value: Any) -> tuple[int | None, str | None]:
@@ -178,15 +258,27 @@ def _check_id(value: Any) -> tuple[int | None, str | None]:
         return None, "non-integer id"
     if isinstance(value, (int, np.integer)):
         number = int(value)
-    elif isinstance(value, float) and value.is_integer():
+    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
+        if abs(value) >= 2**53:  # beyond this a float no longer holds every integer exactly
+            return None, "id out of range"
         number = int(value)
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         number = int(value.strip())
     else:
         return None, "non-integer id"
     if number < 0:
         return None, "negative id"
+    if number >= MAX_ID:
+        return None, "id out of range"
     return number, None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate(
@@ -206,6 +298,8 @@ def _validate(
             reason = "non-string text"
         elif not text.strip():
             reason = "empty text"
+        elif not _encodable(text):
+            reason = "invalid text (lone surrogate)"
         number = i
         if reason is None and ids is not None:
             number, reason = _check_id(ids[i])
@@ -241,14 +335,17 @@ def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[s
     for name, values in rows.columns.items():
         if name in exclude:
             continue
-        if name in _RESERVED:
-            raise QuackError(f"input column {name!r} clashes with a column quackae writes; rename it")
+        if name in _RESERVED or name == "id":
+            hint = " or pass --id-field id" if name == "id" else ""
+            raise QuackError(f"input column {name!r} clashes with the {name!r} column quackae writes; rename it{hint}")
         column = [values[i] for i in kept]
         try:
             pa.array(column)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, UnicodeEncodeError):
             log.warning("metadata column %r mixes value types; storing it as JSON strings", name)
             column = [None if v is None else json.dumps(v, ensure_ascii=False) for v in column]
+            if not all(v is None or _encodable(v) for v in column):
+                column = [None if v is None else json.dumps(json.loads(v)) for v in column]  # escape lone surrogates
         columns[name] = column
     return columns
 
@@ -267,17 +364,22 @@ def _length_stats(lengths: np.ndarray) -> dict[str, float]:
 
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
-    """Run ``quackae prepare``; returns the summary also written to ``OUT/prepare.json``."""
+    """Run ``quackae prepare``; returns the summary also written to ``OUT/prepare.json``.
+
+    The output (``dataset/``, ``tokenizer.json``, ``prepare.json``, ``COMPLETE``) replaces any
+    previous one in ``--out`` at once: a reader sees the old output or the new one, whole.
+    """
     import datasets
 
     started = time.time()
     paths = [Path(p) for p in config.inputs]
     for path in paths:
+        if path.is_dir():
+            raise QuackError(f"input {path} is a directory; give the files inside it")
         if not path.is_file():
             raise QuackError(f"input file {path} does not exist")
     out = Path(config.out)
-    if (out / "dataset").exists() and not config.overwrite:
-        raise QuackError(f"{out / 'dataset'} already exists; pass --overwrite or choose another --out")
+    _check_out(out, config.overwrite)
     datasets.disable_caching()
     rows = _Rows()
     formats = [_format_of(path, config.format) for path in paths]
@@ -304,18 +406,18 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     rejected.sort()
     reasons = Counter(reason for _, _, reason in rejected)
     examples = [{"file": str(paths[f]), "line": line, "reason": reason} for f, line, reason in rejected[:MAX_EXAMPLES]]
+    message = ""
     if rejected:
         first = examples[0]
-        summary = ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
+        summary_text = ", ".join(f"{reason}: {count}" for reason, count in sorted(reasons.items()))
         message = (
-            f"{len(rejected)} of {rows.count + len(rows.rejected)} rows rejected ({summary}); first at "
+            f"{len(rejected)} of {rows.count + len(rows.rejected)} rows rejected ({summary_text}); first at "
             f"{first['file']}:{first['line']} ({first['reason']})"
         )
         if config.strict:
             raise StrictError(message + "; fix them or rerun without --strict to skip them")
-        log.warning("%s; see prepare.json", message)
     if not kept:
-        raise QuackError(f"no usable rows in {', '.join(map(str, paths))}; see the rejected rows above")
+        raise QuackError(f"no usable rows in {', '.join(map(str, paths))}: {message}")
 
     texts = [rows.columns[text_field][i] for i in kept]
     if config.tokenizer:
@@ -347,16 +449,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     truncated = int(pc.sum(mapped.data.column("_truncated")).as_py() or 0)
     mapped = mapped.select_columns(["id", "input_ids", "length", *metadata])
     lengths = mapped.data.column("length").to_numpy()
-
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".dataset.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    mapped.save_to_disk(str(staging))
-    if (out / "dataset").exists():
-        shutil.rmtree(out / "dataset")
-    os.replace(staging, out / "dataset")
-    tokenizer.save(str(out / "tokenizer.json"))
     summary = {
         "rows_read": rows.count + len(rows.rejected),
         "rows_kept": len(kept),
@@ -373,7 +465,24 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "config": asdict(config),
         "seconds": round(time.time() - started, 2),
     }
-    (out / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    staging = out.parent / f".{out.name}{_STAGING}{os.getpid()}"
+    try:
+        staging.mkdir()
+        mapped.save_to_disk(str(staging / "dataset"))
+        tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        _fsync_tree(staging)
+        _write_synced(staging / COMPLETE, json.dumps({"tokenizer_sha256": summary["tokenizer_sha256"]}) + "\n")
+        _fsync_path(staging)
+        _swap_in(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    if message:
+        log.warning("%s; all listed in %s", message, out / "prepare.json")
     log.info(
         "prepared %d of %d rows into %s (%d rejected, %d truncated)",
         len(kept),
@@ -385,11 +494,117 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     return summary
 
 
+_STAGING = ".prepare-"  # sibling folders ".OUT.prepare-PID": a new output being built, or an old one on its way out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new folder, an empty one or a previous prepare output (replaced when ``overwrite``)."""
+    if out.exists() and not out.is_dir():
+        raise QuackError(f"--out {out} is a file; give prepare a directory")
+    if not out.is_dir():
+        return
+    names = {p.name for p in out.iterdir()}
+    foreign = sorted(names - _OWN_NAMES)
+    if foreign:
+        raise QuackError(
+            f"--out {out} holds files prepare did not write ({', '.join(foreign[:5])}); "
+            "choose a new or empty directory, prepare replaces the whole folder"
+        )
+    if names & {"dataset", COMPLETE} and not overwrite:
+        raise QuackError(f"{out} already holds a prepared dataset; pass --overwrite or choose another --out")
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete staging and replaced folders that a killed prepare into ``out`` left beside it."""
+    for leftover in out.parent.glob(f".{glob_escape(out.name)}{_STAGING}*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # another prepare into the same folder is running right now
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_path(path: Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(handle)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this kernel or file system
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete ``staging`` folder at ``out``; an old ``out`` ends up in ``staging`` (then removed)."""
+    if not out.exists():
+        os.rename(staging, out)
+    elif not _exchange(staging, out):
+        # no atomic exchange on this system: two renames, with a window in which out is missing
+        aside = out.parent / f".{out.name}{_STAGING}old-{os.getpid()}"
+        os.rename(out, aside)
+        os.rename(staging, out)
+        staging = aside
+    _fsync_path(out.parent)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def load_prepared(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Open a prepared directory: ``(dataset, tokenizer, prepare.json)``; ``QuackError`` when it is not one."""
+    """Open a prepared directory: ``(dataset, tokenizer, prepare.json)``; ``QuackError`` when it is not one.
+
+    The folder must carry the ``COMPLETE`` marker that ``prepare`` writes last.
+    """
     import datasets
 
     directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise QuackError(f"prepared data directory {directory} is a file; give the folder quackae prepare --out wrote")
     if not directory.is_dir():
         raise QuackError(f"prepared data directory {directory} does not exist; run quackae prepare first")
     for name in ("dataset", "tokenizer.json"):
@@ -397,6 +612,11 @@ def load_prepared(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
             raise QuackError(
                 f"{directory} is not a prepared directory (no {name}); run quackae prepare --out {directory}"
             )
+    if not (directory / COMPLETE).is_file():
+        raise QuackError(
+            f"{directory} is not a complete prepared directory (no {COMPLETE} marker: a prepare into it was "
+            f"stopped, or an older quackae wrote it); run quackae prepare --out {directory} again"
+        )
     dataset = datasets.load_from_disk(str(directory / "dataset"))
     tokenizer = load_tokenizer(directory / "tokenizer.json")
     info_file = directory / "prepare.json"
