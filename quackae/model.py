@@ -3,8 +3,8 @@
 The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is
 depends on ``pooling``: ``final`` (the last layer's final forward and backward states, (B, H)),
 ``mean`` (the mean of the encoder states over the item's tokens, (B, H)) or ``final+mean``
-(both, concatenated, (B, 2H)). The decoder always starts from the final states. The decoder is a GRU started from the encoding
-with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
+(both, concatenated, (B, 2H)). The decoder is a GRU started from the final states (whatever
+is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
 an MLP on ``[context; decoder state]`` that predicts the next token.
 
 Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call
