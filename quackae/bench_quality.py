@@ -130,7 +130,8 @@ def quality_run(
 
     ``kind`` (``stdlib`` or ``site``) picks the prepare settings for a JSONL ``corpus`` (default:
     ``corpus`` itself, else ``stdlib``'s). Pooling changes only what is stored, not training, so
-    the one trained model is also probed with every pooling (``probe_by_pooling``). Returns the
+    the one trained model and its untrained twin are also probed with every pooling
+    (``probe_by_pooling``, ``probe_untrained_by_pooling``). Returns the
     figures as a dict (see the module docstring).
     """
     from quackae.classifier import bag_of_tokens, linear_probe, stratified_split
@@ -193,10 +194,11 @@ def quality_run(
         untrained = QuackAutoEncoder(**hparams)
         counts = bag_of_tokens(sequences, tokenizer.get_vocab_size())  # (N, V)
         majority = int(np.bincount(y[train_part], minlength=len(classes)).argmax())
-        by_pooling = {}
+        by_pooling, untrained_by_pooling = {}, {}
         for pooling in POOLINGS:
-            model.set_pooling(pooling)
-            by_pooling[pooling] = probe(_encode_all(model, sequences))
+            for net, figures in ((model, by_pooling), (untrained, untrained_by_pooling)):
+                net.set_pooling(pooling)
+                figures[pooling] = probe(_encode_all(net, sequences))
         model.set_pooling(hparams["pooling"])
         result = {
             "bench": "quality",
@@ -211,8 +213,9 @@ def quality_run(
             "token_accuracy": round(summary["token_accuracy"], 4),
             "exact_match": round(summary["exact_match"], 4),
             "probe_trained": by_pooling[hparams["pooling"]],
-            "probe_untrained": probe(_encode_all(untrained, sequences)),
+            "probe_untrained": untrained_by_pooling[hparams["pooling"]],
             "probe_by_pooling": by_pooling,
+            "probe_untrained_by_pooling": untrained_by_pooling,
             "probe_bag_of_tokens": probe(np.log1p(counts)),
             "majority": round(float((y[test_part] == majority).mean()), 4),
             "torch_threads": torch.get_num_threads(),
