@@ -93,8 +93,11 @@ class TrainConfig(TrainerFlags):
         default="delete", metadata={"help": "delete or mask ([UNK]) corrupted tokens", "choices": ("delete", "mask")}
     )
     pooling: str = field(
-        default="final",
-        metadata={"help": "stored encoding: final states, mean of encoder states, or both", "choices": POOLINGS},
+        default="final+mean",
+        metadata={
+            "help": "stored encoding: final states (H), mean of encoder states (H), or both (2H)",
+            "choices": POOLINGS,
+        },
     )
     word_dropout: float = field(default=0.0, metadata={"help": "share of decoder input tokens replaced by [UNK]"})
     attention_dropout: float = field(
