@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchConfig:
-    what: str = field(default="train", metadata={"help": "what to measure: train, prepare, encode or store"})
+    what: str = field(default="train", metadata={"help": "what to measure: train, prepare, encode, store or quality"})
     steps: int = field(default=40, metadata={"help": "timed training steps per device (train)"})
     warmup: int = field(default=3, metadata={"help": "untimed warm-up steps (train)"})
     rows: int = field(default=100_000, metadata={"help": "corpus rows (prepare)"})
@@ -31,6 +31,9 @@ class BenchConfig:
     )
     cuda: bool = field(default=True, metadata={"help": "also measure on CUDA when a GPU is present"})
     seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
+    corpus: str = field(default="stdlib", metadata={"help": "quality: stdlib, site (site-packages) or a JSONL file"})
+    quality_steps: int = field(default=0, metadata={"help": "quality: training steps (0: 2000)"})
+    option: tuple[str, ...] = field(default=(), metadata={"help": "quality: train settings NAME=VALUE to override"})
     dir: str | None = field(
         default=None,
         metadata={
@@ -41,8 +44,8 @@ class BenchConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.what not in ("train", "prepare", "encode", "store"):
-            raise ValueError(f"--what must be train, prepare, encode or store, got {self.what!r}")
+        if self.what not in ("train", "prepare", "encode", "store", "quality"):
+            raise ValueError(f"--what must be train, prepare, encode, store or quality, got {self.what!r}")
         for name in ("steps", "rows", "items"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
@@ -133,6 +136,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the bench ``config.what`` names and return its figures."""
     if config.what == "train":
         return bench_train(config)
+    if config.what == "quality":
+        from quackae.bench_quality import bench_quality
+
+        return bench_quality(config)
     if config.what == "prepare":
         from quackae.prepare import bench_prepare
 

@@ -3,8 +3,10 @@
 The split is stratified and deterministic: within each class, items are ordered by a keyed hash
 of their id and the first ``test_fraction`` go to test, the next ``val_fraction`` to validation.
 Classes too small for all three splits are warned about and kept in training only. The report
-sets the classifier beside two baselines measured on the same split: the majority class and a
-linear probe (softmax regression on the same standardised encodings).
+sets the classifier beside three baselines measured on the same split: the majority class, a
+linear probe (softmax regression on the same standardised encodings) and the same probe on bags
+of tokens (log(1 + count) of each token id the run's own tokenizer gives the item), which says
+whether the encodings beat counting tokens.
 
 Shape glossary: N items, H encoding size, C classes.
 """
@@ -201,6 +203,48 @@ def linear_probe(
         return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
 
 
+def bag_of_tokens(sequences: list[list[int]], vocab_size: int) -> np.ndarray:
+    """Token counts (N, V) float32 of token id lists: row n, column v counts id v in item n."""
+    counts = np.zeros((len(sequences), vocab_size), dtype=np.float32)
+    rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    columns = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=len(rows))
+    np.add.at(counts, (rows, columns), 1.0)
+    return counts
+
+
+def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[dict[str, Any]]) -> tuple[Any, str]:
+    """Token ids of each item ``ids`` of a store, as the run's tokenizer gives them: ``(lists, vocab size)``
+    and where they came from, or ``(None, why not)``.
+
+    Reads the prepared dataset the store's ``manifest.json`` names (``dataset``: the exact ids the
+    encoder saw); when that is gone, tokenizes the items' ``text`` metadata with the manifest's
+    ``tokenizer``. An exported Parquet file carries no manifest, so it gets ``None``.
+    """
+    manifest_file = Path(source) / "manifest.json"
+    if not manifest_file.is_file():
+        return None, f"{source} has no manifest.json naming the run's tokenizer"
+    manifest = json.loads(manifest_file.read_text())
+    dataset_dir, tokenizer_file = manifest.get("dataset"), manifest.get("tokenizer")
+    vocab = None
+    if tokenizer_file and Path(tokenizer_file).is_file():
+        from quackae.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_file)
+        vocab = tokenizer.get_vocab_size()
+    if dataset_dir and (Path(dataset_dir) / "dataset").exists() and vocab is not None:
+        import datasets
+
+        table = datasets.load_from_disk(str(Path(dataset_dir) / "dataset")).select_columns(["id", "input_ids"])
+        columns = table.to_dict()
+        position = {int(i): k for k, i in enumerate(columns["id"])}
+        if all(int(i) in position for i in ids):
+            return ([columns["input_ids"][position[int(i)]] for i in ids], vocab), f"{dataset_dir}/dataset input_ids"
+    if vocab is not None and all(isinstance(m.get("text"), str) for m in metadata):
+        encoded = tokenizer.encode_batch([m["text"] for m in metadata], add_special_tokens=False)
+        return ([e.ids for e in encoded], vocab), f"text metadata tokenized with {tokenizer_file}"
+    return None, f"neither the prepared dataset nor item texts and the tokenizer named in {manifest_file} are readable"
+
+
 def confusion_image(confusion: list[list[int]], classes: list[str], cell: int = 28) -> Any:
     """The confusion matrix as a PNG-ready pillow image: rows true, columns predicted, row-normalised."""
     from PIL import Image, ImageDraw, ImageFont
@@ -364,6 +408,19 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
     baseline_majority = classification_report(l_y[parts["test"]], np.full(int(parts["test"].sum()), majority), classes)
     probe = linear_probe(l_x[parts["train"]], l_y[parts["train"]], l_x[parts["test"]], len(classes), config.seed)
     baseline_probe = classification_report(l_y[parts["test"]], probe, classes)
+    baseline_bag: dict[str, Any]
+    labelled_metadata = [m for m, label in zip(metadata, labels, strict=True) if label is not None]
+    tokens, source = store_token_sequences(config.store, l_ids, labelled_metadata)
+    if tokens is None:
+        log.warning("no bag-of-tokens baseline: %s", source)
+        baseline_bag = {"accuracy": None, "macro_f1": None, "source": source}
+    else:
+        bag = np.log1p(bag_of_tokens(tokens[0], tokens[1]))  # (N, V)
+        bag_probe = linear_probe(
+            bag[parts["train"]], l_y[parts["train"]], bag[parts["test"]], len(classes), config.seed
+        )
+        bag_report = classification_report(l_y[parts["test"]], bag_probe, classes)
+        baseline_bag = {"accuracy": bag_report["accuracy"], "macro_f1": bag_report["macro_f1"], "source": source}
     report = {
         "store": config.store,
         "label_field": config.label_field,
@@ -382,6 +439,7 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
                 "macro_f1": baseline_majority["macro_f1"],
             },
             "linear_probe": {"accuracy": baseline_probe["accuracy"], "macro_f1": baseline_probe["macro_f1"]},
+            "bag_of_tokens_probe": baseline_bag,
         },
         "checkpoint": str(out / "checkpoints" / "best.ckpt"),
         "config": asdict(config),
@@ -396,7 +454,8 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
     print(
         f"test accuracy {report['accuracy']:.3f} (macro-F1 {report['macro_f1']:.3f}) on "
         f"{report['items']['test']} items; majority class {report['baselines']['majority_class']['accuracy']:.3f}, "
-        f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}"
+        f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}, bag-of-tokens probe "
+        + ("n/a" if baseline_bag["accuracy"] is None else f"{baseline_bag['accuracy']:.3f}")
     )
     return {
         "out": str(out),
@@ -404,6 +463,7 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         "macro_f1": report["macro_f1"],
         "majority_accuracy": report["baselines"]["majority_class"]["accuracy"],
         "linear_probe_accuracy": report["baselines"]["linear_probe"]["accuracy"],
+        "bag_of_tokens_accuracy": baseline_bag["accuracy"],
     }
 
 

@@ -1,12 +1,16 @@
-"""A real corpus on every machine with Python: standard-library docstrings, labelled by top-level module.
+"""Real corpora on every machine with Python: docstrings, labelled by top-level module or package.
 
-Each row is the first paragraph of a public function's or class's docstring (and of its public
-methods'), with the module it came from as ``label``. Built deterministically: modules and
-members are visited in sorted order and duplicate texts are dropped.
+``stdlib_docstrings``: the first paragraph of each public function's or class's docstring (and
+of its public methods') in the standard library, with the module it came from as ``label``.
+``site_docstrings``: the same from the source files of the installed site-packages, labelled by
+top-level package; it reads the files with ``ast`` and imports nothing, so no package code runs.
+Both are built deterministically: modules, files and members are visited in sorted order and
+duplicate texts are dropped.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import inspect
@@ -15,6 +19,7 @@ import json
 import logging
 import pkgutil
 import sys
+import sysconfig
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -115,12 +120,71 @@ def stdlib_docstrings(min_per_label: int = 40, max_labels: int = 16) -> list[dic
                 if text and text not in seen:
                     seen.add(text)
                     rows.append((name, text))
+    return _label_rows(rows, min_per_label, max_labels)
+
+
+def _label_rows(rows: list[tuple[str, str]], min_per_label: int, max_labels: int) -> list[dict[str, object]]:
     counts = Counter(label for label, _ in rows)
     labels = {label for label, n in counts.most_common(max_labels) if n >= min_per_label}
     return [
         {"id": i, "text": text, "label": label if label in labels else None, "module": label}
         for i, (label, text) in enumerate(rows)
     ]
+
+
+def _source_docstrings(tree: ast.Module) -> list[str]:
+    """Docstrings of the public classes, functions and methods of a parsed module, in source order."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            found.append(ast.get_docstring(node))
+            if isinstance(node, ast.ClassDef):
+                for child in node.body:
+                    if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not child.name.startswith("_"):
+                        found.append(ast.get_docstring(child))
+    return [doc for doc in found if doc]
+
+
+def site_docstrings(
+    min_per_label: int = 200,
+    max_labels: int = 24,
+    site: str | Path | None = None,
+    max_file_bytes: int = 1_000_000,
+) -> list[dict[str, object]]:
+    """Rows ``{"id", "text", "label", "module"}`` from the docstrings of the installed site-packages.
+
+    Every ``.py`` file under each top-level package of ``site`` (default: this interpreter's
+    purelib folder) is parsed with ``ast`` (never imported) and the first paragraph of each public
+    class's, function's and method's docstring becomes a row; ``module`` is the top-level package,
+    ``label`` is that package for the ``max_labels`` packages with the most rows (each with at least
+    ``min_per_label``) and None for the rest. Test folders, private packages and files over
+    ``max_file_bytes`` are skipped.
+    """
+    root = Path(site) if site is not None else Path(sysconfig.get_paths()["purelib"])
+    rows: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for package in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        name = package.name
+        if name.startswith("_") or name in _SKIP or not name.isidentifier():
+            continue
+        for file in sorted(package.rglob("*.py")):
+            parts = file.relative_to(package).parts
+            if any(part in ("tests", "test", "testing") or part.startswith("_test") for part in parts):
+                continue
+            try:
+                if file.stat().st_size > max_file_bytes:
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tree = ast.parse(file.read_bytes(), filename=str(file))
+            except (OSError, SyntaxError, ValueError):
+                continue  # unreadable or not Python this interpreter parses
+            for doc in _source_docstrings(tree):
+                text = _first_paragraph(doc)
+                if text and text not in seen:
+                    seen.add(text)
+                    rows.append((name, text))
+    return _label_rows(rows, min_per_label, max_labels)
 
 
 def write_jsonl(rows: list[dict[str, object]], path: str | Path) -> Path:

@@ -1,13 +1,18 @@
 """``QuackAutoEncoder``: a sequence-to-sequence autoencoder with attention.
 
-The encoder is a bidirectional GRU over packed sequences; an item's encoding is the last
-layer's final forward and backward states. The decoder is a GRU started from the encoding
-with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
+The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is
+depends on ``pooling``: ``final`` (the last layer's final forward and backward states, (B, H)),
+``mean`` (the mean of the encoder states over the item's tokens, (B, H)) or ``final+mean``
+(both, concatenated, (B, 2H)). The decoder is a GRU started from the final states (whatever
+is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
 an MLP on ``[context; decoder state]`` that predicts the next token.
 
 Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call
 over all steps, one batched attention, and vocabulary logits and cross-entropy only at the
-target's non-pad positions. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
+target's non-pad positions. Three training-only switches push information through the
+encoding rather than around it: ``word_dropout`` replaces decoder input tokens by the mask id
+(Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder
+steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
 reconstruction go step by step, as they must.
 
 Shape glossary:
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 LOGIT_CHUNK = 512  # target tokens per vocabulary-logit block in teacher-forced training
+POOLINGS = ("final", "mean", "final+mean")
 
 
 class QuackAutoEncoder(pl.LightningModule):
@@ -62,6 +68,9 @@ class QuackAutoEncoder(pl.LightningModule):
         denoise_mode: str = "delete",
         weight_decay: float = 0.01,
         dropout: float = 0.0,
+        pooling: str = "final",
+        word_dropout: float = 0.0,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         problems = []
@@ -89,6 +98,12 @@ class QuackAutoEncoder(pl.LightningModule):
             problems.append(f"denoise must be in [0, 1), got {denoise}")
         if not 0.0 <= dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {dropout}")
+        if pooling not in POOLINGS:
+            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if not 0.0 <= word_dropout < 1.0:
+            problems.append(f"word_dropout must be in [0, 1), got {word_dropout}")
+        if not 0.0 <= attention_dropout <= 1.0:
+            problems.append(f"attention_dropout must be in [0, 1], got {attention_dropout}")
         if denoise_mode not in ("delete", "mask"):
             problems.append(f"denoise_mode must be 'delete' or 'mask', got {denoise_mode!r}")
         if denoise_mode == "mask" and denoise > 0 and mask_id is None:
@@ -100,6 +115,8 @@ class QuackAutoEncoder(pl.LightningModule):
         self.hidden_size = hidden_size
         self.layers = layers
         self.pad_id = pad_id
+        self.pooling = pooling
+        self.encoding_size = 2 * hidden_size if pooling == "final+mean" else hidden_size
 
         self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=pad_id)
         self.drop = nn.Dropout(dropout)  # on embeddings and on the predictor's input; identity in eval mode
@@ -156,7 +173,25 @@ class QuackAutoEncoder(pl.LightningModule):
             raise ValueError(f"pad id {self.pad_id} appears before a real token; pad sequences at the end only")
         return x, mask, lengths_cpu
 
+    def set_pooling(self, pooling: str) -> None:
+        """Store ``pooling`` from now on (``final``, ``mean`` or ``final+mean``); training is unaffected."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.hparams.pooling = self.pooling = pooling
+        self.encoding_size = 2 * self.hidden_size if pooling == "final+mean" else self.hidden_size
+
     # ------------------------------------------------------------------ encoder
+    def pool(self, final: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, CPU ``lengths`` (B,).
+
+        Returns (B, H) for ``final`` and ``mean``, (B, 2H) ``[final; mean]`` for ``final+mean``.
+        """
+        if self.pooling == "final":
+            return final
+        count = lengths.to(device=states.device, dtype=states.dtype).clamp(min=1).unsqueeze(1)  # (B, 1)
+        mean = states.sum(dim=1) / count  # (B, H): pads hold zeros, so the sum covers real tokens only
+        return mean if self.pooling == "mean" else torch.cat([final, mean], dim=1)  # (B, H) or (B, 2H)
+
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = x.shape
         embedded = self.drop(self.embed(x))  # (B, T, E)
@@ -170,12 +205,14 @@ class QuackAutoEncoder(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids ``x`` (B, T), right-padded with the pad id.
 
-        Returns ``(encoding (B, H), states (B, T, H))``; states at padded positions are 0. An item's
-        encoding does not depend on its padding or its batch mates. Raises ``ValueError`` for ids
-        outside ``[0, V)``, empty rows, non-integer or non-2-D input.
+        Returns ``(encoding (B, encoding_size), states (B, T, H))``: the encoding is pooled as
+        ``pooling`` says; states at padded positions are 0. An item's encoding does not depend on
+        its padding or its batch mates. Raises ``ValueError`` for ids outside ``[0, V)``, empty
+        rows, non-integer or non-2-D input.
         """
         x, _, lengths = self._check(x)
-        return self._encode(x, lengths)
+        final, states = self._encode(x, lengths)  # (B, H), (B, T, H)
+        return self.pool(final, states, lengths), states
 
     # ------------------------------------------------------------------ noise
     def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,6 +230,13 @@ class QuackAutoEncoder(pl.LightningModule):
         new_mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < kept  # (B, T)
         noisy = x.gather(1, order).masked_fill(~new_mask, self.pad_id)  # (B, T)
         return noisy, new_mask, kept.squeeze(1).cpu()
+
+    def _word_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decoder input ids (B, S) with a ``word_dropout`` share of non-pad tokens replaced by the mask id
+        (the pad id, whose embedding is zero, when the model has no mask id)."""
+        replacement = self.hparams.mask_id if self.hparams.mask_id is not None else self.pad_id
+        hit = (torch.rand(tokens.shape, device=tokens.device) < self.hparams.word_dropout) & tokens.ne(self.pad_id)
+        return tokens.masked_fill(hit, replacement)  # (B, S)
 
     # ------------------------------------------------------------------ decoder
     def _initial_hidden(self, encoding: torch.Tensor) -> torch.Tensor:
@@ -233,13 +277,19 @@ class QuackAutoEncoder(pl.LightningModule):
         batch = target.size(0)
         steps = self._steps(target.size(1))
         lengths = target_lengths.clamp(max=steps)  # (B,) on CPU
-        previous = self.drop(self.embed(target[:, : steps - 1]))  # (B, S-1, E)
+        previous = target[:, : steps - 1]  # (B, S-1)
+        if self.training and self.hparams.word_dropout > 0:
+            previous = self._word_dropout(previous)
+        previous = self.drop(self.embed(previous))  # (B, S-1, E)
         inputs = torch.cat([self.start.expand(batch, 1, -1), previous], dim=1)  # (B, S, E)
         # The decoder is causal, so outputs at real positions never see the padding after them: one
         # unpacked call is exact and lets the fused (oneDNN / cuDNN) kernel run.
         decoded, _ = self.decoder(inputs, self._initial_hidden(encoding))  # (B, S, H)
         scores = attention_scores(states, decoded)  # (B, T, S)
         context, _ = attend(states, scores, enc_mask, check=False)  # (B, S, H)
+        if self.training and self.hparams.attention_dropout > 0:
+            shown = torch.rand(context.shape[:2], device=context.device) >= self.hparams.attention_dropout  # (B, S)
+            context = context * shown.unsqueeze(-1).to(context.dtype)  # (B, S, H), zero where dropped
         features = torch.cat([context, decoded], dim=-1)  # (B, S, 2H)
         time, item, weights = (t.to(target.device, non_blocking=True) for t in _valid_positions(lengths, steps))
         selected = self.drop(features[item, time])  # (N, 2H)
@@ -329,7 +379,7 @@ class QuackAutoEncoder(pl.LightningModule):
         return self._step_loss(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
-        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, H))``.
+        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, encoding_size))``, pooled as ``pooling`` says.
 
         With ``predict_attention`` set (``quackae encode --png attention``) a third element holds
         the greedy reconstruction's attention weights (B, S, T) for the heat maps.
@@ -338,8 +388,7 @@ class QuackAutoEncoder(pl.LightningModule):
         if not getattr(self, "predict_attention", False):
             encoding, _ = self(x)
             return metadata, encoding
-        x, _, lengths = self._check(x)
-        encoding, _ = self._encode(x, lengths)
+        encoding, _ = self(x)  # (B, encoding_size)
         tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)
         return metadata, encoding, (attention,)
 

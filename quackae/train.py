@@ -30,6 +30,8 @@ from quackae.errors import QuackError
 
 log = logging.getLogger(__name__)
 
+POOLINGS = ("final", "mean", "final+mean")  # QuackAutoEncoder's poolings (model.py imports torch lazily here)
+
 
 @dataclass(frozen=True)
 class TrainerFlags:
@@ -131,6 +133,17 @@ class TrainConfig(TrainerFlags):
     denoise_mode: str = field(
         default="delete", metadata={"help": "delete or mask ([UNK]) corrupted tokens", "choices": ("delete", "mask")}
     )
+    pooling: str = field(
+        default="final+mean",
+        metadata={
+            "help": "stored encoding: final states (H), mean of encoder states (H), or both (2H)",
+            "choices": POOLINGS,
+        },
+    )
+    word_dropout: float = field(default=0.0, metadata={"help": "share of decoder input tokens replaced by [UNK]"})
+    attention_dropout: float = field(
+        default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
+    )
     gradient_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     patience: int = field(default=5, metadata={"help": "early-stopping patience in validation rounds"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of ids held out for validation"})
@@ -160,6 +173,8 @@ class TrainConfig(TrainerFlags):
             raise ValueError(f"--denoise must be in [0, 1), got {self.denoise}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.word_dropout < 1 or not 0 <= self.attention_dropout <= 1:
+            raise ValueError("--word-dropout must be in [0, 1) and --attention-dropout in [0, 1]")
         if self.val_fraction <= 0:
             raise ValueError("--val-fraction must be positive: checkpoints and early stopping watch val_loss")
         if self.max_time is not None and not _MAX_TIME.fullmatch(self.max_time.strip()):
@@ -238,6 +253,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "denoise_mode": config.denoise_mode,
         "weight_decay": config.weight_decay,
         "dropout": config.dropout,
+        "pooling": config.pooling,
+        "word_dropout": config.word_dropout,
+        "attention_dropout": config.attention_dropout,
     }
     start_step = 0
     if resume is not None:

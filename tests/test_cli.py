@@ -24,7 +24,7 @@ def test_bench_train_json_last_line(capsys):
 def test_bad_flag_value_is_one_line_error(capsys):
     assert main(["bench", "--what", "nothing"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["quackae bench: error: --what must be train, prepare, encode or store, got 'nothing'"]
+    assert err == ["quackae bench: error: --what must be train, prepare, encode, store or quality, got 'nothing'"]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

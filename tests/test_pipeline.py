@@ -52,6 +52,7 @@ def tiny_train(data: Path, out: Path, **flags) -> dict:
         "max_epochs": -1,
         "embed_size": 16,
         "hidden_size": 32,
+        "pooling": "final",  # stores H = 32 values per item, as the store tests below expect
         "batch_size": 32,
         "lr": 1e-2,
         "accelerator": "cpu",

@@ -1,0 +1,186 @@
+"""Representation-quality tools: bag-of-tokens baseline, site-packages corpus, ``bench --what quality``."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quackae.bench import BenchConfig
+from quackae.bench_quality import _probe_subset, parse_options, quality_run
+from quackae.classifier import ClassifyConfig, bag_of_tokens, classify, store_token_sequences
+from quackae.corpus import site_docstrings
+
+
+def test_bag_of_tokens_matches_a_counter():
+    sequences = [[3, 4, 3, 2], [5], [2, 2, 2, 7, 1]]
+    counts = bag_of_tokens(sequences, 8)
+    assert counts.shape == (3, 8) and counts.dtype == np.float32
+    for row, sequence in zip(counts, sequences, strict=True):
+        expected = Counter(sequence)
+        assert {v: int(c) for v, c in enumerate(row) if c} == dict(expected)
+
+
+def write_package(site: Path, name: str, files: dict[str, str]) -> None:
+    for relative, source in {"__init__.py": "", **files}.items():
+        path = site / name / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+
+
+def test_site_docstrings_reads_sources_without_importing_them(tmp_path):
+    site = tmp_path / "site"
+    never_run = "raise SystemExit('imported')\n"
+    functions = "".join(
+        f'def f{i}():\n    """Alpha function number {i} does a thing.\n\n    More."""\n' for i in range(5)
+    )
+    write_package(
+        site,
+        "alpha",
+        {
+            "core.py": never_run + functions + 'class _Hidden:\n    """A private class is skipped entirely."""\n',
+            "tests/test_core.py": 'def test_x():\n    """A test docstring that is never a row."""\n',
+            "broken.py": "def (:\n",
+        },
+    )
+    write_package(
+        site,
+        "beta",
+        {
+            "m.py": never_run
+            + 'class Thing:\n    """Beta thing holds values for later."""\n\n'
+            + '    def get(self):\n        """Return the value this beta thing holds."""\n'
+            + '    def _private(self):\n        """Never a row either, it is private."""\n'
+        },
+    )
+    write_package(site, "_private", {"x.py": 'def f():\n    """Private package docstring skipped."""\n'})
+    (site / "notapackage").mkdir()
+    rows = site_docstrings(min_per_label=3, max_labels=5, site=site)
+    texts = [row["text"] for row in rows]
+    assert texts == [f"Alpha function number {i} does a thing." for i in range(5)] + [
+        "Beta thing holds values for later.",
+        "Return the value this beta thing holds.",
+    ]
+    assert [row["id"] for row in rows] == list(range(7))
+    assert [row["label"] for row in rows] == ["alpha"] * 5 + [None, None]  # beta has 2 < 3 rows
+    assert [row["module"] for row in rows] == ["alpha"] * 5 + ["beta"] * 2
+    assert site_docstrings(min_per_label=3, max_labels=5, site=site) == rows  # deterministic
+
+
+def test_probe_subset_caps_each_label_deterministically():
+    ids = np.arange(100, 400)
+    labels = ["a"] * 200 + ["b"] * 60 + ["c"] * 40
+    chosen = _probe_subset(ids, labels, 50, seed=0)
+    assert Counter(labels[i] for i in chosen) == {"a": 50, "b": 50, "c": 40}
+    assert np.array_equal(chosen, _probe_subset(ids, labels, 50, seed=0))
+    assert np.array_equal(_probe_subset(ids, labels, 0, seed=0), np.arange(300))
+
+
+def test_parse_options_types_values_and_rejects_unknown_names():
+    assert parse_options(("pooling=mean", "dropout=0.2", "hidden_size=64", "bucket=false")) == {
+        "pooling": "mean",
+        "dropout": 0.2,
+        "hidden_size": 64,
+        "bucket": False,
+    }
+    for bad in ("pooling", "nonsense=1", "max_steps=5"):
+        with pytest.raises(ValueError, match="--option"):
+            parse_options((bad,))
+
+
+def test_bench_config_accepts_quality():
+    assert BenchConfig(what="quality", corpus="site", option=("pooling=mean",)).what == "quality"
+    with pytest.raises(ValueError, match="quality"):
+        BenchConfig(what="qualty")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+TOPICS = {
+    "birds": "duck goose swan heron crane stork gull owl hawk eagle".split(),
+    "fruit": "apple pear plum cherry grape lemon lime mango peach melon".split(),
+    "tools": "hammer saw drill chisel wrench plane file rasp clamp level".split(),
+}
+
+
+def write_corpus(path: Path, rows: int = 240) -> Path:
+    rng = np.random.default_rng(0)
+    names = sorted(TOPICS)
+    with path.open("w") as handle:
+        for i in range(rows):
+            topic = names[i % 3]
+            words = rng.choice(TOPICS[topic], size=int(rng.integers(2, 7)))
+            handle.write(json.dumps({"id": 7 * i + 1, "text": " ".join(words), "label": topic}) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl")
+    options = {"embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "lr": 0.01}
+    result = quality_run(str(corpus), 20, options, workdir=tmp_path)
+    assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean"
+    assert set(result["probe_by_pooling"]) == {"final", "mean", "final+mean"}
+    assert result["probe_trained"] == result["probe_by_pooling"]["final+mean"]
+    for key in ("token_accuracy", "probe_trained", "probe_untrained", "probe_bag_of_tokens", "majority"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["probe_bag_of_tokens"] >= 0.9  # topic words are disjoint: counting them separates the topics
+    assert result["probe_items"]["classes"] == 3
+    assert not list(tmp_path.glob("quackae-quality-*"))  # its working folder is removed
+
+
+@pytest.mark.slow
+def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path):
+    from quackae.encode import EncodeConfig, encode
+    from quackae.prepare import PrepareConfig, prepare
+    from quackae.train import TrainConfig, train
+
+    corpus = write_corpus(tmp_path / "c.jsonl")
+    prepare(PrepareConfig(inputs=(str(corpus),), out=str(tmp_path / "prepared"), vocab_size=300, min_frequency=1))
+    common = {"accelerator": "cpu", "devices": "1"}
+    train(
+        TrainConfig(
+            data=str(tmp_path / "prepared"),
+            out=str(tmp_path / "run"),
+            max_steps=5,
+            max_epochs=-1,
+            embed_size=8,
+            hidden_size=16,
+            batch_size=32,
+            pooling="final+mean",
+            **common,
+        )
+    )
+    encode(
+        EncodeConfig(
+            data=str(tmp_path / "prepared"), model=str(tmp_path / "run"), out=str(tmp_path / "store"), **common
+        )
+    )
+    summary = classify(ClassifyConfig(store=str(tmp_path / "store"), out=str(tmp_path / "clf"), max_epochs=5, **common))
+    report = json.loads((tmp_path / "clf/report.json").read_text())
+    bag = report["baselines"]["bag_of_tokens_probe"]
+    assert bag["accuracy"] >= 0.9 and summary["bag_of_tokens_accuracy"] == bag["accuracy"]
+    assert bag["source"].endswith("dataset input_ids")
+    manifest = json.loads((tmp_path / "store/manifest.json").read_text())
+    assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
+    # the same token ids the encoder saw, in the order asked for
+    from quackae.prepare import load_prepared
+
+    dataset, _, _ = load_prepared(tmp_path / "prepared")
+    rows = dataset.select_columns(["id", "input_ids"]).to_dict()
+    ids = np.asarray(rows["id"][::-1])
+    (tokens, vocab), _ = store_token_sequences(tmp_path / "store", ids, [{}] * len(ids))
+    assert tokens == rows["input_ids"][::-1] and vocab == 300
+    # with the prepared dataset gone, the items' text is tokenized with the manifest's tokenizer
+    from quackae.tokenizer import load_tokenizer
+
+    (tmp_path / "prepared").rename(tmp_path / "moved")
+    texts = [{"text": "duck goose swan"}, {"text": "hammer saw"}]
+    (tokens, vocab), source = store_token_sequences(tmp_path / "store", np.asarray([8, 15]), texts)
+    tokenizer = load_tokenizer(tmp_path / "run/tokenizer.json")
+    assert tokens == [tokenizer.encode(t["text"], add_special_tokens=False).ids for t in texts]
+    assert source.startswith("text metadata")
+    assert store_token_sequences(tmp_path / "store", np.asarray([8]), [{}])[0] is None
+    assert store_token_sequences(tmp_path / "nowhere", np.asarray([8]), [{}])[0] is None
