@@ -74,6 +74,9 @@ class PrepareConfig:
     overwrite: bool = field(default=True, metadata={"help": "replace an existing prepared dataset in --out"})
 
     def __post_init__(self) -> None:
+        # one file name or a sequence of them; a bare string is one file, never its characters
+        inputs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
+        object.__setattr__(self, "inputs", tuple(str(p) for p in inputs))
         if not self.inputs:
             raise ValueError("give at least one INPUT file")
         if self.vocab_size < MIN_VOCAB:
@@ -268,8 +271,6 @@ def _length_stats(lengths: np.ndarray) -> dict[str, float]:
 
 def prepare(config: PrepareConfig) -> dict[str, Any]:
     """Run ``quackae prepare``; returns the summary also written to ``OUT/prepare.json``."""
-    import datasets
-
     started = time.time()
     paths = [Path(p) for p in config.inputs]
     for path in paths:
@@ -278,6 +279,8 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     out = Path(config.out)
     if (out / "dataset").exists() and not config.overwrite:
         raise QuackError(f"{out / 'dataset'} already exists; pass --overwrite or choose another --out")
+    import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)
+
     datasets.disable_caching()
     rows = _Rows()
     formats = [_format_of(path, config.format) for path in paths]

@@ -264,6 +264,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         f"held-out reconstruction on {summary['test_items']} test items: token accuracy "
         f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} (best checkpoint {best})"
     )
+    from quackae.plot import write_curves
+
+    write_curves(out)  # RUN/curves.png
     return summary
 
 
