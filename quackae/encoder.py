@@ -146,9 +146,7 @@ class QuackEncoder:
             yield positions, x
 
     # ------------------------------------------------------------------ public API
-    def encode(
-        self, texts: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool = False
-    ) -> np.ndarray:
+    def encode(self, texts: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
         """Encodings of ``texts``: float32 (N, H), row i for ``texts[i]``; a single string gives (H,)."""
         single = isinstance(texts, str)
         rows = self.tokenize([texts] if single else texts)

@@ -75,9 +75,7 @@ def _label(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 or value == int(value) else f"{value:.3g}"
 
 
-def _panel(
-    title: str, y_title: str, train: Series, val: Series, steps: tuple[float, float], last: bool
-) -> Image.Image:
+def _panel(title: str, y_title: str, train: Series, val: Series, steps: tuple[float, float], last: bool) -> Image.Image:
     face, title_face = font(11), font(12)
     values = [v for _, v in train + val]
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
