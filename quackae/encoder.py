@@ -167,7 +167,8 @@ class QuackEncoder:
             for positions, x in self._batches(rows, batch_size, False, "reconstructing"):
                 tokens = self.model.reconstruct(x, max_length=x.size(1) + 8)  # (B, S)
                 for position, row in zip(positions, tokens.tolist(), strict=True):
-                    out[position] = decode(self.tokenizer, row)
+                    # each item decodes at most its own length + 8 steps, whatever its batch mates' lengths
+                    out[position] = decode(self.tokenizer, row[: len(rows[position]) + 8])
         return out
 
     def __repr__(self) -> str:
