@@ -208,6 +208,32 @@ def attention_image(
     )
 
 
+def item_attention_image(
+    tokenizer: Any,
+    weights: np.ndarray,
+    input_ids: Sequence[int],
+    output_ids: Sequence[int],
+    pad_id: int = 0,
+    eos_id: int | None = None,
+    cell: int = 16,
+) -> Image.Image:
+    """``attention_image`` of one item of a padded batch, from its rows as the model gave them.
+
+    ``weights`` (S, T) and ``input_ids`` (T,) may carry the batch's padding and ``output_ids`` (S,)
+    the steps after the item's ``[EOS]``: the map keeps the item's input tokens (up to its first pad)
+    and its output tokens (up to and including its first ``eos_id``), labelled with their text.
+    """
+    inputs = [int(t) for t in np.asarray(input_ids).reshape(-1)]
+    if pad_id in inputs:
+        inputs = inputs[: inputs.index(pad_id)]
+    outputs = [int(t) for t in np.asarray(output_ids).reshape(-1)]
+    if eos_id is not None and eos_id in outputs:
+        outputs = outputs[: outputs.index(eos_id) + 1]
+    elif pad_id in outputs:
+        outputs = outputs[: outputs.index(pad_id)]
+    return attention_image(weights, token_labels(tokenizer, inputs), token_labels(tokenizer, outputs), cell)
+
+
 def confusion_image(confusion: Sequence[Sequence[int]], classes: Sequence[str], cell: int = 28) -> Image.Image:
     """A confusion matrix (rows true, columns predicted) with class names on both axes and counts in the cells.
 

@@ -60,6 +60,24 @@ def test_attention_cells_show_the_weights_on_a_fixed_scale():
         assert tuple(centre) == tuple(_colour(np.array(w))), (r, c)
 
 
+def test_an_item_of_a_padded_batch_is_cropped_to_its_own_tokens():
+    from quackae.render import item_attention_image
+    from quackae.tokenizer import EOS, train_tokenizer
+
+    tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
+    eos = tokenizer.token_to_id(EOS)
+    item = tokenizer.encode("the duck swims", add_special_tokens=False).ids + [eos]  # (T_item,)
+    inputs = item + [0] * 4  # padded to the batch's width
+    outputs = item[:2] + [eos] + [0] * 6  # decoded, then padding after [EOS]
+    weights = _weights(len(outputs), len(inputs))  # (S, T) of the batch
+    image = item_attention_image(tokenizer, weights, inputs, outputs, pad_id=0, eos_id=eos)
+    assert image.info["cells"] == f"3x{len(item)}"
+    reference = attention_image(
+        weights[:3, : len(item)], token_labels(tokenizer, item), token_labels(tokenizer, outputs[:3])
+    )
+    assert np.array_equal(np.asarray(image), np.asarray(reference))
+
+
 def test_attention_without_labels_draws_the_whole_matrix():
     assert attention_image(_weights(3, 7)).info["cells"] == "3x7"
     with pytest.raises(ValueError, match="labels for attention weights of shape"):
