@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from quackae.errors import QuackError, StrictError
 from quackae.tokenizer import EOS, MIN_VOCAB, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
@@ -240,6 +238,8 @@ def _tokenize_batch(
 
 
 def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[str, list[Any]]:
+    import pyarrow as pa
+
     columns = {}
     for name, values in rows.columns.items():
         if name in exclude:
@@ -280,6 +280,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if (out / "dataset").exists() and not config.overwrite:
         raise QuackError(f"{out / 'dataset'} already exists; pass --overwrite or choose another --out")
     import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)
+    import pyarrow.compute as pc
 
     datasets.disable_caching()
     rows = _Rows()
