@@ -1,12 +1,28 @@
-"""quackae: turn a text corpus into stored, fixed-size learned encodings."""
+"""quackae: turn a text corpus into stored, fixed-size learned encodings.
+
+The public names load on first use (PEP 562), so ``import quackae`` and the ``quackae`` command's
+``--help`` and error paths stay fast: torch and Lightning are imported only when a model is needed.
+"""
 
 from __future__ import annotations
 
-from quackae.attention import AttentionModule, AttentionScore
-from quackae.data import TokenizedDataModule
-from quackae.model import QuackAutoEncoder, load_model
-from quackae.store import EncodingStore
-from quackae.writer import AutoencoderWriter, item_path
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "AttentionModule": "quackae.attention",
+    "AttentionScore": "quackae.attention",
+    "AutoencoderWriter": "quackae.writer",
+    "EncodingStore": "quackae.store",
+    "QuackAutoEncoder": "quackae.model",
+    "QuackEncoder": "quackae.encoder",
+    "TokenizedDataModule": "quackae.data",
+    "item_path": "quackae.writer",
+    "load_model": "quackae.model",
+}
 
 __all__ = [
     "AttentionModule",
@@ -14,8 +30,29 @@ __all__ = [
     "AutoencoderWriter",
     "EncodingStore",
     "QuackAutoEncoder",
+    "QuackEncoder",
     "TokenizedDataModule",
     "item_path",
     "load_model",
 ]
-__version__ = "0.1.0"
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from quackae.attention import AttentionModule, AttentionScore
+    from quackae.data import TokenizedDataModule
+    from quackae.encoder import QuackEncoder
+    from quackae.model import QuackAutoEncoder, load_model
+    from quackae.store import EncodingStore
+    from quackae.writer import AutoencoderWriter, item_path
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quackae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

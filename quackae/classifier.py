@@ -246,34 +246,10 @@ def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[di
 
 
 def confusion_image(confusion: list[list[int]], classes: list[str], cell: int = 28) -> Any:
-    """The confusion matrix as a PNG-ready pillow image: rows true, columns predicted, row-normalised."""
-    from PIL import Image, ImageDraw, ImageFont
+    """The confusion matrix as a PNG-ready pillow image: rows true, columns predicted, class names on both axes."""
+    from quackae.render import confusion_image as draw
 
-    from quackae.render import _colour
-
-    matrix = np.asarray(confusion, dtype=np.float64)
-    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    font = ImageFont.load_default()
-    margin = 8 + 7 * max((len(c) for c in classes), default=1)
-    size = len(classes) * cell
-    image = Image.new("RGB", (margin + size + 8, margin + size + 8), "white")
-    draw = ImageDraw.Draw(image)
-    colours = _colour(share)
-    for i, name in enumerate(classes):
-        draw.text((4, margin + i * cell + cell // 3), name, fill="black", font=font)
-        for j in range(len(classes)):
-            x0, y0 = margin + j * cell, margin + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=tuple(int(v) for v in colours[i, j]))
-            if matrix[i, j]:
-                draw.text(
-                    (x0 + 3, y0 + cell // 3),
-                    str(int(matrix[i, j])),
-                    font=font,
-                    fill="black" if share[i, j] > 0.5 else "white",
-                )
-    for j in range(len(classes)):
-        draw.text((margin + j * cell + 3, margin - 14), str(j), fill="black", font=font)
-    return image
+    return draw(confusion, classes, cell)
 
 
 # ---------------------------------------------------------------------------------------------- the stage

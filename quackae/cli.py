@@ -14,13 +14,16 @@ import errno
 import importlib
 import json
 import logging
+import os
 import pickle
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from quackae import __version__
 from quackae.errors import StrictError, unpickling_reason
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "export": ("quackae.store", "ExportConfig", "export", "export an encoding store to one Parquet file"),
     "classify": ("quackae.classifier", "ClassifyConfig", "classify", "train a classifier on stored encodings"),
     "bench": ("quackae.bench", "BenchConfig", "run_bench", "measure throughput on generated data"),
+    "plot": ("quackae.plot", "PlotConfig", "plot", "draw RUN/curves.png: training and validation curves"),
     "run": ("quackae.pipeline", "RunConfig", "run_pipeline", "run the stages a pipeline file lists"),
     "demo": ("quackae.pipeline", "DemoConfig", "run_demo", "run pipelines/demo.yaml end to end"),
 }
@@ -116,7 +120,13 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         prog="quackae",
         description="Turn a text corpus into stored, fixed-size learned encodings.",
     )
+    parser.add_argument("--version", action="version", version=f"quackae {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show the libraries' start-up notices and warnings that quackae hides by default",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, _, help_text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -137,13 +147,22 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _global_rank() -> int:
+    """This process's rank as Lightning sees it, without importing Lightning when no stage has yet."""
+    rank_zero = sys.modules.get("lightning_fabric.utilities.rank_zero")
+    if rank_zero is not None:
+        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):  # Lightning's own order
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 class _RankZeroFilter(logging.Filter):
     """Under DDP only rank 0 reports progress; warnings and errors come from every rank."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-        return record.levelno >= logging.WARNING or getattr(rank_zero_only, "rank", 0) == 0
+        return record.levelno >= logging.WARNING or _global_rank() == 0
 
 
 def setup_logging(level: str) -> None:
@@ -208,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(namespace.log_level)
+    if not namespace.verbose:
+        from quackae.quiet import quiet_libraries
+
+        quiet_libraries()
+    started = time.time()
     try:
         config_cls, function = _load(namespace.command)
         config = config_from_namespace(config_cls, namespace)
@@ -223,6 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(error, StrictError) else 2
     if namespace.command == "bench":
         _print_bench(result, as_json=namespace.json)
+    out = getattr(namespace, "out", None) or (result.get("out") if isinstance(result, dict) else None)
+    if namespace.command not in ("run", "demo") and isinstance(out, str) and _global_rank() == 0:
+        from quackae.pipeline import print_written
+
+        print_written([out], started)
     return 0
 
 

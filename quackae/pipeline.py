@@ -4,7 +4,8 @@ A pipeline file names a ``root`` folder and a list of stages; each stage is a ma
 ``stage`` (``corpus``, ``prepare``, ``train``, ``encode``, ``classify``, ``export``) and that
 stage's flags, spelled as the config fields (``vocab_size``, ``max_time``, ...). Relative paths
 resolve against ``root``. Every stage's config is built and checked before the first one runs,
-so a typo fails at once, not after training.
+and every path a stage reads must exist or be written by an earlier stage, so a typo or a
+missing file fails at once, not after training.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,15 +111,43 @@ def load_pipeline(
             plan.append((name, config_cls(**values), getattr(module, function_name)))
         except (TypeError, ValueError) as error:
             problems.append(f"stage {number} ({name}): {error}")
+    problems.extend(_missing_inputs(plan))
     if problems:
         raise QuackError(f"{path}: " + "; ".join(problems))
     return base, plan
+
+
+def _missing_inputs(plan: list[tuple[str, Any, Any]]) -> list[str]:
+    """Paths stages read that neither exist now nor are written by an earlier stage (its ``out``)."""
+    problems: list[str] = []
+    written: list[Path] = []
+    for number, (name, config, _) in enumerate(plan, start=1):
+        for f in dataclasses.fields(config):
+            if not f.metadata.get("path") or f.name == "out":
+                continue
+            value = getattr(config, f.name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item is None:
+                    continue
+                wanted = Path(item)
+                made = any(wanted == out or out in wanted.parents for out in written)
+                if not made and not wanted.exists():
+                    problems.append(
+                        f"stage {number} ({name}): {f.name} {wanted} does not exist and no earlier stage writes it"
+                    )
+        if getattr(config, "out", None):
+            written.append(Path(config.out))
+    return problems
 
 
 def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
     """Run every stage of a pipeline file in order; returns each stage's summary."""
     root, plan = load_pipeline(config.pipeline, config.root, config.accelerator)
     root.mkdir(parents=True, exist_ok=True)
+    estimate = estimate_line(plan)
+    if estimate:
+        print(estimate, flush=True)
+    pipeline_started = time.time()
     results = []
     for name, stage_config, function in plan:
         log.info("stage %s", name)
@@ -126,6 +156,7 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
         results.append({"stage": name, "seconds": round(time.time() - started, 1), **_brief(name, summary)})
     (root / "pipeline.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     _print_results(root, results)
+    print_written([root], pipeline_started)
     return results
 
 
@@ -133,7 +164,15 @@ def _brief(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     keys = {
         "corpus": ("out", "rows", "labelled", "labels"),
         "prepare": ("out", "rows_read", "rows_kept", "rejected_total", "truncated", "vocab_size"),
-        "train": ("run", "global_step", "best_val_loss", "token_accuracy", "exact_match", "test_items"),
+        "train": (
+            "run",
+            "global_step",
+            "stop_reason",
+            "best_val_loss",
+            "token_accuracy",
+            "exact_match",
+            "test_items",
+        ),
         "encode": ("store", "items_written", "items_skipped", "encoding_size", "items_per_s"),
         "classify": ("out", "accuracy", "macro_f1", "majority_accuracy", "linear_probe_accuracy"),
         "export": ("out", "rows"),
@@ -161,3 +200,87 @@ def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
     if not file.is_file():
         file = Path("pipelines/demo.yaml")
     return run_pipeline(RunConfig(pipeline=str(file), root=config.out, accelerator=config.accelerator))
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def written_files(roots: list[str | Path], since: float) -> list[str]:
+    """What was written under ``roots`` since ``since`` (a ``time.time()``), one line each.
+
+    A file is one line; a folder with more than three new files is one line with its counts by
+    suffix (``storage/q-store/0/ (4771 .npz, 4771 .png)``), so a store of millions stays short.
+    """
+    since -= 1.0  # file system clocks are coarser than time.time()
+    lines: list[str] = []
+    for root in map(Path, roots):
+        if root.is_file():
+            if root.stat().st_mtime >= since:
+                lines.append(str(root))
+            continue
+        if not root.is_dir():
+            continue
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file():
+                if entry.stat().st_mtime >= since:
+                    lines.append(str(entry))
+                continue
+            new = [f for f in entry.rglob("*") if f.is_file() and f.stat().st_mtime >= since]
+            if len(new) > 3:
+                counts = Counter(f.suffix or f.name for f in new)
+                kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
+                lines.append(f"{entry}/ ({kinds})")
+            else:
+                lines.extend(str(f) for f in sorted(new))
+    return lines
+
+
+def print_written(roots: list[str | Path], since: float) -> None:
+    """Print ``written_files`` as the end of a command's output (nothing when nothing was written)."""
+    lines = written_files(roots, since)
+    if lines:
+        print("files written:\n" + "\n".join(f"  {line}" for line in lines))
+
+
+# ---------------------------------------------------------------------------------------------- time estimate
+OVERHEAD = 1.3  # measured: demo training time / (steps x one timed step): validation, logging, data loading
+
+
+def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
+    """One line estimating the training time of a pipeline capped by steps, from a step timed now.
+
+    Each train stage with ``max_steps`` gets a few training steps of its model size timed on random
+    batches of its batch size, about a third to a half of the prepare stage's ``max_length`` wide (a
+    length-bucketed batch of a corpus of short texts; about a second); stages capped only by epochs
+    or wall clock are not estimated.
+    """
+    prepare = next((config for name, config, _ in plan if name == "prepare"), None)
+    parts, total = [], 0.0
+    for name, config, _ in plan:
+        if name != "train" or config.max_steps <= 0 or config.accelerator not in ("cpu", "auto"):
+            continue
+        seconds_per_step = _time_step(config, prepare)
+        seconds = config.max_steps * seconds_per_step * OVERHEAD
+        total += seconds
+        parts.append(f"train {config.max_steps:,} steps ({seconds_per_step * 1000:.0f} ms a step measured now)")
+    if not parts:
+        return None
+    return f"estimated training time on this machine: about {total / 60:.1f} min for " + ", ".join(parts)
+
+
+def _time_step(config: Any, prepare: Any) -> float:
+    import torch
+
+    from quackae.bench import random_batches, time_training
+    from quackae.model import QuackAutoEncoder
+
+    vocab = getattr(prepare, "vocab_size", 8000)
+    max_length = getattr(prepare, "max_length", 64)
+    generator = torch.Generator().manual_seed(0)
+    batches = random_batches(6, config.batch_size, vocab, max(max_length // 3, 1), max(max_length // 2, 1), generator)
+    state = torch.random.get_rng_state()
+    model = QuackAutoEncoder(vocab, embed_size=config.embed_size, hidden_size=config.hidden_size, layers=config.layers)
+    tokens_per_s = time_training(model, batches, warmup=2, device=torch.device("cpu"))
+    torch.random.set_rng_state(state)
+    tokens = sum(int(b.ne(0).sum()) for b in batches[2:]) / len(batches[2:])
+    return tokens / tokens_per_s

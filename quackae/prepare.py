@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from quackae.errors import QuackError, StrictError
 from quackae.tokenizer import EOS, MIN_VOCAB, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
@@ -92,6 +90,9 @@ class PrepareConfig:
     overwrite: bool = field(default=True, metadata={"help": "replace an existing prepared dataset in --out"})
 
     def __post_init__(self) -> None:
+        # one file name or a sequence of them; a bare string is one file, never its characters
+        inputs = (self.inputs,) if isinstance(self.inputs, (str, os.PathLike)) else tuple(self.inputs)
+        object.__setattr__(self, "inputs", tuple(str(p) for p in inputs))
         if not self.inputs:
             raise ValueError("give at least one INPUT file")
         if self.vocab_size > MAX_VOCAB:
@@ -331,6 +332,8 @@ def _tokenize_batch(
 
 
 def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[str, list[Any]]:
+    import pyarrow as pa
+
     columns = {}
     for name, values in rows.columns.items():
         if name in exclude:
@@ -369,8 +372,6 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     The output (``dataset/``, ``tokenizer.json``, ``prepare.json``, ``COMPLETE``) replaces any
     previous one in ``--out`` at once: a reader sees the old output or the new one, whole.
     """
-    import datasets
-
     started = time.time()
     paths = [Path(p) for p in config.inputs]
     for path in paths:
@@ -380,6 +381,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             raise QuackError(f"input file {path} does not exist")
     out = Path(config.out)
     _check_out(out, config.overwrite)
+    import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)
+    import pyarrow.compute as pc
+
     datasets.disable_caching()
     rows = _Rows()
     formats = [_format_of(path, config.format) for path in paths]

@@ -382,6 +382,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} "
         f"({'best' if has_best else 'last'} checkpoint {evaluated})"
     )
+    from quackae.plot import write_curves
+
+    write_curves(out)  # RUN/curves.png
     return summary
 
 
