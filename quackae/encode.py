@@ -164,7 +164,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "dataset_rows": dataset.num_rows,
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "layout": config.layout,
-        "encoding_size": int(model.hidden_size),
+        "encoding_size": int(model.encoding_size),
         "dtype": "float32",
         "text": config.text,
         "selection": selection,
@@ -239,7 +239,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "items_written": written,
         "items_skipped": len(wanted) - len(todo),
         "items_in_store": total,
-        "encoding_size": model.hidden_size,
+        "encoding_size": model.encoding_size,
         "items_per_s": round(written / seconds, 1) if seconds else None,
         "seconds": round(seconds, 1),
     }

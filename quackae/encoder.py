@@ -150,7 +150,7 @@ class QuackEncoder:
         """Encodings of ``texts``: float32 (N, H), row i for ``texts[i]``; a single string gives (H,)."""
         single = isinstance(texts, str)
         rows = self.tokenize([texts] if single else texts)
-        out = np.empty((len(rows), self.model.hidden_size), dtype=np.float32)  # (N, H)
+        out = np.empty((len(rows), self.model.encoding_size), dtype=np.float32)  # (N, H)
         with torch.inference_mode():
             for positions, x in self._batches(rows, batch_size, show_progress_bar, "encoding"):
                 encoding, _ = self.model(x)  # (B, H)
@@ -173,7 +173,7 @@ class QuackEncoder:
 
     def __repr__(self) -> str:
         return (
-            f"QuackEncoder(encoding_size={self.model.hidden_size}, vocab={self.model.num_embeddings}, "
+            f"QuackEncoder(encoding_size={self.model.encoding_size}, vocab={self.model.num_embeddings}, "
             f"max_length={self.max_length}, device={self.device})"
         )
 
