@@ -135,7 +135,8 @@ def quality_run(
     figures as a dict (see the module docstring).
     """
     from quackae.classifier import bag_of_tokens, linear_probe, stratified_split
-    from quackae.model import POOLINGS, QuackAutoEncoder, load_model
+    from quackae.model import QuackAutoEncoder, load_model
+    from quackae.modelconfig import POOLINGS
     from quackae.prepare import PrepareConfig, load_prepared, prepare
     from quackae.train import TrainConfig, train
 

@@ -23,6 +23,7 @@ Shape glossary:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quackae.attention import AttentionModule, AttentionScore, attend, attention_scores
+from quackae.modelconfig import MODEL_FIELDS, ModelConfig
 
 log = logging.getLogger(__name__)
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 LOGIT_CHUNK = 512  # target tokens per vocabulary-logit block in teacher-forced training
-POOLINGS = ("final", "mean", "final+mean")
 
 
 class QuackAutoEncoder(pl.LightningModule):
@@ -50,80 +51,34 @@ class QuackAutoEncoder(pl.LightningModule):
     and the decoder starts from a learned start vector rather than the item's last token.
     """
 
-    def __init__(
-        self,
-        num_embeddings: int,
-        embed_size: int = 128,
-        hidden_size: int = 256,
-        layers: int = 1,
-        max_decode_length: int | None = None,
-        learning_rate: float = 3e-3,
-        learning_rate_min: float = 1e-5,
-        lr_max_epochs: int = -1,
-        pad_id: int = 0,
-        eos_id: int | None = None,
-        mask_id: int | None = None,
-        teacher_forcing_ratio: float = 1.0,
-        denoise: float = 0.0,
-        denoise_mode: str = "delete",
-        weight_decay: float = 0.01,
-        dropout: float = 0.0,
-        pooling: str = "final",
-        word_dropout: float = 0.0,
-        attention_dropout: float = 0.0,
-    ) -> None:
+    def __init__(self, num_embeddings: int | None = None, *, config: ModelConfig | None = None, **hparams: Any) -> None:
+        """Build from ``config`` (default ``ModelConfig()``) with keyword overrides, the fields of ``ModelConfig``:
+        ``QuackAutoEncoder(8000, embed_size=128, hidden_size=256)`` or ``QuackAutoEncoder(config=PRESETS["base"])``.
+
+        Raises ``ValueError`` listing every bad or unknown hyper-parameter.
+        """
         super().__init__()
-        problems = []
-        if num_embeddings < 2:
-            problems.append(f"num_embeddings must be at least 2, got {num_embeddings}")
-        if embed_size <= 0:
-            problems.append(f"embed_size must be positive, got {embed_size}")
-        if hidden_size <= 0 or hidden_size % 2:
-            problems.append(f"hidden_size must be a positive even number (two encoder directions), got {hidden_size}")
-        if layers <= 0:
-            problems.append(f"layers must be positive, got {layers}")
-        if max_decode_length is not None and max_decode_length <= 0:
-            problems.append(f"max_decode_length must be positive or None, got {max_decode_length}")
-        if learning_rate <= 0 or learning_rate_min < 0 or learning_rate_min > learning_rate:
-            problems.append(
-                f"need 0 <= learning_rate_min <= learning_rate and learning_rate > 0, got "
-                f"{learning_rate_min} and {learning_rate}"
-            )
-        for name, value in (("pad_id", pad_id), ("eos_id", eos_id), ("mask_id", mask_id)):
-            if value is not None and not 0 <= value < num_embeddings:
-                problems.append(f"{name} must be in [0, {num_embeddings}), got {value}")
-        if not 0.0 <= teacher_forcing_ratio <= 1.0:
-            problems.append(f"teacher_forcing_ratio must be in [0, 1], got {teacher_forcing_ratio}")
-        if not 0.0 <= denoise < 1.0:
-            problems.append(f"denoise must be in [0, 1), got {denoise}")
-        if not 0.0 <= dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {dropout}")
-        if pooling not in POOLINGS:
-            problems.append(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        if not 0.0 <= word_dropout < 1.0:
-            problems.append(f"word_dropout must be in [0, 1), got {word_dropout}")
-        if not 0.0 <= attention_dropout <= 1.0:
-            problems.append(f"attention_dropout must be in [0, 1], got {attention_dropout}")
-        if denoise_mode not in ("delete", "mask"):
-            problems.append(f"denoise_mode must be 'delete' or 'mask', got {denoise_mode!r}")
-        if denoise_mode == "mask" and denoise > 0 and mask_id is None:
-            problems.append("denoise_mode 'mask' needs a mask_id (the tokenizer's [UNK] id)")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.save_hyperparameters()
+        if num_embeddings is not None:
+            hparams["num_embeddings"] = num_embeddings
+        config = (config or ModelConfig()).replace(**hparams)
+        self.config = config
+        self.save_hyperparameters(dataclasses.asdict(config))
+        num_embeddings, embed_size, hidden_size = config.num_embeddings, config.embed_size, config.hidden_size
         self.num_embeddings = num_embeddings
         self.hidden_size = hidden_size
-        self.layers = layers
-        self.pad_id = pad_id
-        self.pooling = pooling
-        self.encoding_size = 2 * hidden_size if pooling == "final+mean" else hidden_size
+        self.layers = config.layers
+        self.pad_id = config.pad_id
+        self.pooling = config.pooling
+        self.encoding_size = config.encoding_size
 
-        self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=pad_id)
-        self.drop = nn.Dropout(dropout)  # on embeddings and on the predictor's input; identity in eval mode
+        self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=config.pad_id)
+        self.drop = nn.Dropout(config.dropout)  # on embeddings and on the predictor's input; identity in eval mode
         # Each direction gets half the hidden size, so the encoding is (B, H).
-        self.encoder = nn.GRU(embed_size, hidden_size // 2, num_layers=layers, batch_first=True, bidirectional=True)
+        self.encoder = nn.GRU(
+            embed_size, hidden_size // 2, num_layers=config.layers, batch_first=True, bidirectional=True
+        )
         self.start = nn.Parameter(torch.randn(embed_size) * 0.1)  # learned first decoder input
-        self.decoder = nn.GRU(embed_size, hidden_size, num_layers=layers, batch_first=True)
+        self.decoder = nn.GRU(embed_size, hidden_size, num_layers=config.layers, batch_first=True)
         self.attention_score = AttentionScore(hidden_size)
         self.attention = AttentionModule()
         self.predict = nn.Sequential(
@@ -175,10 +130,9 @@ class QuackAutoEncoder(pl.LightningModule):
 
     def set_pooling(self, pooling: str) -> None:
         """Store ``pooling`` from now on (``final``, ``mean`` or ``final+mean``); training is unaffected."""
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.config = self.config.replace(pooling=pooling)  # checks the name
         self.hparams.pooling = self.pooling = pooling
-        self.encoding_size = 2 * self.hidden_size if pooling == "final+mean" else self.hidden_size
+        self.encoding_size = self.config.encoding_size
 
     # ------------------------------------------------------------------ encoder
     def pool(self, final: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -508,15 +462,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Qu
     memory is allocated) before the model is built, so a damaged or foreign checkpoint is a
     ``QuackError`` naming the file and the problem, never an allocation of its claimed size.
     """
-    import inspect
-
     from quackae.errors import QuackError
 
     checkpoint = read_checkpoint(path, map_location)
     hparams = dict(checkpoint["hyper_parameters"])
     state = checkpoint["state_dict"]
-    known = set(inspect.signature(QuackAutoEncoder.__init__).parameters) - {"self"}
-    unknown = sorted(set(hparams) - known)
+    unknown = sorted(set(hparams) - MODEL_FIELDS)
     if unknown:
         raise QuackError(
             f"checkpoint {path} has hyper-parameters this quackae does not know ({', '.join(map(str, unknown))}); "

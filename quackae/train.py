@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,9 @@ from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoi
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from quackae.errors import QuackError
+from quackae.modelconfig import ModelFlags, model_problems
 
 log = logging.getLogger(__name__)
-
-POOLINGS = ("final", "mean", "final+mean")  # QuackAutoEncoder's poolings (model.py imports torch lazily here)
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,9 @@ _MAX_TIME = re.compile(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}")
 
 
 @dataclass(frozen=True)
-class TrainConfig(TrainerFlags):
+class TrainConfig(TrainerFlags, ModelFlags):
+    """``quackae train``: the Trainer flags, the model's flags (``ModelFlags``) and the run's own."""
+
     data: str = field(
         default="storage/prepared",
         metadata={"positional": True, "path": True, "help": "prepared directory (quackae prepare --out)"},
@@ -121,29 +122,6 @@ class TrainConfig(TrainerFlags):
         default=1.0,
         metadata={"help": "validate every N training steps (a whole number above 1) or after this share of each epoch"},
     )
-    embed_size: int = field(default=128, metadata={"help": "token embedding size"})
-    hidden_size: int = field(default=256, metadata={"help": "encoding size H (even)"})
-    layers: int = field(default=1, metadata={"help": "GRU layers in encoder and decoder"})
-    lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
-    lr_min: float = field(default=1e-5, metadata={"help": "cosine-annealing floor"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and the token predictor's input"})
-    teacher_forcing: float = field(default=1.0, metadata={"help": "share of batches decoded with teacher forcing"})
-    denoise: float = field(default=0.0, metadata={"help": "probability of corrupting each encoder input token"})
-    denoise_mode: str = field(
-        default="delete", metadata={"help": "delete or mask ([UNK]) corrupted tokens", "choices": ("delete", "mask")}
-    )
-    pooling: str = field(
-        default="final+mean",
-        metadata={
-            "help": "stored encoding: final states (H), mean of encoder states (H), or both (2H)",
-            "choices": POOLINGS,
-        },
-    )
-    word_dropout: float = field(default=0.0, metadata={"help": "share of decoder input tokens replaced by [UNK]"})
-    attention_dropout: float = field(
-        default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
-    )
     gradient_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     patience: int = field(default=5, metadata={"help": "early-stopping patience in validation rounds"})
     val_fraction: float = field(default=0.1, metadata={"help": "share of ids held out for validation"})
@@ -157,24 +135,13 @@ class TrainConfig(TrainerFlags):
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
-        positive = ("embed_size", "hidden_size", "layers", "log_every_n_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.hidden_size % 2:
-            raise ValueError(f"--hidden-size must be even (two encoder directions), got {self.hidden_size}")
+        problems = model_problems(self, as_flags=True)
+        if problems:
+            raise ValueError("; ".join(problems))
+        if self.log_every_n_steps <= 0:
+            raise ValueError(f"--log-every-n-steps must be positive, got {self.log_every_n_steps}")
         if self.max_epochs == 0 or self.max_epochs < -1 or self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("--max-epochs and --max-steps must be positive or -1")
-        if self.lr <= 0 or not 0 <= self.lr_min <= self.lr:
-            raise ValueError(f"need --lr > 0 and 0 <= --lr-min <= --lr, got {self.lr} and {self.lr_min}")
-        if not 0 <= self.teacher_forcing <= 1:
-            raise ValueError(f"--teacher-forcing must be in [0, 1], got {self.teacher_forcing}")
-        if not 0 <= self.denoise < 1:
-            raise ValueError(f"--denoise must be in [0, 1), got {self.denoise}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.word_dropout < 1 or not 0 <= self.attention_dropout <= 1:
-            raise ValueError("--word-dropout must be in [0, 1) and --attention-dropout in [0, 1]")
         if self.val_fraction <= 0:
             raise ValueError("--val-fraction must be positive: checkpoints and early stopping watch val_loss")
         if self.max_time is not None and not _MAX_TIME.fullmatch(self.max_time.strip()):
@@ -239,23 +206,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tokenizer = datamodule.tokenizer
     ids = special_ids(tokenizer)
     hparams: dict[str, Any] = {
+        **{f.name: getattr(config, f.name) for f in fields(ModelFlags)},
         "num_embeddings": tokenizer.get_vocab_size(),
-        "embed_size": config.embed_size,
-        "hidden_size": config.hidden_size,
-        "layers": config.layers,
-        "learning_rate": config.lr,
-        "learning_rate_min": config.lr_min,
         "pad_id": ids.pad,
         "eos_id": ids.eos,
         "mask_id": ids.unk,
-        "teacher_forcing_ratio": config.teacher_forcing,
-        "denoise": config.denoise,
-        "denoise_mode": config.denoise_mode,
-        "weight_decay": config.weight_decay,
-        "dropout": config.dropout,
-        "pooling": config.pooling,
-        "word_dropout": config.word_dropout,
-        "attention_dropout": config.attention_dropout,
     }
     start_step = 0
     if resume is not None:

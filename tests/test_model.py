@@ -13,7 +13,7 @@ from quackae.model import QuackAutoEncoder, load_model
 
 
 def tiny(**kwargs) -> QuackAutoEncoder:
-    defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1}
+    defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "pooling": "final"}
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 

@@ -54,7 +54,7 @@ def tiny_train(data: Path, out: Path, **flags) -> dict:
         "hidden_size": 32,
         "pooling": "final",  # stores H = 32 values per item, as the store tests below expect
         "batch_size": 32,
-        "lr": 1e-2,
+        "learning_rate": 1e-2,
         "accelerator": "cpu",
         "devices": "1",
         **flags,

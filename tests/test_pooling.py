@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import random_padded
 
-from quackae.model import POOLINGS, QuackAutoEncoder, load_model
+from quackae.model import QuackAutoEncoder, load_model
+from quackae.modelconfig import POOLINGS
 
 
 def tiny(**kwargs) -> QuackAutoEncoder:
-    defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "mask_id": 1}
+    defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "mask_id": 1, "pooling": "final"}
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 

@@ -119,7 +119,7 @@ def write_corpus(path: Path, rows: int = 240) -> Path:
 @pytest.mark.slow
 def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl")
-    options = {"embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "lr": 0.01}
+    options = {"embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01}
     result = quality_run(str(corpus), 20, options, workdir=tmp_path)
     assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean"
     assert set(result["probe_by_pooling"]) == {"final", "mean", "final+mean"}
