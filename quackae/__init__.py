@@ -21,7 +21,9 @@ _EXPORTS: dict[str, str] = {
     "QuackEncoder": "quackae.encoder",
     "TokenizedDataModule": "quackae.data",
     "item_path": "quackae.writer",
-    "load_model": "quackae.model",
+    "load_model": "quackae.checkpoints",
+    "ModelConfig": "quackae.modelconfig",
+    "PRESETS": "quackae.modelconfig",
 }
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "AttentionScore",
     "AutoencoderWriter",
     "EncodingStore",
+    "ModelConfig",
+    "PRESETS",
     "QuackAutoEncoder",
     "QuackEncoder",
     "TokenizedDataModule",
@@ -38,9 +42,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from quackae.attention import AttentionModule, AttentionScore
+    from quackae.checkpoints import load_model
     from quackae.data import TokenizedDataModule
     from quackae.encoder import QuackEncoder
-    from quackae.model import QuackAutoEncoder, load_model
+    from quackae.model import QuackAutoEncoder
+    from quackae.modelconfig import PRESETS, ModelConfig
     from quackae.store import EncodingStore
     from quackae.writer import AutoencoderWriter, item_path
 

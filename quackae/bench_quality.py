@@ -134,10 +134,12 @@ def quality_run(
     (``probe_by_pooling``, ``probe_untrained_by_pooling``). Returns the
     figures as a dict (see the module docstring).
     """
+    from quackae.checkpoints import load_model
     from quackae.classifier import bag_of_tokens, linear_probe, stratified_split
-    from quackae.model import QuackAutoEncoder, load_model
+    from quackae.model import QuackAutoEncoder
     from quackae.modelconfig import POOLINGS
-    from quackae.prepare import PrepareConfig, load_prepared, prepare
+    from quackae.prepare import PrepareConfig, prepare
+    from quackae.prepared import load_prepared
     from quackae.train import TrainConfig, train
 
     options = dict(options or {})

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from quackae.errors import QuackError
-from quackae.train import TrainerFlags
+from quackae.runtime import TrainerFlags
 
 log = logging.getLogger(__name__)
 

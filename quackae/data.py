@@ -200,7 +200,7 @@ class TokenizedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Open the prepared directory; for any stage but ``predict`` (which covers every item) also split it."""
         if self.dataset is None:
-            from quackae.prepare import load_prepared
+            from quackae.prepared import load_prepared
             from quackae.tokenizer import special_ids
 
             self.dataset, self.tokenizer, _ = load_prepared(self.path)

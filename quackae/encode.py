@@ -23,9 +23,9 @@ import torch
 
 from quackae.errors import QuackError
 from quackae.layout import LAYOUTS
-from quackae.selection import is_labelled, selected_mask
+from quackae.runtime import TrainerFlags, resolve_run
+from quackae.selection import is_labelled, selected_rows
 from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
-from quackae.train import TrainerFlags, resolve_run
 from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
 
 log = logging.getLogger(__name__)
@@ -108,16 +108,6 @@ def _majority_label(dataset: Any, config: EncodeConfig) -> Any:
     return counts.most_common(1)[0][0] if counts else None
 
 
-def selected_rows(dataset: Any, selection: dict[str, Any]) -> np.ndarray:
-    """Row indices of the items a store with ``selection`` keeps: the others are not worth encoding."""
-    field_name = selection.get("label_field")
-    labels = None
-    if field_name and (selection.get("filtered") or selection.get("evaluate")):
-        labels = dataset.data.column(field_name).to_pylist()
-    ids = dataset.data.column("id").to_numpy()
-    return np.flatnonzero(selected_mask(ids.tolist() if labels is not None else ids, labels, selection))
-
-
 def _metadata_schema(dataset: Any) -> Any:
     """The Arrow schema of the metadata columns the data module hands the writer (real types, not guessed)."""
     import pyarrow as pa
@@ -130,9 +120,9 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     """Run ``quackae encode``; returns counts and throughput."""
     import pytorch_lightning as pl
 
+    from quackae.checkpoints import load_model
     from quackae.data import TokenizedDataModule
-    from quackae.model import load_model
-    from quackae.prepare import load_prepared
+    from quackae.prepared import load_prepared
     from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
     started = time.time()

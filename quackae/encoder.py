@@ -89,9 +89,9 @@ class QuackEncoder:
         its ``prepare.json``); when that cannot be found, to ``quackae prepare``'s default, with a warning.
         ``device`` defaults to CUDA when available, else the CPU. Raises ``QuackError`` naming what is missing.
         """
-        from quackae.model import load_model
+        from quackae.checkpoints import load_model
+        from quackae.runtime import resolve_run
         from quackae.tokenizer import load_tokenizer
-        from quackae.train import resolve_run
 
         checkpoint, tokenizer_file = resolve_run(run)
         if max_length is None:
@@ -115,12 +115,12 @@ class QuackEncoder:
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text exactly as ``quackae prepare`` stores them (truncated, ``[EOS]`` last)."""
-        from quackae.prepare import _tokenize_batch
+        from quackae.tokenizer import tokenize_batch
 
         texts = _check_texts(texts)
         if not texts:
             return []
-        rows = _tokenize_batch({"text": texts}, self.tokenizer, "text", self.max_length - 1, self.eos_id)["input_ids"]
+        rows = tokenize_batch({"text": texts}, self.tokenizer, "text", self.max_length - 1, self.eos_id)["input_ids"]
         high = max(max(row) for row in rows)
         if high >= self.model.num_embeddings:
             raise QuackError(f"token id {high} is outside the model's vocabulary; the tokenizer is from another run")

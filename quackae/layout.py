@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir
 from quackae.errors import QuackError
 
 MANIFEST = "manifest.json"
@@ -54,16 +55,6 @@ def item_path(index: int, suffix: str = "png", dir_only: bool = False, is_collec
     return f"{folder}/{index}.{suffix}"
 
 
-# ---------------------------------------------------------------------------------------------- atomic commits
-def fsync_dir(path: str | Path) -> None:
-    """Make a rename in folder ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_no_symlinks(store: Path) -> None:
     """Refuse a store whose staging, shard or quarantine folder is a symbolic link: units are renamed
     between them, and a rename across file systems is not atomic (nor is deleting through a link safe)."""
@@ -72,28 +63,6 @@ def check_no_symlinks(store: Path) -> None:
             raise QuackError(
                 f"{store / name} is a symbolic link; quackae keeps {name} inside the store itself, remove the link"
             )
-
-
-def write_atomic(path: str | Path, data: bytes, staging: str | Path, durable: bool = False) -> None:
-    """Write ``data`` to ``path`` atomically: a file in the ``staging`` folder (same file system), then
-    ``os.replace``. Readers see the whole unit or nothing; a killed writer leaves only staging files.
-    ``durable`` also fsyncs the file before and its folder after the rename (survives power loss)."""
-    tmp = os.path.join(staging, os.path.basename(path) + ".part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if durable:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if durable:
-        fsync_dir(os.path.dirname(path) or ".")
 
 
 # ---------------------------------------------------------------------------------------------- npz items
@@ -216,7 +185,7 @@ def write_shard(table: Any, staging: Path, shards: Path, name: str) -> Path:
     import pyarrow as pa
 
     final = shards / name
-    tmp = staging / f"{name}.part"
+    tmp = staging / f"{name}{TEMPORARY_SUFFIX}"
     with open(tmp, "wb") as handle:
         with pa.ipc.new_file(handle, table.schema) as writer:
             writer.write_table(table)

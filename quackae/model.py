@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,7 +34,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quackae.attention import AttentionModule, AttentionScore, attend, attention_scores
-from quackae.modelconfig import MODEL_FIELDS, ModelConfig
+from quackae.modelconfig import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -427,72 +426,3 @@ def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, t
     time, item = present.nonzero(as_tuple=True)  # (N,), (N,)
     per_step = present.sum(dim=1).clamp(min=1).to(torch.float32).reciprocal()  # (S,)
     return time, item, per_step[time]
-
-
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A quackae checkpoint's contents through ``torch.load(weights_only=True)``: loading never runs code.
-
-    Raises ``QuackError`` (a ``ValueError``) naming the file when it is missing, empty, refused by the
-    safe unpickler or not a quackae checkpoint.
-    """
-    from quackae.errors import QuackError, unpickling_reason
-
-    file = Path(path)
-    if not file.is_file():
-        raise QuackError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
-    if file.stat().st_size == 0:
-        raise QuackError(f"checkpoint {file} is empty (0 bytes); train again or pass another checkpoint")
-    try:
-        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
-        raise QuackError(f"checkpoint {file} cannot be loaded safely: {unpickling_reason(error)}") from None
-    if (
-        not isinstance(checkpoint, dict)
-        or not isinstance(checkpoint.get("state_dict"), dict)
-        or not isinstance(checkpoint.get("hyper_parameters"), dict)
-    ):
-        raise QuackError(f"{file} is not a quackae model checkpoint (no state_dict / hyper_parameters)")
-    return checkpoint
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
-    """A ``QuackAutoEncoder`` in eval mode from a Lightning checkpoint (see ``read_checkpoint``).
-
-    The hyper-parameters and the state_dict are checked against each other on the meta device (no
-    memory is allocated) before the model is built, so a damaged or foreign checkpoint is a
-    ``QuackError`` naming the file and the problem, never an allocation of its claimed size.
-    """
-    from quackae.errors import QuackError
-
-    checkpoint = read_checkpoint(path, map_location)
-    hparams = dict(checkpoint["hyper_parameters"])
-    state = checkpoint["state_dict"]
-    unknown = sorted(set(hparams) - MODEL_FIELDS)
-    if unknown:
-        raise QuackError(
-            f"checkpoint {path} has hyper-parameters this quackae does not know ({', '.join(map(str, unknown))}); "
-            "it comes from another version or another model"
-        )
-    try:
-        with torch.device("meta"):
-            skeleton = QuackAutoEncoder(**hparams)
-    except (TypeError, ValueError) as error:
-        raise QuackError(f"checkpoint {path} has unusable hyper-parameters: {error}") from None
-    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing weights {', '.join(missing[:5])}")
-    if extra:
-        problems.append(f"unexpected weights {', '.join(map(str, extra[:5]))}")
-    for name in sorted(set(expected) & set(state)):
-        shape = tuple(getattr(state[name], "shape", ()))
-        if not isinstance(state[name], torch.Tensor) or shape != expected[name]:
-            problems.append(f"{name} has shape {shape}, its hyper-parameters need {expected[name]}")
-    if problems:
-        raise QuackError(f"checkpoint {path} does not match its own hyper-parameters: {'; '.join(problems[:5])}")
-    model = QuackAutoEncoder(**hparams)
-    model.load_state_dict(state)
-    model.eval()
-    return model

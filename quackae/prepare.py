@@ -34,8 +34,18 @@ from typing import Any
 
 import numpy as np
 
+from quackae.atomic import fsync_dir, fsync_tree, write_atomic
 from quackae.errors import QuackError, StrictError
-from quackae.tokenizer import EOS, MIN_VOCAB, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from quackae.prepared import COMPLETE
+from quackae.tokenizer import (
+    EOS,
+    MIN_VOCAB,
+    load_tokenizer,
+    special_ids,
+    tokenize_batch,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +63,6 @@ _RESERVED = ("input_ids", "length")
 MAX_EXAMPLES = 20
 MAX_ID = 2**63  # ids are int64
 MAX_VOCAB = 2**24
-COMPLETE = "COMPLETE"  # written last into a prepared folder; readers require it
 _OWN_NAMES = {"dataset", "tokenizer.json", "prepare.json", COMPLETE, ".dataset.tmp"}
 _DECIMAL = re.compile(r"-?[0-9]+")  # ASCII digits only: "²" or "٣٥" are not ids
 
@@ -315,22 +324,6 @@ def _validate(
     return kept, kept_ids, rejected
 
 
-def _tokenize_batch(
-    batch: dict[str, list[Any]], tokenizer: Any, text_field: str, limit: int, eos: int
-) -> dict[str, list[Any]]:
-    encodings = tokenizer.encode_batch_fast(batch[text_field], add_special_tokens=False)
-    input_ids, lengths, truncated = [], [], []
-    for encoding in encodings:
-        ids = encoding.ids
-        cut = len(ids) > limit
-        ids = ids[:limit] if cut else ids
-        ids.append(eos)
-        input_ids.append(ids)
-        lengths.append(len(ids))
-        truncated.append(cut)
-    return {"input_ids": input_ids, "length": lengths, "_truncated": truncated}
-
-
 def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[str, list[Any]]:
     import pyarrow as pa
 
@@ -436,7 +429,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     metadata = _metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
     table = datasets.Dataset.from_dict({"id": ids, text_field: texts, **metadata})
     mapped = table.map(
-        _tokenize_batch,
+        tokenize_batch,
         batched=True,
         batch_size=2000,
         num_proc=config.num_proc if config.num_proc > 1 else None,
@@ -478,9 +471,9 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         mapped.save_to_disk(str(staging / "dataset"))
         tokenizer.save(str(staging / "tokenizer.json"))
         (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(staging)
-        _write_synced(staging / COMPLETE, json.dumps({"tokenizer_sha256": summary["tokenizer_sha256"]}) + "\n")
-        _fsync_path(staging)
+        fsync_tree(staging)
+        write_atomic(staging / COMPLETE, json.dumps({"tokenizer_sha256": summary["tokenizer_sha256"]}) + "\n")
+        fsync_dir(staging)
         _swap_in(staging, out)
     finally:
         if staging.exists():
@@ -541,30 +534,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_path(path: Path) -> None:
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass  # some file systems cannot fsync a directory
-    finally:
-        os.close(handle)
-
-
-def _fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -595,37 +564,8 @@ def _swap_in(staging: Path, out: Path) -> None:
         os.rename(out, aside)
         os.rename(staging, out)
         staging = aside
-    _fsync_path(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_prepared(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Open a prepared directory: ``(dataset, tokenizer, prepare.json)``; ``QuackError`` when it is not one.
-
-    The folder must carry the ``COMPLETE`` marker that ``prepare`` writes last.
-    """
-    import datasets
-
-    directory = Path(path)
-    if directory.exists() and not directory.is_dir():
-        raise QuackError(f"prepared data directory {directory} is a file; give the folder quackae prepare --out wrote")
-    if not directory.is_dir():
-        raise QuackError(f"prepared data directory {directory} does not exist; run quackae prepare first")
-    for name in ("dataset", "tokenizer.json"):
-        if not (directory / name).exists():
-            raise QuackError(
-                f"{directory} is not a prepared directory (no {name}); run quackae prepare --out {directory}"
-            )
-    if not (directory / COMPLETE).is_file():
-        raise QuackError(
-            f"{directory} is not a complete prepared directory (no {COMPLETE} marker: a prepare into it was "
-            f"stopped, or an older quackae wrote it); run quackae prepare --out {directory} again"
-        )
-    dataset = datasets.load_from_disk(str(directory / "dataset"))
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
-    info_file = directory / "prepare.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    return dataset, tokenizer, info
 
 
 def bench_prepare(config: Any) -> dict[str, Any]:

@@ -64,3 +64,13 @@ def selected_mask(ids: Sequence[int], labels: Sequence[Any] | None, selection: d
         dtype=bool,
         count=len(ids),
     )
+
+
+def selected_rows(dataset: Any, selection: dict[str, Any]) -> np.ndarray:
+    """Row indices of the items a store with ``selection`` keeps: the others are not worth encoding."""
+    field_name = selection.get("label_field")
+    labels = None
+    if field_name and (selection.get("filtered") or selection.get("evaluate")):
+        labels = dataset.data.column(field_name).to_pylist()
+    ids = dataset.data.column("id").to_numpy()
+    return np.flatnonzero(selected_mask(ids.tolist() if labels is not None else ids, labels, selection))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from quackae.atomic import atomic_file
 from quackae.errors import QuackError
 from quackae.layout import (
     MANIFEST,
@@ -217,16 +217,8 @@ class EncodingStore:
             raise QuackError(f"store {self.path} holds no items; nothing to export (run quackae encode first)")
         table = self.to_arrow()
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:
-            with open(tmp, "wb") as handle:
-                pq.write_table(table, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(out, "wb") as handle:
+            pq.write_table(table, handle)
         return table.num_rows
 
     def torch_dataset(self, label_field: str | None = None, classes: list[Any] | None = None) -> Any:

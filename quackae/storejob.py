@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from quackae.atomic import write_atomic
 from quackae.errors import QuackError
 from quackae.layout import (
     LOCK,
@@ -38,7 +39,6 @@ from quackae.layout import (
     read_manifest,
     shard_files,
     shard_provenance,
-    write_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -89,3 +90,24 @@ def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
     """SHA-256 of the tokenizer's canonical JSON: equal hashes mean equal tokenizers."""
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def tokenize_batch(
+    batch: dict[str, list[Any]], tokenizer: Any, text_field: str, limit: int, eos: int
+) -> dict[str, list[Any]]:
+    """Token ids of ``batch[text_field]`` as every stage stores them: at most ``limit`` tokens, then ``eos``.
+
+    Returns ``input_ids``, ``length`` (with ``eos``) and ``_truncated`` (whether a text was cut) lists;
+    ``datasets.map`` takes it as is.
+    """
+    encodings = tokenizer.encode_batch_fast(batch[text_field], add_special_tokens=False)
+    input_ids, lengths, truncated = [], [], []
+    for encoding in encodings:
+        ids = encoding.ids
+        cut = len(ids) > limit
+        ids = ids[:limit] if cut else ids
+        ids.append(eos)
+        input_ids.append(ids)
+        lengths.append(len(ids))
+        truncated.append(cut)
+    return {"input_ids": input_ids, "length": lengths, "_truncated": truncated}

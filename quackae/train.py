@@ -16,89 +16,21 @@ import os
 import re
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint
-from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.callbacks import EarlyStopping
 
+from quackae.atomic import remove_temporaries, write_atomic
+from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, read_checkpoint
 from quackae.errors import QuackError
 from quackae.modelconfig import ModelFlags, model_problems
+from quackae.runtime import TrainerFlags
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainerFlags:
-    """Flags every stage that runs a model takes; they go to the Lightning ``Trainer``."""
-
-    accelerator: str = field(default="auto", metadata={"help": "cpu, gpu, cuda, mps or auto"})
-    devices: str = field(default="auto", metadata={"help": "device count, list (0,1) or auto"})
-    num_nodes: int = field(default=1, metadata={"help": "nodes for multi-node DDP"})
-    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto, ddp, ddp_spawn, ..."})
-    precision: str | None = field(
-        default=None,
-        metadata={"help": "Lightning precision; default bf16-mixed on a GPU that supports it, else 32-true"},
-    )
-    batch_size: int = field(default=64, metadata={"help": "items per batch"})
-    num_workers: int = field(default=0, metadata={"help": "data loader worker processes"})
-
-    def check_trainer_flags(self) -> None:
-        devices = str(self.devices).strip()
-        if not (
-            devices == "auto"
-            or re.fullmatch(r"-1|[1-9]\d*", devices)
-            or re.fullmatch(r"\[?\s*\d+\s*(,\s*\d+\s*)*,?\s*\]?", devices)
-        ):
-            raise ValueError(
-                f"--devices must be auto, a count of at least 1 (-1: all), or a list of device indices like 0,1; "
-                f"got {self.devices!r}"
-            )
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"--num-workers must not be negative, got {self.num_workers}")
-        if self.num_nodes < 1:
-            raise ValueError(f"--num-nodes must be at least 1, got {self.num_nodes}")
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``pl.Trainer``; ``QuackError`` when this machine lacks the accelerator asked for."""
-        check_accelerator(self.accelerator)
-        devices: Any = str(self.devices).strip()
-        if re.fullmatch(r"-?\d+", devices):
-            devices = int(devices)
-        return {
-            "accelerator": self.accelerator,
-            "devices": devices,
-            "num_nodes": self.num_nodes,
-            "strategy": self.strategy,
-            "precision": self.precision or default_precision(self.accelerator),
-        }
-
-
-def check_accelerator(accelerator: str) -> None:
-    """Refuse a GPU accelerator on a machine torch sees none on, before Lightning raises deep inside."""
-    name = accelerator.lower()
-    mps = getattr(torch.backends, "mps", None)
-    has_mps = bool(mps is not None and mps.is_available())
-    if (name == "cuda" or (name == "gpu" and not has_mps)) and not torch.cuda.is_available():
-        raise QuackError(
-            f"--accelerator {accelerator}: torch {torch.__version__} sees no GPU on this machine; "
-            "use --accelerator cpu or auto, or install a CUDA build of torch"
-        )
-    if name == "mps" and not has_mps:
-        raise QuackError(f"--accelerator {accelerator}: this machine has no MPS device; use --accelerator cpu or auto")
-
-
-def default_precision(accelerator: str) -> str:
-    wants_gpu = accelerator in ("auto", "gpu", "cuda")
-    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 _MAX_TIME = re.compile(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}")
@@ -170,7 +102,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from pytorch_lightning.loggers import CSVLogger
 
     from quackae.data import TokenizedDataModule
-    from quackae.model import QuackAutoEncoder, read_checkpoint
+    from quackae.model import QuackAutoEncoder
     from quackae.tokenizer import special_ids
 
     started = time.time()
@@ -235,7 +167,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if removed:
         log.info("removed %d partial checkpoint files a stopped run left in %s", removed, checkpoints)
     attempt = _new_attempt(out, start_step, resume)
-    checkpoint = _BestCheckpoint(
+    checkpoint = BestCheckpoint(
         dirpath=checkpoints,
         filename="best",
         monitor="val_loss",
@@ -245,7 +177,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         enable_version_counter=False,
     )
     early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, strict=False)
-    record = _SaveLast(checkpoints / "last.ckpt")
+    record = SaveLast(checkpoints / "last.ckpt")
     # Each start of the run logs into its own folder, so nothing earlier is overwritten; metrics.csv joins them.
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="logs", version=attempt.name)]
     try:
@@ -363,134 +295,6 @@ def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfi
     return "other", "training ended"
 
 
-class _SaveLast(Checkpoint):
-    """Write ``last.ckpt`` after every validation round and when fitting ends, so a run stopped by
-    --max-steps/--max-time mid-epoch resumes from its final step (``ModelCheckpoint`` would only save
-    after validation, and versions the name when resuming into another directory).
-
-    A ``Checkpoint``, so Lightning runs it after the best-checkpoint callback listed before it: the
-    ``last.ckpt`` it writes holds that callback's updated record of the best.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.validations = 0
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.sanity_checking:
-            self.validations += 1
-            trainer.save_checkpoint(str(self.path), weights_only=False)
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        trainer.save_checkpoint(str(self.path), weights_only=False)
-
-
-class _BestCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose restored record agrees with the ``best.ckpt`` on disk.
-
-    A kill between writing ``best.ckpt`` and ``last.ckpt`` leaves a ``last.ckpt`` whose record of the
-    best is one round old; on resume the record is taken from ``best.ckpt`` itself (each checkpoint
-    this callback writes holds its own score), so the best file and its score never disagree.
-    """
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        with warnings.catch_warnings():
-            # resuming into another RUN is allowed: its record starts empty, below
-            warnings.filterwarnings("ignore", message="The dirpath has changed")
-            super().load_state_dict(state_dict)
-        best = Path(self.dirpath or "") / "best.ckpt"
-        own = _own_record(best, self.state_key) if best.is_file() else None
-        if own is None or own.get("best_model_score") is None:
-            if not best.is_file():
-                self.best_model_path, self.kth_best_model_path, self.best_k_models = "", "", {}
-                self.best_model_score = None
-                self.kth_value = torch.tensor(float("inf") if self.mode == "min" else float("-inf"))
-            return
-        score = own["best_model_score"]
-        self.best_model_path = self.kth_best_model_path = str(best)
-        self.best_model_score = self.kth_value = score
-        self.best_k_models = {str(best): score}
-
-
-def _own_record(path: Path, key: str) -> dict[str, Any] | None:
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable best.ckpt keeps the resumed record
-        log.warning("cannot read %s to check its score; keeping the record of the resumed checkpoint", path)
-        return None
-    record = saved.get("callbacks", {}).get(key) if isinstance(saved, dict) else None
-    return record if isinstance(record, dict) else None
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a hidden temporary name, fsynced, then renamed over the old one.
-
-    A kill or a full disk mid-write leaves the previous checkpoint whole; a failed write is a
-    ``QuackError`` naming the file.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}{TEMPORARY_SUFFIX}")
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except OSError as error:
-            temporary.unlink(missing_ok=True)
-            raise QuackError(
-                f"writing checkpoint {target} failed ({error.strerror or error}); the previous {target.name} is kept"
-            ) from error
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        fsync_directory(target.parent)
-
-
-TEMPORARY_SUFFIX = ".partial"
-
-
-def remove_temporaries(directory: Path) -> int:
-    """Delete the partial checkpoint files a killed run left in ``directory``; returns how many."""
-    if not directory.is_dir():
-        return 0
-    found = list(directory.glob(f".*{TEMPORARY_SUFFIX}"))
-    for path in found:
-        path.unlink(missing_ok=True)
-    return len(found)
-
-
-def fsync_directory(directory: Path) -> None:
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name, fsync and rename."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
 def _new_attempt(out: Path, start_step: int, resume: Path | None) -> Path:
     """A fresh ``RUN/logs/attempt-N`` folder for this start of the run, recording the step it starts at.
 
@@ -554,8 +358,8 @@ def merge_metrics(out: Path) -> Path | None:
 @torch.no_grad()
 def evaluate_reconstruction(checkpoint: Path, datamodule: Any, indices: Any, limit: int = 2000) -> dict[str, float]:
     """Greedy reconstruction token accuracy and exact-match rate over (at most ``limit``) items ``indices``."""
+    from quackae.checkpoints import load_model
     from quackae.data import pad_batch
-    from quackae.model import load_model
 
     model = load_model(str(checkpoint))
     if not len(indices):
@@ -576,74 +380,3 @@ def evaluate_reconstruction(checkpoint: Path, datamodule: Any, indices: Any, lim
         total += int(valid.sum())
         exact += int((hits | ~valid).all(dim=1).sum())
     return {"token_accuracy": correct / total, "exact_match": exact / len(rows)}
-
-
-def resolve_run(model: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint, tokenizer.json)`` of a RUN directory (best, else last) or a ``.ckpt`` file."""
-    path = Path(model)
-    if path.is_dir():
-        for name in ("best.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                checkpoint = path / "checkpoints" / name
-                break
-        else:
-            raise QuackError(f"{path} holds no checkpoints/best.ckpt or last.ckpt; pass a RUN from quackae train")
-        run = path
-    elif path.is_file():
-        checkpoint, run = path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    else:
-        raise QuackError(f"model {path} does not exist; pass a RUN directory or a .ckpt file")
-    tokenizer = run / "tokenizer.json"
-    if not tokenizer.is_file():
-        raise QuackError(f"no tokenizer.json beside the model ({tokenizer}); quackae train copies it into the RUN")
-    return checkpoint, tokenizer
-
-
-@dataclass(frozen=True)
-class ReconstructConfig:
-    texts: tuple[str, ...] = field(metadata={"positional": True, "help": "texts to encode and rebuild"})
-    model: str = field(default="storage/run", metadata={"path": True, "help": "RUN directory or .ckpt file"})
-    max_length: int = field(default=128, metadata={"help": "tokens per text (longer texts are truncated)"})
-
-    def __post_init__(self) -> None:
-        if self.max_length < 2:
-            raise ValueError(f"--max-length must be at least 2, got {self.max_length}")
-
-
-def reconstruct_texts(config: ReconstructConfig) -> list[tuple[str, str]]:
-    """Each text and its greedy reconstruction."""
-    from quackae.data import pad_batch
-    from quackae.model import load_model
-    from quackae.tokenizer import decode, load_tokenizer
-
-    checkpoint, tokenizer_file = resolve_run(config.model)
-    model = load_model(str(checkpoint))
-    tokenizer = load_tokenizer(tokenizer_file)
-    eos = special_eos(tokenizer)
-    pairs = []
-    for text in config.texts:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids[: config.max_length - 1] + [eos]
-        if len(ids) == 1:
-            pairs.append((text, ""))
-            continue
-        if max(ids) >= model.num_embeddings:
-            raise QuackError(f"the tokenizer beside {checkpoint} does not match the model's vocabulary")
-        out = model.reconstruct(pad_batch([ids], model.pad_id), max_length=len(ids) + 8)
-        pairs.append((text, decode(tokenizer, out[0].tolist())))
-    return pairs
-
-
-def special_eos(tokenizer: Any) -> int:
-    from quackae.tokenizer import special_ids
-
-    eos = special_ids(tokenizer).eos
-    if eos is None:
-        raise QuackError("the tokenizer has no [EOS] token")
-    return eos
-
-
-def reconstruct_command(config: ReconstructConfig) -> list[tuple[str, str]]:
-    pairs = reconstruct_texts(config)
-    for text, rebuilt in pairs:
-        print(f"text:          {text}\nreconstructed: {rebuilt}\n")
-    return pairs

@@ -131,8 +131,8 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
 
 
 def _expected_ids(data: str | Path, manifest: dict[str, Any]) -> np.ndarray:
-    from quackae.encode import selected_rows
-    from quackae.prepare import load_prepared
+    from quackae.prepared import load_prepared
+    from quackae.selection import selected_rows
     from quackae.storejob import dataset_fingerprint
 
     dataset, _, _ = load_prepared(data)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
+from quackae.atomic import write_atomic
 from quackae.errors import QuackError
 from quackae.layout import (
     LAYOUTS,
@@ -34,7 +35,6 @@ from quackae.layout import (
     npz_bytes,
     read_manifest,
     shard_table,
-    write_atomic,
     write_shard,
 )
 from quackae.selection import is_labelled, keep_item
@@ -344,7 +344,7 @@ class AutoencoderWriter(BasePredictionWriter):
             elif not self.text and "text" in meta:
                 meta = {k: v for k, v in meta.items() if k != "text"}
             payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
-            write_atomic(f"{folder}/{index}.npz", payload, self._staging)
+            write_atomic(f"{folder}/{index}.npz", payload, self._staging, durable=False)
             written += 1
         with self._lock:
             self.written += written
@@ -370,7 +370,7 @@ class AutoencoderWriter(BasePredictionWriter):
             image.save(buffer, format="PNG")
             folder = self.storage_path / item_path(index, dir_only=True)
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / f"{index}.png", buffer.getvalue(), self._staging)
+            write_atomic(folder / f"{index}.png", buffer.getvalue(), self._staging, durable=False)
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:

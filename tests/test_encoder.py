@@ -13,7 +13,8 @@ from quackae import EncodingStore, QuackEncoder
 from quackae.data import pad_batch
 from quackae.encode import EncodeConfig, encode
 from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, load_prepared, prepare
+from quackae.prepare import PrepareConfig, prepare
+from quackae.prepared import load_prepared
 from quackae.train import TrainConfig, train
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill quack feather pond".split()

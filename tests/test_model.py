@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import random_padded
 
 import quackae.model
-from quackae.model import QuackAutoEncoder, load_model
+from quackae.checkpoints import load_model
+from quackae.model import QuackAutoEncoder
 
 
 def tiny(**kwargs) -> QuackAutoEncoder:

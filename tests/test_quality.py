@@ -166,7 +166,7 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     manifest = json.loads((tmp_path / "store/manifest.json").read_text())
     assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
     # the same token ids the encoder saw, in the order asked for
-    from quackae.prepare import load_prepared
+    from quackae.prepared import load_prepared
 
     dataset, _, _ = load_prepared(tmp_path / "prepared")
     rows = dataset.select_columns(["id", "input_ids"]).to_dict()

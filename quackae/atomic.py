@@ -1,0 +1,110 @@
+"""Outputs that appear whole or not at all.
+
+Every file a later stage reads is written to a hidden temporary name on the same file system,
+flushed and fsynced, renamed over its final name, and its folder fsynced: a reader sees the old
+file or the new one, never a part. A killed writer leaves only hidden ``*.partial`` files, which
+``remove_temporaries`` clears on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+TEMPORARY_SUFFIX = ".partial"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the renames in folder ``path`` durable (a no-op where the file system cannot fsync a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder below ``root`` (before the tree is renamed into place)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+
+
+def temporary_name(path: Path) -> Path:
+    """The hidden name ``path`` is written under before its rename: unique per process and thread."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{TEMPORARY_SUFFIX}")
+
+
+@contextmanager
+def atomic_file(path: str | Path, mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; on a clean exit it is fsynced and renamed over ``path``, on an
+    exception it is removed and ``path`` keeps its old contents."""
+    target = Path(path)
+    temporary = temporary_name(target)
+    handle = open(temporary, mode, encoding=encoding if "b" not in mode else None)  # noqa: SIM115
+    try:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        os.replace(temporary, target)
+    except BaseException:
+        handle.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_atomic(path: str | Path, data: bytes | str, staging: str | Path | None = None, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically.
+
+    Without ``staging`` the temporary file sits beside ``path`` and the write is durable. With a
+    ``staging`` folder (same file system; the store's hot path for per-item files) the file is
+    created there and renamed into place, fsynced only when ``durable``.
+    """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if staging is None:
+        with atomic_file(path, "wb") as handle:
+            handle.write(payload)
+        return
+    tmp = os.path.join(staging, os.path.basename(path) + TEMPORARY_SUFFIX)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        fsync_dir(os.path.dirname(path) or ".")
+
+
+def remove_temporaries(directory: str | Path) -> int:
+    """Delete the hidden temporary files a killed writer left in ``directory``; returns how many."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return 0
+    found = list(folder.glob(f".*{TEMPORARY_SUFFIX}"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)

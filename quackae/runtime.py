@@ -1,0 +1,112 @@
+"""What every stage that runs a model shares: the Trainer flags, the precision default, finding a run's
+checkpoint and tokenizer, and loading a model from it.
+
+Stages (``train``, ``encode``, ``classify``, ``reconstruct``) import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quackae.errors import QuackError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainerFlags:
+    """Flags every stage that runs a model takes; they go to the Lightning ``Trainer``."""
+
+    accelerator: str = field(default="auto", metadata={"help": "cpu, gpu, cuda, mps or auto"})
+    devices: str = field(default="auto", metadata={"help": "device count, list (0,1) or auto"})
+    num_nodes: int = field(default=1, metadata={"help": "nodes for multi-node DDP"})
+    strategy: str = field(default="auto", metadata={"help": "Lightning strategy: auto, ddp, ddp_spawn, ..."})
+    precision: str | None = field(
+        default=None,
+        metadata={"help": "Lightning precision; default bf16-mixed on a GPU that supports it, else 32-true"},
+    )
+    batch_size: int = field(default=64, metadata={"help": "items per batch"})
+    num_workers: int = field(default=0, metadata={"help": "data loader worker processes"})
+
+    def check_trainer_flags(self) -> None:
+        devices = str(self.devices).strip()
+        if not (
+            devices == "auto"
+            or re.fullmatch(r"-1|[1-9]\d*", devices)
+            or re.fullmatch(r"\[?\s*\d+\s*(,\s*\d+\s*)*,?\s*\]?", devices)
+        ):
+            raise ValueError(
+                f"--devices must be auto, a count of at least 1 (-1: all), or a list of device indices like 0,1; "
+                f"got {self.devices!r}"
+            )
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num-workers must not be negative, got {self.num_workers}")
+        if self.num_nodes < 1:
+            raise ValueError(f"--num-nodes must be at least 1, got {self.num_nodes}")
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pl.Trainer``; ``QuackError`` when this machine lacks the accelerator asked for."""
+        check_accelerator(self.accelerator)
+        devices: Any = str(self.devices).strip()
+        if re.fullmatch(r"-?\d+", devices):
+            devices = int(devices)
+        return {
+            "accelerator": self.accelerator,
+            "devices": devices,
+            "num_nodes": self.num_nodes,
+            "strategy": self.strategy,
+            "precision": self.precision or default_precision(self.accelerator),
+        }
+
+
+def check_accelerator(accelerator: str) -> None:
+    """Refuse a GPU accelerator on a machine torch sees none on, before Lightning raises deep inside."""
+    import torch
+
+    name = accelerator.lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if (name == "cuda" or (name == "gpu" and not has_mps)) and not torch.cuda.is_available():
+        raise QuackError(
+            f"--accelerator {accelerator}: torch {torch.__version__} sees no GPU on this machine; "
+            "use --accelerator cpu or auto, or install a CUDA build of torch"
+        )
+    if name == "mps" and not has_mps:
+        raise QuackError(f"--accelerator {accelerator}: this machine has no MPS device; use --accelerator cpu or auto")
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16-mixed on a GPU that supports it, else 32-true."""
+    import torch
+
+    wants_gpu = accelerator in ("auto", "gpu", "cuda")
+    if wants_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_run(model: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint, tokenizer.json)`` of a RUN directory (best, else last) or a ``.ckpt`` file."""
+    path = Path(model)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if (path / "checkpoints" / name).is_file():
+                checkpoint = path / "checkpoints" / name
+                break
+        else:
+            raise QuackError(f"{path} holds no checkpoints/best.ckpt or last.ckpt; pass a RUN from quackae train")
+        run = path
+    elif path.is_file():
+        checkpoint, run = path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    else:
+        raise QuackError(f"model {path} does not exist; pass a RUN directory or a .ckpt file")
+    tokenizer = run / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise QuackError(f"no tokenizer.json beside the model ({tokenizer}); quackae train copies it into the RUN")
+    return checkpoint, tokenizer
