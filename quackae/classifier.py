@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from quackae.atomic import atomic_file, write_atomic
 from quackae.errors import QuackError
+from quackae.render import confusion_image, save_png
 from quackae.runtime import TrainerFlags
 
 log = logging.getLogger(__name__)
@@ -245,13 +247,6 @@ def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[di
     return None, f"neither the prepared dataset nor item texts and the tokenizer named in {manifest_file} are readable"
 
 
-def confusion_image(confusion: list[list[int]], classes: list[str], cell: int = 28) -> Any:
-    """The confusion matrix as a PNG-ready pillow image: rows true, columns predicted, class names on both axes."""
-    from quackae.render import confusion_image as draw
-
-    return draw(confusion, classes, cell)
-
-
 # ---------------------------------------------------------------------------------------------- the stage
 @dataclass(frozen=True)
 class ClassifyConfig(TrainerFlags):
@@ -421,13 +416,14 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         "config": asdict(config),
         "seconds": round(time.time() - started, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "classes.json").write_text(json.dumps({"label_field": config.label_field, "classes": classes}) + "\n")
-    confusion_image(report["confusion_matrix"], classes).save(out / "confusion.png")
     split_names = np.full(len(ids), "unlabelled", dtype=object)
     split_names[np.flatnonzero(labelled)] = np.asarray(["train", "val", "test"], dtype=object)[split]
     _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, split_names)
-    print(
+    with atomic_file(out / "confusion.png", "wb") as handle:
+        save_png(confusion_image(report["confusion_matrix"], classes), handle)
+    write_atomic(out / "classes.json", json.dumps({"label_field": config.label_field, "classes": classes}) + "\n")
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")  # last: the classifier is complete
+    line = (
         f"test accuracy {report['accuracy']:.3f} (macro-F1 {report['macro_f1']:.3f}) on "
         f"{report['items']['test']} items; majority class {report['baselines']['majority_class']['accuracy']:.3f}, "
         f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}, bag-of-tokens probe "
@@ -440,6 +436,7 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         "majority_accuracy": report["baselines"]["majority_class"]["accuracy"],
         "linear_probe_accuracy": report["baselines"]["linear_probe"]["accuracy"],
         "bag_of_tokens_accuracy": baseline_bag["accuracy"],
+        "lines": [line],
     }
 
 
@@ -467,7 +464,8 @@ def _write_predictions(
         columns["split"] = pa.array(list(splits), type=pa.string())
     table = pa.table(columns)
     table = table.replace_schema_metadata({"classes": json.dumps(classes)})
-    pq.write_table(table, file)
+    with atomic_file(file, "wb") as handle:
+        pq.write_table(table, handle)
 
 
 def predict_with(config: ClassifyConfig) -> dict[str, Any]:
@@ -495,8 +493,7 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, None)
     counts = Counter(classes[k] for k in predicted)
-    print(
-        f"predicted {len(ids)} items of {config.store} into {out / 'predictions.parquet'}: "
-        + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+    line = f"predicted {len(ids)} items of {config.store} into {out / 'predictions.parquet'}: " + ", ".join(
+        f"{c} {n}" for c, n in counts.most_common()
     )
-    return {"out": str(out), "items": len(ids)}
+    return {"out": str(out), "items": len(ids), "lines": [line]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import importlib
 import json
 import logging
 import os
@@ -25,28 +24,11 @@ from typing import Any
 
 from quackae import __version__
 from quackae.errors import StrictError, unpickling_reason
+from quackae.stages import STAGES
 
 log = logging.getLogger(__name__)
 
-# name -> (module, config class, stage function, one-line help). Modules are imported only when used.
-COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "prepare": ("quackae.prepare", "PrepareConfig", "prepare", "tokenize a text corpus into a prepared dataset"),
-    "train": ("quackae.train", "TrainConfig", "train", "train a QuackAutoEncoder on a prepared dataset"),
-    "encode": ("quackae.encode", "EncodeConfig", "encode", "store one encoding per item of a prepared dataset"),
-    "reconstruct": (
-        "quackae.train",
-        "ReconstructConfig",
-        "reconstruct_command",
-        "print texts beside their greedy reconstructions",
-    ),
-    "verify": ("quackae.verify", "VerifyConfig", "verify", "check a store and list every problem"),
-    "export": ("quackae.store", "ExportConfig", "export", "export an encoding store to one Parquet file"),
-    "classify": ("quackae.classifier", "ClassifyConfig", "classify", "train a classifier on stored encodings"),
-    "bench": ("quackae.bench", "BenchConfig", "run_bench", "measure throughput on generated data"),
-    "plot": ("quackae.plot", "PlotConfig", "plot", "draw RUN/curves.png: training and validation curves"),
-    "run": ("quackae.pipeline", "RunConfig", "run_pipeline", "run the stages a pipeline file lists"),
-    "demo": ("quackae.pipeline", "DemoConfig", "run_demo", "run pipelines/demo.yaml end to end"),
-}
+COMMANDS = STAGES  # every command is a stage of the one table in quackae.stages
 
 
 def _flag(name: str) -> str:
@@ -110,9 +92,7 @@ def config_from_namespace(config_cls: type, namespace: argparse.Namespace) -> An
 
 
 def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
-    module_name, config_name, function_name, _ = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    return getattr(module, config_name), getattr(module, function_name)
+    return COMMANDS[name].load()
 
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
@@ -128,8 +108,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         help="also show the libraries' start-up notices and warnings that quackae hides by default",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, _, _, help_text) in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+    for name, stage in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=stage.help, description=stage.help)
         if name == command:
             config_cls, _ = _load(name)
             add_config_arguments(sub_parser, config_cls)
@@ -247,12 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1 if isinstance(error, StrictError) else 2
     if namespace.command == "bench":
         _print_bench(result, as_json=namespace.json)
+    elif isinstance(result, dict):
+        for line in result.get("lines", ()):
+            print(line)
     out = getattr(namespace, "out", None) or (result.get("out") if isinstance(result, dict) else None)
     if namespace.command not in ("run", "demo") and isinstance(out, str) and _global_rank() == 0:
         from quackae.pipeline import print_written
 
         print_written([out], started)
-    return 0
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
 
 
 def _print_bench(result: dict[str, Any], as_json: bool) -> None:

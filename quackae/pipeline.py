@@ -11,7 +11,6 @@ missing file fails at once, not after training.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import time
@@ -22,18 +21,11 @@ from typing import Any
 
 import yaml
 
-from quackae.errors import QuackError
+from quackae.errors import QuackError, StrictError
+from quackae.stages import PIPELINE_STAGES
 
 log = logging.getLogger(__name__)
 
-STAGES: dict[str, tuple[str, str, str]] = {
-    "corpus": ("quackae.corpus", "CorpusConfig", "build_corpus"),
-    "prepare": ("quackae.prepare", "PrepareConfig", "prepare"),
-    "train": ("quackae.train", "TrainConfig", "train"),
-    "encode": ("quackae.encode", "EncodeConfig", "encode"),
-    "classify": ("quackae.classifier", "ClassifyConfig", "classify"),
-    "export": ("quackae.store", "ExportConfig", "export"),
-}
 
 REPO_PIPELINES = Path(__file__).resolve().parent.parent / "pipelines"
 
@@ -84,16 +76,10 @@ def load_pipeline(
             problems.append(f"stage {number}: a mapping with a 'stage' key is needed")
             continue
         name = stage["stage"]
-        if name not in STAGES:
-            problems.append(f"stage {number}: unknown stage {name!r} (known: {', '.join(STAGES)})")
+        if name not in PIPELINE_STAGES:
+            problems.append(f"stage {number}: unknown stage {name!r} (known: {', '.join(PIPELINE_STAGES)})")
             continue
-        module_name, config_name, function_name = STAGES[name]
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError:
-            log.warning("stage %d (%s): not yet available in this version, skipped", number, name)
-            continue
-        config_cls = getattr(module, config_name)
+        config_cls, function = PIPELINE_STAGES[name].load()
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
         values = {k: v for k, v in stage.items() if k != "stage"}
         unknown = sorted(set(values) - set(fields))
@@ -108,7 +94,7 @@ def load_pipeline(
             elif isinstance(value, list):
                 values[key] = tuple(value)
         try:
-            plan.append((name, config_cls(**values), getattr(module, function_name)))
+            plan.append((name, config_cls(**values), function))
         except (TypeError, ValueError) as error:
             problems.append(f"stage {number} ({name}): {error}")
     problems.extend(_missing_inputs(plan))
@@ -153,6 +139,10 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
         log.info("stage %s", name)
         started = time.time()
         summary = function(stage_config) or {}
+        for line in summary.get("lines", ()):
+            print(line, flush=True)
+        if summary.get("exit_code"):
+            raise StrictError(f"stage {name} failed: {summary['lines'][-1]}")
         results.append({"stage": name, "seconds": round(time.time() - started, 1), **_brief(name, summary)})
     (root / "pipeline.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     _print_results(root, results)
@@ -161,22 +151,7 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
 
 
 def _brief(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    keys = {
-        "corpus": ("out", "rows", "labelled", "labels"),
-        "prepare": ("out", "rows_read", "rows_kept", "rejected_total", "truncated", "vocab_size"),
-        "train": (
-            "run",
-            "global_step",
-            "stop_reason",
-            "best_val_loss",
-            "token_accuracy",
-            "exact_match",
-            "test_items",
-        ),
-        "encode": ("store", "items_written", "items_skipped", "encoding_size", "items_per_s"),
-        "classify": ("out", "accuracy", "macro_f1", "majority_accuracy", "linear_probe_accuracy"),
-        "export": ("out", "rows"),
-    }[name]
+    keys = PIPELINE_STAGES[name].brief
     brief = {k: summary.get(k) for k in keys if k in summary}
     if name == "prepare":
         brief["out"] = summary.get("config", {}).get("out")

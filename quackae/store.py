@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncodingStore", "ExportConfig", "export", "read_item"]
+__all__ = ["EncodingStore", "read_item"]
 
 
 class EncodingStore:
@@ -286,24 +285,3 @@ class _TorchView:
         if self.label_field is None:
             return tensor, metadata
         return tensor, self._labels[position]
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    store: str = field(
-        default="storage/store",
-        metadata={"positional": True, "path": True, "help": "store directory (quackae encode --out)"},
-    )
-    out: str = field(default="storage/encodings.parquet", metadata={"path": True, "help": "Parquet file to write"})
-
-    def __post_init__(self) -> None:
-        if not str(self.out).endswith(".parquet"):
-            raise ValueError(f"--out must name a .parquet file, got {self.out}")
-
-
-def export(config: ExportConfig) -> dict[str, Any]:
-    """Run ``quackae export``."""
-    store = EncodingStore(config.store)
-    rows = store.export(config.out)
-    print(f"exported {rows} items from {config.store} to {config.out}")
-    return {"out": config.out, "rows": rows}

@@ -249,12 +249,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "best_val_loss": float(checkpoint.best_model_score) if has_best else None,
         "test_items": len(datamodule.splits["test"]),
     }
-    print(f"training stopped: {why} at step {trainer.global_step} ({record.validations} validations in this start)")
+    lines = [f"training stopped: {why} at step {trainer.global_step} ({record.validations} validations in this start)"]
     if not has_best:
-        print(
+        lines.append(
             f"no validation ran before the stop, so there is no best checkpoint; held-out figures come from "
             f"{last.name} (validate sooner with --val-check-interval)"
         )
+    for line in lines:
+        log.info(line)
     if interrupted:
         summary["seconds"] = round(time.time() - started, 1)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -264,7 +266,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary.update(evaluate_reconstruction(evaluated, datamodule, datamodule.splits["test"]))
     summary["seconds"] = round(time.time() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(
+    lines.append(
         f"held-out reconstruction on {summary['test_items']} test items: token accuracy "
         f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} "
         f"({'best' if has_best else 'last'} checkpoint {evaluated})"
@@ -272,7 +274,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from quackae.plot import write_curves
 
     write_curves(out)  # RUN/curves.png
-    return summary
+    return {**summary, "lines": lines}
 
 
 def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfig) -> tuple[str, str]:

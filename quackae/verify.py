@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quackae.errors import QuackError, StrictError
+from quackae.errors import QuackError
 from quackae.layout import (
     MANIFEST,
     STAGING,
@@ -144,15 +144,17 @@ def _expected_ids(data: str | Path, manifest: dict[str, Any]) -> np.ndarray:
 
 
 def verify(config: VerifyConfig) -> dict[str, Any]:
-    """Run ``quackae verify``: print the counts, or every problem and exit 1."""
+    """Run ``quackae verify``: the counts, or every problem under ``lines`` with ``exit_code`` 1."""
     store = Path(config.store)
     result, problems = check_store(store, config.data)
     counts = f"{result['items']} items in {result['units']} {'shards' if result['layout'] == 'shards' else 'files'}"
     if "expected" in result:
         counts += f", {result['expected']} expected from {config.data}"
     if problems:
-        for problem in problems:
-            print(problem)
-        raise StrictError(f"{store}: {len(problems)} problems ({counts})")
-    print(f"{store}: ok, {counts}")
-    return result
+        return {
+            **result,
+            "problems": len(problems),
+            "exit_code": 1,
+            "lines": [*problems, f"{store}: {len(problems)} problems ({counts})"],
+        }
+    return {**result, "problems": 0, "lines": [f"{store}: ok, {counts}"]}

@@ -95,13 +95,6 @@ def test_confusion_has_one_cell_per_class_pair():
         heatmap_image(np.zeros((3, 3)), ["a"], ["b"], "true class", "predicted class")
 
 
-def test_classifier_confusion_image_draws_class_names():
-    from quackae.classifier import confusion_image as classifier_picture
-
-    image = classifier_picture([[3, 1], [0, 2]], ["birds", "fruit"])
-    assert image.info["cells"] == "2x2"
-
-
 def test_token_labels_are_readable():
     from quackae.tokenizer import EOS, train_tokenizer
 
