@@ -246,7 +246,7 @@ def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
 def _time_step(config: Any, prepare: Any) -> float:
     import torch
 
-    from quackae.bench import random_batches, time_training
+    from quackae.bench.train import random_batches, time_training
     from quackae.model import QuackAutoEncoder
 
     vocab = getattr(prepare, "vocab_size", 8000)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from quackae.bench import BenchConfig
-from quackae.bench_quality import _probe_subset, parse_options, quality_run
+from quackae.bench.quality import _probe_subset, parse_options, quality_run
 from quackae.classifier import ClassifyConfig, bag_of_tokens, classify, store_token_sequences
 from quackae.corpus import site_docstrings
 
