@@ -343,3 +343,11 @@ def test_to_numpy_and_lookup_match_a_plain_reference(tmp_path, seed):
         encoding, metadata = store[index]
         assert np.array_equal(encoding, reference[index]) and metadata == {"id": index, "n": index * 2}
     assert 1000 not in store and len(store) == 300
+
+
+def test_out_naming_a_file_is_one_line(tiny, tmp_path, capsys):
+    (tmp_path / "f").write_text("not a store")
+    assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(tmp_path / "f")]) == 2
+    err = _one_line(capsys)
+    assert len(err) == 1 and "is an existing file, not a store folder" in err[0], err
+    assert main(["verify", str(tmp_path / "f")]) == 2
