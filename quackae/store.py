@@ -151,21 +151,25 @@ class EncodingStore:
                     raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
                 matrix[position] = encoding
             return self._ids.copy(), matrix
+        grouped = np.argsort(self._shard, kind="stable")  # output positions grouped by shard, in id order
+        bounds = np.searchsorted(self._shard[grouped], np.arange(len(self._tables) + 1))
         for shard in range(len(self._tables)):
-            positions = np.flatnonzero(self._shard == shard)  # rows of the output this shard fills
+            positions = grouped[bounds[shard] : bounds[shard + 1]]  # rows of the output this shard fills
             if not len(positions):
                 continue
             source = self._matrix(shard)  # (n, H)
             if source.shape[1] != size:
                 raise QuackError(f"shard {self._tables[shard][0]} has {source.shape[1]}-d encodings, not {size}")
             rows = self._row[positions]
-            if len(rows) == len(source) and np.array_equal(
-                positions, np.arange(positions[0], positions[0] + len(rows))
-            ):
-                if np.array_equal(rows, np.arange(len(rows))):
-                    matrix[positions[0] : positions[0] + len(rows)] = source
-                    continue
-            matrix[positions] = source[rows]
+            start = int(positions[0])
+            if len(rows) == len(source) and positions[-1] - start == len(rows) - 1 and (np.diff(rows) == 1).all():
+                matrix[start : start + len(rows)] = source  # ids in order within and across shards: one copy
+            elif len(rows) == len(source):
+                target = np.empty(len(source), dtype=np.int64)
+                target[rows] = positions
+                matrix[target] = source  # (n, H) scattered into id order, one pass
+            else:
+                matrix[positions] = source[rows]  # a shard with repeated ids: only the first copies count
         return self._ids.copy(), matrix
 
     def to_arrow(self) -> Any:

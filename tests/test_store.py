@@ -321,3 +321,33 @@ def test_another_layout_is_refused(tiny, tmp_path):
     (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(QuackError, match="holds a files store, not shards; pass --layout files"):
         _encode(tiny, tmp_path / "s")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_to_numpy_and_lookup_match_a_plain_reference(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(500)[:300]  # out of order, as length-sorted batches come
+    matrix = rng.standard_normal((300, 8)).astype(np.float32)
+    writer = AutoencoderWriter(storage_path=tmp_path, shard_size=int(rng.integers(7, 80)))
+    for start in range(0, 300, 32):
+        writer.write_batch(
+            [{"id": int(i), "n": int(i) * 2} for i in ids[start : start + 32]], matrix[start : start + 32]
+        )
+    writer.flush()
+    store = EncodingStore(tmp_path)
+    reference = {int(i): row for i, row in zip(ids, matrix, strict=True)}
+    got_ids, got = store.to_numpy()
+    assert got_ids.tolist() == sorted(reference)
+    assert np.array_equal(got, np.stack([reference[i] for i in sorted(reference)]))
+    for index in rng.choice(ids, 20).tolist():
+        encoding, metadata = store[index]
+        assert np.array_equal(encoding, reference[index]) and metadata == {"id": index, "n": index * 2}
+    assert 1000 not in store and len(store) == 300
+
+
+def test_out_naming_a_file_is_one_line(tiny, tmp_path, capsys):
+    (tmp_path / "f").write_text("not a store")
+    assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(tmp_path / "f")]) == 2
+    err = _one_line(capsys)
+    assert len(err) == 1 and "is an existing file, not a store folder" in err[0], err
+    assert main(["verify", str(tmp_path / "f")]) == 2
