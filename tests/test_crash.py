@@ -60,7 +60,8 @@ def which(out: Path, corpora: dict[str, dict[int, str]]) -> str:
     for name, texts in corpora.items():
         if dataset.num_rows == len(texts) and info["rows_kept"] == len(texts):
             rows = dataset.select(range(0, dataset.num_rows, 7))
-            if all(decode(tokenizer, ids[:-1]) == texts[i] for i, ids in zip(rows["id"], rows["input_ids"], strict=True)):
+            pairs = zip(rows["id"], rows["input_ids"], strict=True)
+            if all(decode(tokenizer, ids[:-1]) == texts[i] for i, ids in pairs):
                 return name
     raise AssertionError(f"{out} holds neither corpus whole")
 
