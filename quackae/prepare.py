@@ -483,7 +483,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     if message:
-        log.warning("%s; all listed in %s", message, out / "prepare.json")
+        log.warning("%s; details in %s", message, out / "prepare.json")
     log.info(
         "prepared %d of %d rows into %s (%d rejected, %d truncated)",
         len(kept),
