@@ -57,6 +57,11 @@ class BestCheckpoint(ModelCheckpoint):
     this callback writes holds its own score), so the best file and its score never disagree.
     """
 
+    @property
+    def state_key(self) -> str:
+        # the plain ModelCheckpoint's key, so runs written before this class existed resume their record
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         with warnings.catch_warnings():
             # resuming into another RUN is allowed: its record starts empty, below

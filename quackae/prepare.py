@@ -463,9 +463,10 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "seconds": round(time.time() - started, 2),
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out)
-    staging = out.parent / f".{out.name}{_STAGING}{os.getpid()}"
+    target = out.resolve()  # "." or a symlink: the real folder is what gets swapped
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(target)
+    staging = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
     try:
         staging.mkdir()
         mapped.save_to_disk(str(staging / "dataset"))
@@ -474,12 +475,12 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         fsync_tree(staging)
         write_atomic(staging / COMPLETE, json.dumps({"tokenizer_sha256": summary["tokenizer_sha256"]}) + "\n")
         fsync_dir(staging)
-        _swap_in(staging, out)
+        _swap_in(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     if message:
-        log.warning("%s; all listed in %s", message, out / "prepare.json")
+        log.warning("%s; details in %s", message, out / "prepare.json")
     log.info(
         "prepared %d of %d rows into %s (%d rejected, %d truncated)",
         len(kept),

@@ -174,6 +174,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         mode="min",
         save_top_k=1,
         save_last=False,
+        save_on_train_epoch_end=False,  # only after a validation, which is what it watches
         enable_version_counter=False,
     )
     early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, strict=False)
@@ -262,6 +263,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         raise KeyboardInterrupt
     evaluated = best if has_best else last
+    if not evaluated.is_file():
+        summary.update(evaluated_checkpoint=None, token_accuracy=None, exact_match=None)
+        summary["seconds"] = round(time.time() - started, 1)
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print("no checkpoint was written: training stopped before its first step")
+        return summary
     summary["evaluated_checkpoint"] = str(evaluated)
     summary.update(evaluate_reconstruction(evaluated, datamodule, datamodule.splits["test"]))
     summary["seconds"] = round(time.time() - started, 1)
@@ -297,8 +304,19 @@ def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfi
     return "other", "training ended"
 
 
+def _attempts(logs: Path) -> list[tuple[int, Path]]:
+    """``(number, RUN/logs/attempt-N)`` of every start of the run so far, in order."""
+    found = {}
+    for path in logs.glob("attempt-*"):
+        number = path.name.removeprefix("attempt-").removesuffix(".json")
+        if number.isdigit():
+            found[int(number)] = logs / f"attempt-{number}"
+    return sorted(found.items())
+
+
 def _new_attempt(out: Path, start_step: int, resume: Path | None) -> Path:
-    """A fresh ``RUN/logs/attempt-N`` folder for this start of the run, recording the step it starts at.
+    """``RUN/logs/attempt-N`` for this start of the run (the CSV logger creates it), with the step it
+    starts at recorded in ``attempt-N.json`` beside it.
 
     A ``metrics.csv`` written straight into RUN by an older quackae becomes ``attempt-0``.
     """
@@ -307,14 +325,12 @@ def _new_attempt(out: Path, start_step: int, resume: Path | None) -> Path:
     if legacy.is_file() and not logs.is_dir():
         (logs / "attempt-0").mkdir(parents=True)
         os.replace(legacy, logs / "attempt-0" / "metrics.csv")
-        write_atomic(logs / "attempt-0" / "attempt.json", json.dumps({"start_step": 0}) + "\n")
+        write_atomic(logs / "attempt-0.json", json.dumps({"start_step": 0}) + "\n")
     logs.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name.split("-", 1)[1]) for p in logs.glob("attempt-*") if p.name.split("-", 1)[1].isdigit()]
-    attempt = logs / f"attempt-{max(numbers, default=0) + 1}"
-    attempt.mkdir()
+    number = max((n for n, _ in _attempts(logs)), default=0) + 1
     record = {"start_step": start_step, "resume": str(resume) if resume else None}
-    write_atomic(attempt / "attempt.json", json.dumps(record) + "\n")
-    return attempt
+    write_atomic(logs / f"attempt-{number}.json", json.dumps(record) + "\n")
+    return logs / f"attempt-{number}"
 
 
 def merge_metrics(out: Path) -> Path | None:
@@ -323,14 +339,10 @@ def merge_metrics(out: Path) -> Path | None:
     Rows an earlier start logged at or after the step the next start resumed from were undone by that
     resume (the steps ran again), so they are left out: each step appears once, as it finally ran.
     """
-    logs = out / "logs"
-    attempts = sorted(
-        (p for p in logs.glob("attempt-*") if p.name.split("-", 1)[1].isdigit()),
-        key=lambda p: int(p.name.split("-", 1)[1]),
-    )
+    attempts = [path for _, path in _attempts(out / "logs")]
     starts = []
     for attempt in attempts:
-        info = attempt / "attempt.json"
+        info = attempt.with_name(attempt.name + ".json")
         starts.append(int(json.loads(info.read_text()).get("start_step", 0)) if info.is_file() else 0)
     fields: list[str] = []
     rows: list[dict[str, str]] = []
