@@ -135,7 +135,14 @@ def _brief(name: str, summary: dict[str, Any]) -> dict[str, Any]:
         "prepare": ("out", "rows_read", "rows_kept", "rejected_total", "truncated", "vocab_size"),
         "train": ("run", "global_step", "best_val_loss", "token_accuracy", "exact_match", "test_items"),
         "encode": ("store", "items_written", "items_skipped", "encoding_size", "items_per_s"),
-        "classify": ("out", "accuracy", "macro_f1", "majority_accuracy", "linear_probe_accuracy"),
+        "classify": (
+            "out",
+            "accuracy",
+            "macro_f1",
+            "majority_accuracy",
+            "linear_probe_accuracy",
+            "bag_of_tokens_accuracy",
+        ),
         "export": ("out", "rows"),
     }[name]
     brief = {k: summary.get(k) for k in keys if k in summary}
