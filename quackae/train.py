@@ -86,7 +86,7 @@ class TrainConfig(TrainerFlags):
     lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate"})
     lr_min: float = field(default=1e-5, metadata={"help": "cosine-annealing floor"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and the token predictor's input"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout on embeddings and the token predictor's input"})
     teacher_forcing: float = field(default=1.0, metadata={"help": "share of batches decoded with teacher forcing"})
     denoise: float = field(default=0.0, metadata={"help": "probability of corrupting each encoder input token"})
     denoise_mode: str = field(
@@ -99,7 +99,7 @@ class TrainConfig(TrainerFlags):
             "choices": POOLINGS,
         },
     )
-    word_dropout: float = field(default=0.0, metadata={"help": "share of decoder input tokens replaced by [UNK]"})
+    word_dropout: float = field(default=0.3, metadata={"help": "share of decoder input tokens replaced by [UNK]"})
     attention_dropout: float = field(
         default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
     )
