@@ -41,7 +41,7 @@ class ModelFlags:
         metadata={"help": "delete or mask ([UNK]) corrupted tokens", "choices": DENOISE_MODES},
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on embeddings and the token predictor's input"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout on embeddings and the token predictor's input"})
     pooling: str = field(
         default="final+mean",
         metadata={
@@ -50,7 +50,7 @@ class ModelFlags:
         },
     )
     word_dropout: float = field(
-        default=0.0, metadata={"help": "share of decoder input tokens replaced by [UNK] in training"}
+        default=0.3, metadata={"help": "share of decoder input tokens replaced by [UNK] in training"}
     )
     attention_dropout: float = field(
         default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
