@@ -15,6 +15,7 @@ from quackae.model import QuackAutoEncoder
 
 def tiny(**kwargs) -> QuackAutoEncoder:
     defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "pooling": "final"}
+    defaults.update(dropout=0.0, word_dropout=0.0)  # the plain model: the regularisers have tests of their own
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 
@@ -115,7 +116,9 @@ def test_max_decode_length_limits_the_loss_to_the_first_steps():
 def test_overfits_random_sequences():
     torch.manual_seed(0)
     x = random_padded(64, 20, 3, 12, seed=6)
-    model = QuackAutoEncoder(20, embed_size=32, hidden_size=64, learning_rate=1e-2).train()
+    model = QuackAutoEncoder(
+        20, embed_size=32, hidden_size=64, learning_rate=1e-2, dropout=0.0, word_dropout=0.0
+    ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     accuracy = 0.0
     step = 0

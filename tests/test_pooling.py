@@ -16,6 +16,7 @@ from quackae.modelconfig import POOLINGS
 
 def tiny(**kwargs) -> QuackAutoEncoder:
     defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "mask_id": 1, "pooling": "final"}
+    defaults.update(dropout=0.0, word_dropout=0.0)  # switches off unless a test turns one on
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 
