@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from quackae.checkpoints import load_model
 from quackae.encode import EncodeConfig, encode
-from quackae.model import load_model
-from quackae.prepare import COMPLETE, PrepareConfig, load_prepared, prepare
+from quackae.prepare import PrepareConfig, prepare
+from quackae.prepared import COMPLETE, load_prepared
 from quackae.store import EncodingStore
 from quackae.tokenizer import decode
 from quackae.train import TrainConfig, train

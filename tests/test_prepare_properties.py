@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, load_prepared, prepare
+from quackae.prepare import PrepareConfig, prepare
+from quackae.prepared import load_prepared
 from quackae.tokenizer import decode
 
 SCALARS = st.one_of(

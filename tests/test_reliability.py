@@ -18,7 +18,8 @@ import torch
 
 from quackae.cli import main, user_error
 from quackae.errors import QuackError
-from quackae.prepare import COMPLETE, PrepareConfig, load_prepared, prepare
+from quackae.prepare import PrepareConfig, prepare
+from quackae.prepared import COMPLETE, load_prepared
 from quackae.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from quackae.checkpoints import AtomicCheckpointIO
 from quackae.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
-from quackae.train import AtomicCheckpointIO, TrainConfig, train
+from quackae.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 
