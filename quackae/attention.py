@@ -76,14 +76,26 @@ class AttentionModule(nn.Module):
     """Turns scores into weights (masked softmax over T) and a context vector."""
 
     def forward(
-        self, states: torch.Tensor, attention_scores: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        states: torch.Tensor,
+        attention_scores: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        check: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``states`` (B, T, H), ``attention_scores`` (B, T, 1), ``mask`` bool (B, T) or None.
 
         Returns ``(context (B, H), weights (B, T, 1))``; masked weights are exactly 0 and each
-        row's weights sum to 1. Raises ``ValueError`` for a row whose mask is all False.
+        row's weights sum to 1. Raises ``ValueError`` for a row whose mask is all False (unless
+        ``check`` is off: a caller that guarantees non-empty rows skips the host sync).
         """
         if attention_scores.dim() != 3 or attention_scores.size(-1) != 1:
             raise ValueError(f"attention_scores must be (B, T, 1), got {tuple(attention_scores.shape)}")
-        context, weights = attend(states, attention_scores, mask)  # (B, 1, H), (B, T, 1)
+        context, weights = attend(states, attention_scores, mask, check)  # (B, 1, H), (B, T, 1)
         return context.squeeze(1), weights  # (B, H), (B, T, 1)
+
+    def attend_all(
+        self, states: torch.Tensor, attention_scores: torch.Tensor, mask: torch.Tensor | None = None, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every decoder step at once: scores (B, T, S) -> ``(context (B, S, H), weights (B, T, S))``, the same
+        numbers as ``forward`` step by step."""
+        return attend(states, attention_scores, mask, check)  # (B, S, H), (B, T, S)

@@ -13,7 +13,6 @@ Shape glossary: N items, H encoding size, C classes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -33,6 +32,7 @@ from quackae.atomic import atomic_file, write_atomic
 from quackae.errors import QuackError
 from quackae.render import confusion_image, save_png
 from quackae.runtime import TrainerFlags
+from quackae.selection import id_hash, is_labelled
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def stratified_split(
         if len(positions) < 3:
             small.append(label)
             continue
-        positions.sort(key=lambda p: hashlib.blake2b(str(int(ids[p])).encode(), key=key, digest_size=8).digest())
+        positions.sort(key=lambda p: id_hash(ids[p], key))
         n_test = max(1, round(len(positions) * test_fraction))
         n_val = max(1, round(len(positions) * val_fraction))
         for rank, position in enumerate(positions):
@@ -294,7 +294,7 @@ def _labels_of(metadata: list[dict[str, Any]], field_name: str, unlabeled: str |
     labels = []
     for m in metadata:
         value = m.get(field_name)
-        labels.append(None if value is None or str(value) == str(unlabeled) else str(value))
+        labels.append(str(value) if is_labelled(value, unlabeled) else None)
     return labels
 
 
@@ -485,7 +485,8 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
             f"{config.store} holds {matrix.shape[1]}-d encodings, the classifier in {directory} "
             f"expects {model.hparams.input_size}"
         )
-    labels = [None if m.get(config.label_field) is None else str(m.get(config.label_field)) for m in metadata]
+    values = [m.get(config.label_field) for m in metadata]
+    labels = [str(v) if is_labelled(v, config.unlabeled_value) else None for v in values]
     with torch.no_grad():
         probabilities = F.softmax(model(torch.from_numpy(matrix)), dim=-1).numpy()
     predicted = probabilities.argmax(axis=1)

@@ -11,7 +11,6 @@ Shape glossary: B batch size, T longest item in the batch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -24,20 +23,14 @@ import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from quackae.selection import id_hashes
+
 log = logging.getLogger(__name__)
 
 
 def split_of(ids: Sequence[int], seed: int, val_fraction: float, test_fraction: float) -> np.ndarray:
     """0 (train), 1 (val) or 2 (test) per id, from a hash of (seed, id): stable across runs and machines."""
-    salt = str(seed).encode()
-    position = np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(str(int(i)).encode(), digest_size=8, key=salt[:64]).digest(), "big")
-            for i in ids
-        ),
-        dtype=np.uint64,
-        count=len(ids),
-    ) / float(2**64)  # uniform in [0, 1)
+    position = id_hashes(ids, str(seed))  # uniform in [0, 1)
     split = np.zeros(len(ids), dtype=np.int8)
     split[position < test_fraction + val_fraction] = 1
     split[position < test_fraction] = 2
@@ -133,10 +126,11 @@ class BucketBatchSampler(Sampler[list[int]]):
 class TokenizedDataset(Dataset):
     """A prepared HF dataset fetched a batch at a time (``__getitems__``), padded by ``collate``."""
 
-    def __init__(self, dataset: Any, pad_id: int, with_metadata: bool) -> None:
+    def __init__(self, dataset: Any, pad_id: int, with_metadata: bool, attention: bool = False) -> None:
         self.dataset = dataset
         self.pad_id = pad_id
         self.with_metadata = with_metadata
+        self.attention = attention
         self.metadata_columns = [c for c in dataset.column_names if c not in ("input_ids", "length")]
         self._view = dataset.select_columns(["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"])
 
@@ -149,14 +143,15 @@ class TokenizedDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         return self._view[indices]
 
-    def collate(self, rows: dict[str, Any]) -> torch.Tensor | tuple[list[dict[str, Any]], torch.Tensor]:
-        """Column batch -> LongTensor (B, T), or ``(metadata list, LongTensor (B, T))`` with metadata."""
+    def collate(self, rows: dict[str, Any]) -> torch.Tensor | tuple[Any, ...]:
+        """Column batch -> LongTensor (B, T), or ``(metadata list, LongTensor (B, T))`` with metadata, and
+        ``(metadata, x, True)`` when the batch asks the model for attention maps."""
         x = pad_batch(rows["input_ids"], self.pad_id)  # (B, T)
         if not self.with_metadata:
             return x
         names = self.metadata_columns
         metadata = [dict(zip(names, values, strict=True)) for values in zip(*(rows[n] for n in names), strict=True)]
-        return metadata, x
+        return (metadata, x, True) if self.attention else (metadata, x)
 
 
 class TokenizedDataModule(pl.LightningDataModule):
@@ -173,6 +168,7 @@ class TokenizedDataModule(pl.LightningDataModule):
         bucket: bool = True,
         pad_id: int | None = None,
         predict_indices: Sequence[int] | None = None,
+        predict_attention: bool = False,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -193,6 +189,7 @@ class TokenizedDataModule(pl.LightningDataModule):
         self.bucket = bucket
         self.pad_id = pad_id
         self.predict_indices = predict_indices
+        self.predict_attention = predict_attention  # predict batches ask the model for attention maps too
         self.dataset: Any = None
         self.tokenizer: Any = None
         self.splits: dict[str, np.ndarray] = {}
@@ -229,7 +226,9 @@ class TokenizedDataModule(pl.LightningDataModule):
             return 1, 0
         return trainer.world_size, trainer.global_rank
 
-    def _loader(self, indices: np.ndarray, shuffle: bool, with_metadata: bool, even: bool) -> DataLoader:
+    def _loader(
+        self, indices: np.ndarray, shuffle: bool, with_metadata: bool, even: bool, attention: bool = False
+    ) -> DataLoader:
         replicas, rank = self._replicas()
         sampler = BucketBatchSampler(
             indices,
@@ -242,7 +241,7 @@ class TokenizedDataModule(pl.LightningDataModule):
             rank=rank,
             even=even,
         )
-        dataset = TokenizedDataset(self.dataset, self.pad_id, with_metadata)
+        dataset = TokenizedDataset(self.dataset, self.pad_id, with_metadata, attention)
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
             dataset,
@@ -269,4 +268,4 @@ class TokenizedDataModule(pl.LightningDataModule):
             if self.predict_indices is None
             else np.asarray(self.predict_indices, dtype=np.int64)
         )
-        return self._loader(indices, shuffle=False, with_metadata=True, even=False)
+        return self._loader(indices, shuffle=False, with_metadata=True, even=False, attention=self.predict_attention)

@@ -194,13 +194,13 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             job=job,
             known_ids=existing,
         )
-        model.predict_attention = config.png == "attention"
         datamodule = TokenizedDataModule(
             config.data,
             batch_size=config.batch_size,
             num_workers=config.num_workers,
             pad_id=model.pad_id,
             predict_indices=todo,
+            predict_attention=config.png == "attention",
         )
         trainer = pl.Trainer(
             callbacks=[writer],

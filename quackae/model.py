@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from quackae.attention import AttentionModule, AttentionScore, attend, attention_scores
+from quackae.attention import AttentionModule, AttentionScore
 from quackae.modelconfig import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -201,8 +201,8 @@ class QuackAutoEncoder(pl.LightningModule):
         """One decoder step: ``token_embed`` (B, E), ``hidden`` (L, B, H) -> logits (B, V), hidden, weights (B, T)."""
         out, hidden = self.decoder(token_embed.unsqueeze(1), hidden)  # (B, 1, H), (L, B, H)
         scores = self.attention_score(states, out)  # (B, T, 1)
-        context, weights = attend(states, scores, mask, check=False)  # (B, 1, H), (B, T, 1)
-        logits = self.predict(self.drop(torch.cat([context, out], dim=-1))).squeeze(1)  # (B, 1, 2H) -> (B, V)
+        context, weights = self.attention(states, scores, mask, check=False)  # (B, H), (B, T, 1)
+        logits = self.predict(self.drop(torch.cat([context, out.squeeze(1)], dim=-1)))  # (B, 2H) -> (B, V)
         return logits, hidden, weights.squeeze(-1)
 
     def _steps(self, width: int) -> int:
@@ -238,8 +238,8 @@ class QuackAutoEncoder(pl.LightningModule):
         # The decoder is causal, so outputs at real positions never see the padding after them: one
         # unpacked call is exact and lets the fused (oneDNN / cuDNN) kernel run.
         decoded, _ = self.decoder(inputs, self._initial_hidden(encoding))  # (B, S, H)
-        scores = attention_scores(states, decoded)  # (B, T, S)
-        context, _ = attend(states, scores, enc_mask, check=False)  # (B, S, H)
+        scores = self.attention_score(states, decoded)  # (B, T, S)
+        context, _ = self.attention.attend_all(states, scores, enc_mask, check=False)  # (B, S, H)
         if self.training and self.hparams.attention_dropout > 0:
             shown = torch.rand(context.shape[:2], device=context.device) >= self.hparams.attention_dropout  # (B, S)
             context = context * shown.unsqueeze(-1).to(context.dtype)  # (B, S, H), zero where dropped
@@ -334,22 +334,22 @@ class QuackAutoEncoder(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
         """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, encoding_size))``, pooled as ``pooling`` says.
 
-        With ``predict_attention`` set (``quackae encode --png attention``) a third element holds
-        the greedy reconstruction's attention weights (B, S, T) for the heat maps.
+        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for
+        ``quackae encode --png attention``) also asks for the greedy reconstruction: a third element
+        ``(attention (B, S, T), tokens (B, S), x (B, T))`` for the heat maps.
         """
-        metadata, x = batch
-        if not getattr(self, "predict_attention", False):
-            encoding, _ = self(x)
-            return metadata, encoding
+        metadata, x, *request = batch
         encoding, _ = self(x)  # (B, encoding_size)
-        tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)
-        return metadata, encoding, (attention,)
+        if not (request and request[0]):
+            return metadata, encoding
+        tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)  # (B, S), (B, S, T)
+        return metadata, encoding, (attention, tokens, x)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move only the token tensor of a ``(metadata, x)`` batch: walking the metadata dicts costs more
         than the encoder on short items."""
-        if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], list):
-            return batch[0], batch[1].to(device, non_blocking=True)
+        if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[0], list):
+            return batch[0], batch[1].to(device, non_blocking=True), *batch[2:]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_optimizers(self) -> dict[str, Any]:

@@ -26,6 +26,11 @@ def id_hash(index: int, key: bytes | str = b"") -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
+def id_hashes(ids: Sequence[int], key: bytes | str = b"") -> np.ndarray:
+    """``id_hash`` of every id (float64 (N,)): the data split, the classifier's split and probe subsets order by it."""
+    return np.fromiter((id_hash(i, key) for i in ids), dtype=np.float64, count=len(ids))
+
+
 def keep_item(
     metadata: dict[str, Any],
     *,

@@ -357,17 +357,20 @@ class AutoencoderWriter(BasePredictionWriter):
             self._pngs += count
         if not count:
             return
-        from quackae.render import attention_image, encoding_image
+        from quackae.render import encoding_image, item_attention_image, save_png
+        from quackae.tokenizer import special_ids
 
         assert self._staging is not None
         for row in range(count):
             index = int(ids[row])
-            if self.png == "attention" and extra is not None:
-                image = attention_image(extra[0][row])
+            if self.png == "attention" and extra is not None and self.tokenizer is not None:
+                weights, output_ids, input_ids = (e[row] for e in extra)  # (S, T), (S,), (T,)
+                ids = special_ids(self.tokenizer)
+                image = item_attention_image(self.tokenizer, weights, input_ids, output_ids, ids.pad, ids.eos)
             else:
                 image = encoding_image(matrix[row])
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            save_png(image, buffer)
             folder = self.storage_path / item_path(index, dir_only=True)
             folder.mkdir(parents=True, exist_ok=True)
             write_atomic(folder / f"{index}.png", buffer.getvalue(), self._staging, durable=False)

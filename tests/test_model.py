@@ -160,10 +160,10 @@ def test_reconstruct_pads_after_eos_and_stops_when_every_item_has_ended():
             super().__init__()
             self.step = 0
 
-        def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, 1, 2H) -> (B, 1, V)
-            logits = torch.zeros(features.size(0), 1, 20)
+        def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, 2H) -> (B, V)
+            logits = torch.zeros(features.size(0), 20)
             for row in range(features.size(0)):
-                logits[row, 0, 2 if self.step == row else 5] = 10.0
+                logits[row, 2 if self.step == row else 5] = 10.0
             self.step += 1
             return logits
 

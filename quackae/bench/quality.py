@@ -16,7 +16,6 @@ site-packages, parsed, never imported) or a JSONL file with ``text`` and ``label
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from quackae.errors import QuackError
+from quackae.selection import id_hash
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _probe_subset(ids: np.ndarray, labels: list[str], per_label: int, seed: int)
         by_label.setdefault(label, []).append(position)
     keep: list[int] = []
     for _, positions in sorted(by_label.items()):
-        positions.sort(key=lambda p: hashlib.blake2b(str(int(ids[p])).encode(), key=key, digest_size=8).digest())
+        positions.sort(key=lambda p: id_hash(ids[p], key))
         keep.extend(positions[:per_label])
     return np.asarray(sorted(keep), dtype=np.int64)
 
