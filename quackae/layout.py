@@ -198,6 +198,7 @@ def shard_table(ids: np.ndarray, matrix: np.ndarray, columns: Any, provenance: d
     encoding = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])  # (N*H,) -> N x H
     arrays, names = [pa.array(ids), encoding], ["id", "encoding"]
     if columns is not None:
+        columns = columns.combine_chunks()  # one record batch per shard: readers map `encoding` without copying
         for name in columns.column_names:
             if name not in ("id", "encoding"):
                 arrays.append(columns.column(name))
