@@ -167,6 +167,7 @@ def shard_table(ids: np.ndarray, matrix: np.ndarray, columns: Any, provenance: d
     encoding = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])  # (N*H,) -> N x H
     arrays, names = [pa.array(ids), encoding], ["id", "encoding"]
     if columns is not None:
+        columns = columns.combine_chunks()  # one record batch per shard: readers map `encoding` without copying
         for name in columns.column_names:
             if name not in ("id", "encoding"):
                 arrays.append(columns.column(name))
@@ -201,6 +202,13 @@ def write_shard(table: Any, staging: Path, shards: Path, name: str) -> Path:
     return final
 
 
+def _corrupt(path: Path, reason: str, what: str = "shard") -> QuackError:
+    """The one-line error for a damaged unit; ``reason`` alone is kept for the quarantine message."""
+    error = QuackError(f"{what} {path} is corrupt ({reason}); rerun quackae encode to quarantine and redo it")
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
+
+
 def open_shard(path: Path) -> Any:
     """The memory-mapped Arrow table of one shard; ``QuackError`` naming the file if it does not parse."""
     import pyarrow as pa
@@ -209,14 +217,14 @@ def open_shard(path: Path) -> Any:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise QuackError(f"shard {path} is corrupt ({error}); rerun quackae encode to quarantine and redo it") from None
+        raise _corrupt(path, str(error)) from None
     names = table.column_names
     if "id" not in names or "encoding" not in names:
-        raise QuackError(f"shard {path} is corrupt (no id/encoding column); rerun quackae encode to redo it")
+        raise _corrupt(path, "no id/encoding column")
     if not pa.types.is_int64(table.schema.field("id").type) or not pa.types.is_fixed_size_list(
         table.schema.field("encoding").type
     ):
-        raise QuackError(f"shard {path} is corrupt (unexpected column types); rerun quackae encode to redo it")
+        raise _corrupt(path, "unexpected column types")
     return table
 
 

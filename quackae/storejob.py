@@ -280,7 +280,7 @@ def stored_ids_checked(
                     raise QuackError("it repeats ids")
             except QuackError as error:
                 if move:
-                    quarantine(store, path, str(error))
+                    quarantine(store, path, getattr(error, "reason", str(error)))
                 continue
             seen.update(ids.tolist())
             chunks.append(ids)
