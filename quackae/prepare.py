@@ -16,12 +16,10 @@ prepare it again.
 
 from __future__ import annotations
 
-import csv
 import ctypes
 import errno
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -37,6 +35,7 @@ import numpy as np
 from quackae.atomic import fsync_dir, fsync_tree, write_atomic
 from quackae.errors import QuackError, StrictError
 from quackae.prepared import COMPLETE
+from quackae.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.tokenizer import (
     EOS,
     MIN_VOCAB,
@@ -49,22 +48,9 @@ from quackae.tokenizer import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("jsonl", "json", "csv", "parquet", "txt")
-_EXTENSIONS = {
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".txt": "txt",
-    ".text": "txt",
-}
-_RESERVED = ("input_ids", "length")
 MAX_EXAMPLES = 20
-MAX_ID = 2**63  # ids are int64
 MAX_VOCAB = 2**24
 _OWN_NAMES = {"dataset", "tokenizer.json", "prepare.json", COMPLETE, ".dataset.tmp"}
-_DECIMAL = re.compile(r"-?[0-9]+")  # ASCII digits only: "²" or "٣٥" are not ids
 
 
 @dataclass(frozen=True)
@@ -121,231 +107,6 @@ class PrepareConfig:
             raise ValueError(f"--min-frequency must be at least 1, got {self.min_frequency}")
 
 
-@dataclass
-class _Rows:
-    """Rows of all inputs as columns, with where each came from."""
-
-    columns: dict[str, list[Any]] = field(default_factory=dict)
-    where: list[tuple[int, int]] = field(default_factory=list)  # (file index, line number)
-    count: int = 0
-    rejected: list[tuple[int, int, str]] = field(default_factory=list)  # malformed rows: (file, line, reason)
-
-    def add(self, records: dict[str, list[Any]], where: list[tuple[int, int]]) -> None:
-        n = len(where)
-        for name in set(self.columns) | set(records):
-            column = self.columns.setdefault(name, [None] * self.count)
-            column.extend(records.get(name, [None] * n))
-        self.where.extend(where)
-        self.count += n
-
-
-def _format_of(path: Path, forced: str | None) -> str:
-    if forced:
-        return forced
-    fmt = _EXTENSIONS.get(path.suffix.lower())
-    if fmt is None:
-        raise QuackError(f"cannot tell the format of {path} from its extension; pass --format ({', '.join(FORMATS)})")
-    if fmt == "json":
-        with path.open("rb") as handle:
-            head = handle.read(4096)
-        if not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
-            fmt = "jsonl"  # JSON lines in a .json file
-    return fmt
-
-
-def _read_jsonl(path: Path, file_index: int, rows: _Rows) -> None:
-    records: dict[str, list[Any]] = {}
-    where = []
-    n = 0
-    with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
-        try:
-            for line_number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    rows.rejected.append((file_index, line_number, f"malformed JSON ({error.msg})"))
-                    continue
-                if not isinstance(record, dict):
-                    rows.rejected.append((file_index, line_number, "malformed JSON (not an object)"))
-                    continue
-                for name, value in record.items():
-                    column = records.get(name)
-                    if column is None:
-                        column = records[name] = [None] * n
-                    column.append(value)
-                n += 1
-                for column in records.values():
-                    if len(column) < n:
-                        column.append(None)
-                where.append((file_index, line_number))
-        except UnicodeDecodeError as error:
-            raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    rows.add(records, where)
-
-
-def _read_json_array(path: Path, file_index: int, rows: _Rows) -> None:
-    """A ``.json`` file holding one array of objects; row numbers are 1-based positions in the array."""
-    try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as error:
-        raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise QuackError(f"cannot read {path} as json: {error.msg} at line {error.lineno}") from None
-    if not isinstance(records, list):
-        raise QuackError(f"cannot read {path} as json: expected an array of objects")
-    columns: dict[str, list[Any]] = {}
-    where = []
-    for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            rows.rejected.append((file_index, number, "malformed JSON (not an object)"))
-            continue
-        n = len(where)
-        for name, value in record.items():
-            columns.setdefault(name, [None] * n).append(value)
-        where.append((file_index, number))
-        for column in columns.values():
-            if len(column) < n + 1:
-                column.append(None)
-    rows.add(columns, where)
-
-
-def _read_txt(path: Path, file_index: int, rows: _Rows) -> None:
-    """One text per line (line breaks dropped), a UTF-8 byte-order mark allowed."""
-    try:
-        with path.open("r", encoding="utf-8-sig", errors="strict", newline=None) as handle:
-            texts = [line.rstrip("\n") for line in handle]
-    except UnicodeDecodeError as error:
-        raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    rows.add({"text": texts}, [(file_index, number) for number in range(1, len(texts) + 1)])
-
-
-def _csv_record_lines(path: Path) -> list[int] | None:
-    """The physical line each CSV record after the header starts on (quoted fields may span lines)."""
-    try:
-        with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as handle:
-            reader = csv.reader(handle)
-            lines, previous = [], 0
-            for record in reader:
-                if record:
-                    lines.append(previous + 1)
-                previous = reader.line_num
-    except (UnicodeDecodeError, csv.Error):
-        return None
-    return lines[1:]
-
-
-def _read_with_datasets(path: Path, fmt: str, file_index: int, rows: _Rows, cache_dir: str) -> None:
-    import datasets
-
-    if fmt == "json":
-        return _read_json_array(path, file_index, rows)
-    if fmt == "txt":
-        return _read_txt(path, file_index, rows)
-    builder = {"csv": "csv", "parquet": "parquet"}[fmt]
-    kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
-    try:
-        table = datasets.load_dataset(
-            builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs
-        )
-    except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise QuackError(f"cannot read {path} as {fmt}: {message}") from None
-    records = table.to_dict()
-    numbers = list(range(1, table.num_rows + 1))  # parquet: row numbers from 1
-    if fmt == "csv":
-        lines = _csv_record_lines(path)
-        numbers = lines if lines is not None and len(lines) == table.num_rows else [n + 1 for n in numbers]
-    rows.add(records, [(file_index, number) for number in numbers])
-
-
-def _check_id(value: Any) -> tuple[int | None, str | None]:
-    """(id, None) for a usable id, else (None, reason)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None, "missing id"
-    if isinstance(value, bool):
-        return None, "non-integer id"
-    if isinstance(value, (int, np.integer)):
-        number = int(value)
-    elif isinstance(value, (float, np.floating)) and float(value).is_integer():
-        if abs(value) >= 2**53:  # beyond this a float no longer holds every integer exactly
-            return None, "id out of range"
-        number = int(value)
-    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
-        number = int(value.strip())
-    else:
-        return None, "non-integer id"
-    if number < 0:
-        return None, "negative id"
-    if number >= MAX_ID:
-        return None, "id out of range"
-    return number, None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _validate(
-    rows: _Rows, text_field: str, id_field: str | None
-) -> tuple[list[int], list[int], list[tuple[int, int, str]]]:
-    """Indices of the rows kept, their ids, and (file, line, reason) for each row rejected."""
-    texts = rows.columns[text_field]
-    ids = rows.columns[id_field] if id_field else None
-    kept, kept_ids, rejected = [], [], list(rows.rejected)
-    seen: set[int] = set()
-    for i in range(rows.count):
-        text = texts[i]
-        reason = None
-        if text is None:
-            reason = "null text"
-        elif not isinstance(text, str):
-            reason = "non-string text"
-        elif not text.strip():
-            reason = "empty text"
-        elif not _encodable(text):
-            reason = "invalid text (lone surrogate)"
-        number = i
-        if reason is None and ids is not None:
-            number, reason = _check_id(ids[i])
-            if reason is None and number in seen:
-                reason = "duplicate id"
-        if reason is not None:
-            rejected.append((*rows.where[i], reason))
-            continue
-        seen.add(number)
-        kept.append(i)
-        kept_ids.append(number)
-    return kept, kept_ids, rejected
-
-
-def _metadata_columns(rows: _Rows, kept: list[int], exclude: set[str]) -> dict[str, list[Any]]:
-    import pyarrow as pa
-
-    columns = {}
-    for name, values in rows.columns.items():
-        if name in exclude:
-            continue
-        if name in _RESERVED or name == "id":
-            hint = " or pass --id-field id" if name == "id" else ""
-            raise QuackError(f"input column {name!r} clashes with the {name!r} column quackae writes; rename it{hint}")
-        column = [values[i] for i in kept]
-        try:
-            pa.array(column)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, UnicodeEncodeError):
-            log.warning("metadata column %r mixes value types; storing it as JSON strings", name)
-            column = [None if v is None else json.dumps(v, ensure_ascii=False) for v in column]
-            if not all(v is None or _encodable(v) for v in column):
-                column = [None if v is None else json.dumps(json.loads(v)) for v in column]  # escape lone surrogates
-        columns[name] = column
-    return columns
-
-
 def _length_stats(lengths: np.ndarray) -> dict[str, float]:
     if lengths.size == 0:
         return {}
@@ -378,15 +139,15 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     datasets.disable_caching()
-    rows = _Rows()
-    formats = [_format_of(path, config.format) for path in paths]
+    rows = Rows()
+    formats = [format_of(path, config.format) for path in paths]
     with tempfile.TemporaryDirectory(prefix="quackae-read-") as cache_dir:
         for index, (path, fmt) in enumerate(zip(paths, formats, strict=True)):
             log.info("reading %s (%s)", path, fmt)
             if fmt == "jsonl":
-                _read_jsonl(path, index, rows)
+                read_jsonl(path, index, rows)
             else:
-                _read_with_datasets(path, fmt, index, rows, cache_dir)
+                read_with_datasets(path, fmt, index, rows, cache_dir)
     text_field = "text" if all(fmt == "txt" for fmt in formats) else config.text_field
     columns = sorted(rows.columns)
     if rows.count and text_field not in rows.columns:
@@ -399,7 +160,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         log.info("no %r column: ids are the row numbers", config.id_field)
     if rows.count == 0 and not rows.rejected:
         raise QuackError(f"no rows in {', '.join(map(str, paths))}")
-    kept, ids, rejected = _validate(rows, text_field, id_field) if rows.count else ([], [], list(rows.rejected))
+    kept, ids, rejected = validate(rows, text_field, id_field) if rows.count else ([], [], list(rows.rejected))
     rejected.sort()
     reasons = Counter(reason for _, _, reason in rejected)
     examples = [{"file": str(paths[f]), "line": line, "reason": reason} for f, line, reason in rejected[:MAX_EXAMPLES]]
@@ -426,7 +187,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     if ids_special.eos is None:
         raise QuackError(f"the tokenizer has no {EOS} token; train one with quackae prepare (no --tokenizer)")
 
-    metadata = _metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
+    metadata = metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
     table = datasets.Dataset.from_dict({"id": ids, text_field: texts, **metadata})
     mapped = table.map(
         tokenize_batch,

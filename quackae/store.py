@@ -1,4 +1,4 @@
-"""``EncodingStore``: read a store that ``quackae encode`` wrote (either layout), and ``quackae export`` it.
+"""``EncodingStore``: read a store that ``quackae encode`` wrote (either layout), for every reader.
 
 Shards are memory-mapped Arrow IPC files; items are read with ``numpy.load(..., allow_pickle=False)``.
 Reading a store never executes code. Glossary: N items, H encoding size.

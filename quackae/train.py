@@ -1,4 +1,4 @@
-"""``quackae train`` and ``quackae reconstruct``.
+"""``quackae train``: fit a ``QuackAutoEncoder`` on a prepared directory.
 
 ``train`` fits a ``QuackAutoEncoder`` on a prepared directory with a Lightning ``Trainer``
 (checkpoints best-by-val-loss and last, early stopping, LR monitor, CSV metrics, gradient
@@ -278,7 +278,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} "
         f"({'best' if has_best else 'last'} checkpoint {evaluated})"
     )
-    from quackae.plot import write_curves
+    from quackae.curves import write_curves
 
     write_curves(out)  # RUN/curves.png
     return {**summary, "lines": lines}

@@ -3,8 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quackae.classifier import ClassifyConfig, classification_report, classify, stratified_split
+from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
+from quackae.probes import classification_report, stratified_split
 from quackae.writer import AutoencoderWriter
 
 

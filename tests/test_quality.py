@@ -11,8 +11,9 @@ import pytest
 
 from quackae.bench import BenchConfig
 from quackae.bench.quality import _probe_subset, parse_options, quality_run
-from quackae.classifier import ClassifyConfig, bag_of_tokens, classify, store_token_sequences
+from quackae.classifier import ClassifyConfig, classify
 from quackae.corpus import site_docstrings
+from quackae.probes import bag_of_tokens, store_token_sequences
 
 
 def test_bag_of_tokens_matches_a_counter():

@@ -135,11 +135,11 @@ def quality_run(
     figures as a dict (see the module docstring).
     """
     from quackae.checkpoints import load_model
-    from quackae.classifier import bag_of_tokens, linear_probe, stratified_split
     from quackae.model import QuackAutoEncoder
     from quackae.modelconfig import POOLINGS
     from quackae.prepare import PrepareConfig, prepare
     from quackae.prepared import load_prepared
+    from quackae.probes import bag_of_tokens, linear_probe, stratified_split
     from quackae.train import TrainConfig, train
 
     options = dict(options or {})

@@ -1,0 +1,146 @@
+"""What a classifier's figures are measured against: the split, the report and the baselines.
+
+``stratified_split`` orders each class by the keyed id hash (``selection.id_hash``) and deals out
+test, validation and training items; ``classification_report`` gives accuracy, macro-F1, per-class
+figures and the confusion matrix; ``linear_probe`` is softmax regression (L-BFGS) on standardised
+features, run on the stored encodings and on ``bag_of_tokens`` of the same items.
+
+Shape glossary: N items, F features, C classes, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quackae.selection import id_hash
+
+log = logging.getLogger(__name__)
+
+
+def stratified_split(
+    ids: np.ndarray, labels: list[str], seed: int, val_fraction: float, test_fraction: float
+) -> tuple[np.ndarray, list[str]]:
+    """0/1/2 (train/val/test) per item, stratified by label and ordered by a keyed hash of the id."""
+    split = np.zeros(len(ids), dtype=np.int8)
+    small = []
+    key = str(seed).encode()
+    by_class: dict[str, list[int]] = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    for label, positions in sorted(by_class.items()):
+        if len(positions) < 3:
+            small.append(label)
+            continue
+        positions.sort(key=lambda p: id_hash(ids[p], key))
+        n_test = max(1, round(len(positions) * test_fraction))
+        n_val = max(1, round(len(positions) * val_fraction))
+        for rank, position in enumerate(positions):
+            split[position] = 2 if rank < n_test else 1 if rank < n_test + n_val else 0
+    return split, small
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def classification_report(true: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true)."""
+    count = len(classes)
+    confusion = np.zeros((count, count), dtype=np.int64)
+    np.add.at(confusion, (true, predicted), 1)
+    per_class, f1s = {}, []
+    for k, name in enumerate(classes):
+        tp = int(confusion[k, k])
+        precision = tp / max(int(confusion[:, k].sum()), 1)
+        recall = tp / max(int(confusion[k].sum()), 1)
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": int(confusion[k].sum()),
+        }
+        if confusion[k].sum():
+            f1s.append(f1)
+    accuracy = float((true == predicted).mean()) if len(true) else float("nan")
+    return {
+        "accuracy": round(accuracy, 4),
+        "macro_f1": round(float(np.mean(f1s)) if f1s else 0.0, 4),
+        "per_class": per_class,
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    classes: int,
+    seed: int,
+    weight_decay: float = 1e-3,
+    steps: int = 300,
+) -> np.ndarray:
+    """Softmax regression on standardised features (full-batch L-BFGS); returns test predictions."""
+    torch.manual_seed(seed)
+    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    x = torch.from_numpy((train_x - mean) / std)
+    y = torch.from_numpy(train_y)
+    layer = nn.Linear(x.size(1), classes)
+    optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(layer(x), y) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
+
+
+def bag_of_tokens(sequences: list[list[int]], vocab_size: int) -> np.ndarray:
+    """Token counts (N, V) float32 of token id lists: row n, column v counts id v in item n."""
+    counts = np.zeros((len(sequences), vocab_size), dtype=np.float32)
+    rows = np.repeat(np.arange(len(sequences)), [len(s) for s in sequences])
+    columns = np.fromiter((t for s in sequences for t in s), dtype=np.int64, count=len(rows))
+    np.add.at(counts, (rows, columns), 1.0)
+    return counts
+
+
+def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[dict[str, Any]]) -> tuple[Any, str]:
+    """Token ids of each item ``ids`` of a store, as the run's tokenizer gives them: ``(lists, vocab size)``
+    and where they came from, or ``(None, why not)``.
+
+    Reads the prepared dataset the store's ``manifest.json`` names (``dataset``: the exact ids the
+    encoder saw); when that is gone, tokenizes the items' ``text`` metadata with the manifest's
+    ``tokenizer``. An exported Parquet file carries no manifest, so it gets ``None``.
+    """
+    manifest_file = Path(source) / "manifest.json"
+    if not manifest_file.is_file():
+        return None, f"{source} has no manifest.json naming the run's tokenizer"
+    manifest = json.loads(manifest_file.read_text())
+    dataset_dir, tokenizer_file = manifest.get("dataset"), manifest.get("tokenizer")
+    vocab = None
+    if tokenizer_file and Path(tokenizer_file).is_file():
+        from quackae.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_file)
+        vocab = tokenizer.get_vocab_size()
+    if dataset_dir and (Path(dataset_dir) / "dataset").exists() and vocab is not None:
+        import datasets
+
+        table = datasets.load_from_disk(str(Path(dataset_dir) / "dataset")).select_columns(["id", "input_ids"])
+        columns = table.to_dict()
+        position = {int(i): k for k, i in enumerate(columns["id"])}
+        if all(int(i) in position for i in ids):
+            return ([columns["input_ids"][position[int(i)]] for i in ids], vocab), f"{dataset_dir}/dataset input_ids"
+    if vocab is not None and all(isinstance(m.get("text"), str) for m in metadata):
+        encoded = tokenizer.encode_batch([m["text"] for m in metadata], add_special_tokens=False)
+        return ([e.ids for e in encoded], vocab), f"text metadata tokenized with {tokenizer_file}"
+    return None, f"neither the prepared dataset nor item texts and the tokenizer named in {manifest_file} are readable"
