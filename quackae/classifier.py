@@ -43,6 +43,8 @@ from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
 
+MAX_BAG_CELLS = 200_000_000  # the bag-of-tokens probe's dense (N, V) float32 matrix: at most 800 MB
+
 
 class LatentClassifier(pl.LightningModule):
     """MLP over encodings (H,) -> logits (C,), with standardisation stored in the checkpoint."""
@@ -268,6 +270,11 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
     baseline_bag: dict[str, Any]
     labelled_metadata = [m for m, label in zip(metadata, labels, strict=True) if label is not None]
     tokens, source = store_token_sequences(config.store, l_ids, labelled_metadata)
+    if tokens is not None and len(tokens[0]) * tokens[1] > MAX_BAG_CELLS:
+        tokens, source = (
+            None,
+            f"{len(tokens[0])} items x {tokens[1]} tokens is over the dense probe's {MAX_BAG_CELLS} cells",
+        )
     if tokens is None:
         log.warning("no bag-of-tokens baseline: %s", source)
         baseline_bag = {"accuracy": None, "macro_f1": None, "source": source}

@@ -133,7 +133,7 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path):
+def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path, monkeypatch):
     from quackae.encode import EncodeConfig, encode
     from quackae.prepare import PrepareConfig, prepare
     from quackae.train import TrainConfig, train
@@ -166,6 +166,13 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     assert bag["source"].endswith("dataset input_ids")
     manifest = json.loads((tmp_path / "store/manifest.json").read_text())
     assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
+    # a bag too large for the dense probe is left out with the reason, not computed
+    import quackae.classifier
+
+    monkeypatch.setattr(quackae.classifier, "MAX_BAG_CELLS", 1000)
+    classify(ClassifyConfig(store=str(tmp_path / "store"), out=str(tmp_path / "clf2"), max_epochs=1, **common))
+    skipped = json.loads((tmp_path / "clf2/report.json").read_text())["baselines"]["bag_of_tokens_probe"]
+    assert skipped["accuracy"] is None and "over the dense probe's 1000 cells" in skipped["source"]
     # the same token ids the encoder saw, in the order asked for
     from quackae.prepared import load_prepared
 
