@@ -100,7 +100,7 @@ def test_rows_come_back_in_input_order_and_match_one_at_a_time(run):
         alone = np.stack([model(pad_batch([row], model.pad_id))[0][0].numpy() for row in encoder.tokenize(texts)])
     np.testing.assert_allclose(batched, alone, atol=1e-5, rtol=0)
     np.testing.assert_allclose(encoder.encode(texts[::-1], batch_size=64), batched[::-1], atol=1e-5, rtol=0)
-    assert encoder.encode([]).shape == (0, model.hidden_size)
+    assert encoder.encode([]).shape == (0, model.encoding_size)
 
 
 def test_reconstruct_matches_one_at_a_time(run):
@@ -119,7 +119,7 @@ def test_reconstruct_matches_one_at_a_time(run):
 
 def test_from_run_takes_a_checkpoint_and_names_what_is_missing(run, tmp_path):
     encoder = QuackEncoder.from_run(run / "run" / "checkpoints" / "last.ckpt", device="cpu")
-    assert encoder.encode(["duck pond"]).shape == (1, 16)
+    assert encoder.encode(["duck pond"]).shape == (1, encoder.model.encoding_size) == (1, 32)  # final+mean: 2H
     with pytest.raises(QuackError, match="does not exist; pass a RUN directory or a .ckpt file"):
         QuackEncoder.from_run(tmp_path / "nothing")
     with pytest.raises(ValueError, match=r"texts\[1\] is int"):

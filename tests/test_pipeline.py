@@ -101,7 +101,10 @@ def test_resume_continues_the_step_count(workspace, tmp_path):
     ("args", "message"),
     [
         (["train", "{root}/nothing", "--out", "{tmp}/r"], "prepared data directory .*nothing does not exist"),
-        (["train", "{root}/prepared", "--out", "{tmp}/r", "--hidden-size", "-3"], "--hidden-size must be positive"),
+        (
+            ["train", "{root}/prepared", "--out", "{tmp}/r", "--hidden-size", "-3"],
+            "--hidden-size must be a positive even number",
+        ),
         (["train", "{root}/prepared", "--out", "{root}/run"], "already holds checkpoints"),
         (
             ["encode", "{root}/prepared", "--model", "{tmp}/missing", "--out", "{tmp}/s"],

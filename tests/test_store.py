@@ -45,7 +45,7 @@ def _run(root: Path, prepared: Path, seed: int) -> Path:
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     torch.manual_seed(seed)
     model = QuackAutoEncoder(
-        tokenizer.get_vocab_size(), embed_size=8, hidden_size=16, pad_id=special_ids(tokenizer).pad
+        tokenizer.get_vocab_size(), embed_size=8, hidden_size=16, pooling="final", pad_id=special_ids(tokenizer).pad
     )
     run = root / f"run{seed}"
     (run / "checkpoints").mkdir(parents=True)

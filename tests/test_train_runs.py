@@ -36,7 +36,7 @@ def run(data: Path, out: Path, **flags) -> dict:
         "embed_size": 8,
         "hidden_size": 8,
         "batch_size": 8,
-        "lr": 1e-2,
+        "learning_rate": 1e-2,
         "accelerator": "cpu",
         "devices": "1",
         "log_every_n_steps": 1,
@@ -51,9 +51,9 @@ def best_record(path: Path) -> float:
     return float(record["best_model_score"])
 
 
-def test_a_run_stopped_before_its_first_validation_has_no_best(data, tmp_path, capsys):
+def test_a_run_stopped_before_its_first_validation_has_no_best(data, tmp_path):
     summary = run(data, tmp_path / "r", max_steps=2)  # an epoch is 6 batches: no validation yet
-    out = capsys.readouterr().out
+    out = "\n".join(summary["lines"])  # what quackae train prints
     assert summary["stop_reason"] == "max_steps" and summary["validations"] == 0
     assert summary["best_checkpoint"] is None and summary["best_val_loss"] is None
     assert summary["evaluated_checkpoint"].endswith("last.ckpt")
@@ -70,7 +70,9 @@ def test_val_check_interval_and_stop_reasons(data, tmp_path):
     assert summary["stop_reason"] == "max_epochs" and summary["validations"] == 1
     summary = run(data, tmp_path / "c", max_epochs=-1, max_time="00:00:00:00")
     assert summary["stop_reason"] == "max_time"
-    summary = run(data, tmp_path / "d", max_epochs=-1, max_steps=400, patience=1, val_check_interval=1, lr=5.0)
+    summary = run(
+        data, tmp_path / "d", max_epochs=-1, max_steps=400, patience=1, val_check_interval=1, learning_rate=5.0
+    )
     assert summary["stop_reason"] == "early_stopping", summary
 
 
