@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/quackae bench --what train
 	$(VENV)/bin/quackae bench --what prepare
 	$(VENV)/bin/quackae bench --what encode
+	$(VENV)/bin/quackae bench --what store --items 100000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -115,7 +115,8 @@ def heatmap_image(
     grid_width, grid_height = columns * cell, rows * cell
     bar_left = left + grid_width + 2 * PAD
     width = bar_left + BAR + 4 + max(tick_width, scale_title_width) + PAD
-    height = max(top + grid_height, top + 3 * line) + PAD
+    row_title_image = vertical_text(row_title, title_face)
+    height = max(top + grid_height, top + 3 * line, top + row_title_image.height) + PAD  # a short grid keeps its title
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
 
@@ -147,8 +148,7 @@ def heatmap_image(
         image.paste(rotated, (x, top - PAD - rotated.height), rotated)
     w, _ = text_size(column_title, title_face)
     draw.text((left + max(grid_width - w, 0) // 2, PAD), column_title, "black", title_face)
-    rotated = vertical_text(row_title, title_face)
-    image.paste(rotated, (PAD, top + max(grid_height - rotated.height, 0) // 2), rotated)
+    image.paste(row_title_image, (PAD, top + max(grid_height - row_title_image.height, 0) // 2), row_title_image)
 
     bar_height = max(grid_height, 3 * line)
     ramp = _colour(np.linspace(1.0, 0.0, bar_height))  # (bar_height, 3), high at the top

@@ -295,6 +295,10 @@ class AutoencoderWriter(BasePredictionWriter):
                         f"writing {where} failed: {reason}; items committed so far are complete, "
                         "rerun the same command to finish"
                     )
+        except BaseException as error:  # a bug: it stops the job and surfaces with its own traceback
+            with self._lock:
+                if self._error is None:
+                    self._error = error
 
     def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         import pyarrow as pa
@@ -365,8 +369,8 @@ class AutoencoderWriter(BasePredictionWriter):
             index = int(ids[row])
             if self.png == "attention" and extra is not None and self.tokenizer is not None:
                 weights, output_ids, input_ids = (e[row] for e in extra)  # (S, T), (S,), (T,)
-                ids = special_ids(self.tokenizer)
-                image = item_attention_image(self.tokenizer, weights, input_ids, output_ids, ids.pad, ids.eos)
+                special = special_ids(self.tokenizer)
+                image = item_attention_image(self.tokenizer, weights, input_ids, output_ids, special.pad, special.eos)
             else:
                 image = encoding_image(matrix[row])
             buffer = io.BytesIO()

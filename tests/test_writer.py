@@ -164,3 +164,17 @@ def test_store_readers(tmp_path, layout):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(QuackError, match="does not exist; run quackae encode"):
         EncodingStore(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_a_bug_on_the_writer_thread_stops_the_job_with_its_traceback(tmp_path, layout, monkeypatch):
+    """Not a silent loss: an exception that is no I/O error reaches the caller as itself."""
+
+    def broken(self, ids, matrix, extra):
+        raise TypeError("a bug in the picture code")
+
+    monkeypatch.setattr(AutoencoderWriter, "_write_pngs", broken)
+    writer = AutoencoderWriter(storage_path=tmp_path, threads=1, layout=layout)
+    with pytest.raises(TypeError, match="a bug in the picture code"):
+        write(writer, [{"id": 1}], np.ones((1, 3), dtype=np.float32))
+    assert stored_ids(tmp_path) == []
