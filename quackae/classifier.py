@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from quackae.atomic import atomic_file, write_atomic
-from quackae.errors import QuackError
+from quackae.errors import QuackError, unpickling_reason
 from quackae.probes import (
     bag_of_tokens,
     classification_report,
@@ -371,7 +372,10 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
             "train one with quackae classify"
         )
     classes = json.loads(classes_file.read_text())["classes"]
-    model = LatentClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    try:
+        model = LatentClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
+    except pickle.UnpicklingError as error:
+        raise QuackError(f"checkpoint {checkpoint} cannot be loaded safely: {unpickling_reason(error)}") from None
     ids, matrix, metadata = load_encodings(config.store)
     if matrix.shape[1] != model.hparams.input_size:
         raise QuackError(
