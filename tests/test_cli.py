@@ -42,3 +42,21 @@ def test_every_subcommand_documents_its_flags(command):
         assert flag in text, f"{command} --help does not document {flag}"
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         assert f"(default: {default})" in text, f"{command} --help does not give the default of {flag}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("what", "keys"),
+    [
+        (
+            "encode",
+            {"model_only_items_per_s", "end_to_end_items_per_s", "end_to_end_vs_model_only", "writer_items_per_s"},
+        ),
+        ("store", {"write_items_per_s", "read_items_per_s", "random_access_items_per_s", "bytes_per_item"}),
+    ],
+)
+def test_store_benches_run_end_to_end(what, keys, tmp_path, capsys):
+    """The benches build what the stages read (a complete prepared folder, a run) and report their figures."""
+    assert main(["bench", "--what", what, "--items", "300", "--dir", str(tmp_path), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert keys <= set(figures) and all(figures[k] > 0 for k in keys)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from quackae.encode import EncodeConfig, encode
+from quackae.prepared import COMPLETE
 from quackae.writer import AutoencoderWriter
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _write_bench_run(root: Path, rows: list[list[int]], model: Any, vocab: int) 
         }
     ).save_to_disk(str(prepared / "dataset"))
     tokenizer.save(str(prepared / "tokenizer.json"))
+    (prepared / COMPLETE).write_text("{}\n")  # a whole prepared folder, as prepare marks it
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
     tokenizer.save(str(run / "tokenizer.json"))
