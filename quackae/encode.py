@@ -126,7 +126,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
 
     started = time.time()
     if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise QuackError(f"--out {config.out} is a file; give the store a directory")
+        raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
     checkpoint, tokenizer_file = resolve_run(config.model)
     dataset, data_tokenizer, _ = load_prepared(config.data)
     model_tokenizer = load_tokenizer(tokenizer_file)

@@ -101,7 +101,10 @@ CASES = [
     ),
     (["prepare", "{r}/c.jsonl", "--out", "{r}/afile"], "--out .*afile is a file"),
     (["train", "{r}/p", "--out", "{r}/afile", *TRAIN], "--out .*afile is a file"),
-    (["encode", "{r}/p", "--model", "{r}/run", "--out", "{r}/afile"], "--out .*afile is a file; give the store"),
+    (
+        ["encode", "{r}/p", "--model", "{r}/run", "--out", "{r}/afile"],
+        "--out .*afile is an existing file, not a store folder",
+    ),
     (["prepare", "{r}/adir", "--out", "{t}/o"], "input .*adir is a directory"),
     (["train", "{r}/c.jsonl", "--out", "{t}/o", *TRAIN], "c.jsonl is a file"),
     (["prepare", "{r}/allbad.jsonl", "--out", "{t}/o"], "no usable rows .*2 of 2 rows rejected"),
