@@ -178,13 +178,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         )
         writer = AutoencoderWriter(
             storage_path=store,
-            filtered=config.filtered,
-            evaluate=config.evaluate,
-            reduction_threshold=config.reduction_threshold,
-            label_field=config.label_field,
-            unlabeled_value=config.unlabeled_value,
-            reduce_label=selection["reduce_label"],
-            seed=config.seed,
+            **selection,  # the writer keeps exactly the items the header's selection names
             png=config.png,
             png_limit=config.png_limit,
             threads=config.writer_threads,

@@ -61,6 +61,10 @@ class ModelFlags:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def model_settings(self) -> dict[str, Any]:
+        """The model flags of this config (a ``ModelFlags`` or a config inheriting them) as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelFlags)}
+
     @property
     def encoding_size(self) -> int:
         """Width of the stored encoding: 2H for ``final+mean``, else H."""

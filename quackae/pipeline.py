@@ -257,7 +257,7 @@ def _time_step(config: Any, prepare: Any) -> float:
     generator = torch.Generator().manual_seed(0)
     batches = random_batches(6, config.batch_size, vocab, max(max_length // 3, 1), max(max_length // 2, 1), generator)
     state = torch.random.get_rng_state()
-    model = QuackAutoEncoder(vocab, embed_size=config.embed_size, hidden_size=config.hidden_size, layers=config.layers)
+    model = QuackAutoEncoder(vocab, **config.model_settings())  # the model the train stage will build
     tokens_per_s = time_training(model, batches, warmup=2, device=torch.device("cpu"))
     torch.random.set_rng_state(state)
     tokens = sum(int(b.ne(0).sum()) for b in batches[2:]) / len(batches[2:])

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tokenizer = datamodule.tokenizer
     ids = special_ids(tokenizer)
     hparams: dict[str, Any] = {
-        **{f.name: getattr(config, f.name) for f in fields(ModelFlags)},
+        **config.model_settings(),
         "num_embeddings": tokenizer.get_vocab_size(),
         "pad_id": ids.pad,
         "eos_id": ids.eos,
