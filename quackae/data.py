@@ -46,6 +46,26 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
+def pad_lists(column: Any, pad_id: int) -> torch.Tensor:
+    """Right-pad an Arrow list column (token id lists, any chunking) to its longest list: LongTensor (B, T).
+
+    The columnar twin of ``pad_batch``: one scatter from the flat values, no per-item Python.
+    """
+    import pyarrow as pa
+
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    offsets = column.offsets.to_numpy().astype(np.int64)  # (B + 1,), this slice's offsets
+    lengths = np.diff(offsets)  # (B,)
+    values = column.flatten().to_numpy(zero_copy_only=False)  # (sum of lengths,)
+    width = int(lengths.max()) if len(lengths) else 0
+    batch = np.full((len(lengths), width), pad_id, dtype=np.int64)  # (B, T)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    columns = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    batch[rows, columns] = values
+    return torch.from_numpy(batch)
+
+
 def padding_fraction(lengths: np.ndarray, batches: Sequence[Sequence[int]]) -> float:
     """Share of the padded (B, T) cells that are padding, over ``batches`` of indices into ``lengths``."""
     cells = sum(len(b) * int(lengths[list(b)].max()) for b in batches if len(b))
@@ -124,7 +144,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 class TokenizedDataset(Dataset):
-    """A prepared HF dataset fetched a batch at a time (``__getitems__``), padded by ``collate``."""
+    """A prepared HF dataset fetched a batch at a time as an Arrow table (``__getitems__``), padded by
+    ``collate``; metadata stays columnar (a ``pyarrow.Table``) all the way to the writer."""
 
     def __init__(self, dataset: Any, pad_id: int, with_metadata: bool, attention: bool = False) -> None:
         self.dataset = dataset
@@ -132,25 +153,26 @@ class TokenizedDataset(Dataset):
         self.with_metadata = with_metadata
         self.attention = attention
         self.metadata_columns = [c for c in dataset.column_names if c not in ("input_ids", "length")]
-        self._view = dataset.select_columns(["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"])
+        columns = ["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"]
+        self._view = dataset.select_columns(columns).with_format("arrow")
 
     def __len__(self) -> int:
         return self.dataset.num_rows
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        return self._view[indices]
+    def __getitems__(self, indices: list[int]) -> Any:
+        return self._view[indices]  # pyarrow.Table, one row per index
 
-    def collate(self, rows: dict[str, Any]) -> torch.Tensor | tuple[Any, ...]:
-        """Column batch -> LongTensor (B, T), or ``(metadata list, LongTensor (B, T))`` with metadata, and
-        ``(metadata, x, True)`` when the batch asks the model for attention maps."""
-        x = pad_batch(rows["input_ids"], self.pad_id)  # (B, T)
+    def collate(self, rows: Any) -> torch.Tensor | tuple[Any, ...]:
+        """Arrow batch -> LongTensor (B, T), or ``(metadata, LongTensor (B, T))`` with metadata (a
+        ``pyarrow.Table`` of the metadata columns, ``id`` first), and ``(metadata, x, True)`` when the batch
+        asks the model for attention maps."""
+        x = pad_lists(rows.column("input_ids"), self.pad_id)  # (B, T)
         if not self.with_metadata:
             return x
-        names = self.metadata_columns
-        metadata = [dict(zip(names, values, strict=True)) for values in zip(*(rows[n] for n in names), strict=True)]
+        metadata = rows.select(self.metadata_columns)
         return (metadata, x, True) if self.attention else (metadata, x)
 
 

@@ -178,6 +178,41 @@ def shard_table(ids: np.ndarray, matrix: np.ndarray, columns: Any, provenance: d
     return table
 
 
+def column_names(metadata: Any) -> list[str]:
+    """The metadata field names of a batch: a pyarrow table's columns, a dict's keys, the first dict's keys."""
+    if hasattr(metadata, "column_names"):
+        return list(metadata.column_names)
+    if isinstance(metadata, dict):
+        return list(metadata)
+    return list(metadata[0]) if len(metadata) else []
+
+
+def metadata_table(metadata: Any, schema: Any = None) -> Any:
+    """A batch's metadata as a ``pyarrow.Table`` (one row per item), columns typed by ``schema`` where it names them.
+
+    ``metadata``: a ``pyarrow.Table``/``RecordBatch`` (kept as is, cast to ``schema``'s types where they differ),
+    a dict of columns, or a list of per-item dicts (one typed array per column: ``from_pylist`` with a schema is
+    100x slower). Columns ``schema`` does not name keep inferred types.
+    """
+    import pyarrow as pa
+
+    if isinstance(metadata, pa.RecordBatch):
+        metadata = pa.Table.from_batches([metadata])
+    types = {f.name: f.type for f in schema} if schema is not None else {}
+    if isinstance(metadata, pa.Table):
+        for position, name in enumerate(metadata.column_names):
+            wanted = types.get(name)
+            if wanted is not None and metadata.schema.field(name).type != wanted:
+                metadata = metadata.set_column(position, name, metadata.column(name).cast(wanted))
+        return metadata
+    if isinstance(metadata, dict):
+        columns = metadata
+    else:
+        names = list(dict.fromkeys([*types, *(k for m in metadata for k in m)]))
+        columns = {name: [m.get(name) for m in metadata] for name in names}
+    return pa.table({name: pa.array(values, type=types.get(name)) for name, values in columns.items()})
+
+
 def write_shard(table: Any, staging: Path, shards: Path, name: str) -> Path:
     """Commit ``table`` as ``shards/name``: staging file, flush, fsync, rename, fsync the folder.
 
@@ -278,3 +313,34 @@ def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:
     if (store / SHARDS).is_dir():
         return "shards"
     return "files" if item_files(store) else "shards"
+
+
+class ShardBuffer:
+    """Room for one shard: ids (S,), encodings (S, H) and the metadata tables of the rows added so far.
+
+    Allocated once and reused, so memory stays flat and no shard pays fresh page faults; ``pending``
+    is the commit still reading it.
+    """
+
+    def __init__(self, capacity: int, size: int) -> None:
+        self.ids = np.empty(capacity, dtype=np.int64)  # (S,)
+        self.matrix = np.empty((capacity, size), dtype=np.float32)  # (S, H)
+        self.columns: list[Any] = []
+        self.fill = 0
+        self.pending: Any = None
+
+    def add(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, start: int) -> int:
+        """Copy rows ``start:`` of a batch (as many as fit); returns how many it took."""
+        take = min(len(self.ids) - self.fill, len(ids) - start)
+        end = self.fill + take
+        self.ids[self.fill : end] = ids[start : start + take]
+        self.matrix[self.fill : end] = matrix[start : start + take]  # (take, H)
+        self.columns.append(columns.slice(start, take))
+        self.fill = end
+        return take
+
+    def wait(self) -> None:
+        """Block until the shard last committed from this buffer is on disk; raises its error."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()

@@ -346,9 +346,14 @@ class QuackAutoEncoder(pl.LightningModule):
         return metadata, encoding, (attention, tokens, x)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move only the token tensor of a ``(metadata, x)`` batch: walking the metadata dicts costs more
-        than the encoder on short items."""
-        if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and isinstance(batch[0], list):
+        """Move only the token tensor of a ``(metadata, x)`` batch; the metadata (a ``pyarrow.Table`` or a
+        list of dicts) stays on the host for the writer."""
+        if (
+            isinstance(batch, (tuple, list))
+            and len(batch) in (2, 3)
+            and not torch.is_tensor(batch[0])
+            and torch.is_tensor(batch[1])
+        ):
             return batch[0], batch[1].to(device, non_blocking=True), *batch[2:]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

@@ -265,3 +265,21 @@ def encoding_image(encoding: np.ndarray, cell: int = 6, height: int = 24) -> Ima
     image = Image.fromarray(pixels)
     image.info["cells"] = f"1x{values.shape[0]}"
     return image
+
+
+def item_png(encoding: np.ndarray, attention: tuple[np.ndarray, ...] | None, tokenizer: Any) -> bytes:
+    """PNG bytes of one stored item's picture: its attention map when ``attention`` is
+    ``(weights (S, T), output ids (S,), input ids (T,))`` and a tokenizer is given, else its encoding (H,)."""
+    import io
+
+    if attention is not None and tokenizer is not None:
+        from quackae.tokenizer import special_ids
+
+        weights, output_ids, input_ids = attention
+        special = special_ids(tokenizer)
+        image = item_attention_image(tokenizer, weights, input_ids, output_ids, special.pad, special.eos)
+    else:
+        image = encoding_image(encoding)
+    buffer = io.BytesIO()
+    save_png(image, buffer)
+    return buffer.getvalue()

@@ -231,16 +231,15 @@ class EncodingStore:
 
 
 def _empty_matrix(rows: int, size: int) -> np.ndarray:
-    """An uninitialised (rows, size) float32 array; a large one on transparent huge pages where the kernel
-    offers them, which makes filling it several times faster (one page fault per 2 MB, not per 4 KB)."""
+    """An uninitialised (rows, size) float32 array; a large one is an anonymous mapping the kernel fills
+    with pages in one call (``MAP_POPULATE``), which on this kind of VM makes filling it about twice as
+    fast as taking one page fault per 4 KB while copying (measured: 0.6 s/GB populate + 0.13 s/GB copy,
+    against 1.0-1.4 s/GB faulting)."""
     nbytes = rows * size * 4
-    if nbytes < 1 << 22 or not hasattr(mmap, "MADV_HUGEPAGE"):
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if nbytes < 1 << 22 or not populate:
         return np.empty((rows, size), dtype=np.float32)
-    memory = mmap.mmap(-1, nbytes)
-    try:
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:
-        pass  # huge pages off: an ordinary anonymous mapping
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
     return np.frombuffer(memory, dtype=np.float32).reshape(rows, size)
 
 

@@ -34,6 +34,7 @@ from quackae.layout import (
     STAGING,
     check_no_symlinks,
     item_files,
+    layout_of,
     open_shard,
     read_item,
     read_manifest,
@@ -258,6 +259,22 @@ def quarantine(store: Path, path: Path, reason: str) -> Path:
     return target
 
 
+def _overlaps(sorted_a: np.ndarray, sorted_b: np.ndarray) -> bool:
+    """Whether two sorted id arrays share an id (a binary search per id of the smaller one)."""
+    if not len(sorted_a) or not len(sorted_b):
+        return False
+    small, large = (sorted_a, sorted_b) if len(sorted_a) <= len(sorted_b) else (sorted_b, sorted_a)
+    found = np.searchsorted(large, small).clip(max=len(large) - 1)
+    return bool((large[found] == small).any())
+
+
+def _merge_sorted(sorted_a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
+    """The sorted union of two sorted, disjoint id arrays."""
+    merged = np.concatenate([sorted_a, sorted_b])
+    merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
+    return merged
+
+
 def stored_ids_checked(
     store: Path, layout: str, encoding_size: int | None, provenance: dict[str, Any] | None, move: bool
 ) -> np.ndarray:
@@ -265,7 +282,7 @@ def stored_ids_checked(
     size or provenance is skipped and, with ``move`` (the job's leader), quarantined."""
     chunks = []
     if layout == "shards":
-        seen: set[int] = set()
+        candidates = []  # (path, sorted ids) of the shards that parse and match, in file order
         for path in shard_files(store):
             try:
                 table = open_shard(path)
@@ -275,15 +292,22 @@ def stored_ids_checked(
                 stored = shard_provenance(table) or {}
                 if provenance is not None and any(stored.get(k) != provenance.get(k) for k in PROVENANCE_KEYS):
                     raise QuackError("its provenance differs from the store's")
-                ids = table.column("id").to_numpy()
-                if len(np.unique(ids)) != len(ids) or seen.intersection(ids.tolist()):
-                    raise QuackError("it repeats ids")
+                candidates.append((path, np.sort(table.column("id").to_numpy())))  # (n,)
             except QuackError as error:
                 if move:
                     quarantine(store, path, getattr(error, "reason", str(error)))
-                continue
-            seen.update(ids.tolist())
-            chunks.append(ids)
+        every = np.sort(np.concatenate([ids for _, ids in candidates])) if candidates else np.empty(0, np.int64)
+        if not (len(every) > 1 and (every[1:] == every[:-1]).any()):
+            return every  # no id twice anywhere: every shard counts
+        else:  # the first shard (in file order) to hold an id keeps it; a later one repeating it is set aside
+            seen = np.empty(0, dtype=np.int64)  # sorted ids of the shards accepted so far
+            for path, ids in candidates:
+                if (len(ids) > 1 and (ids[1:] == ids[:-1]).any()) or _overlaps(seen, ids):
+                    if move:
+                        quarantine(store, path, "it repeats ids")
+                    continue
+                seen = _merge_sorted(seen, ids)
+                chunks.append(ids)
     else:
         for index, path in item_files(store):
             try:
@@ -298,6 +322,20 @@ def stored_ids_checked(
     if not chunks:
         return np.empty(0, dtype=np.int64)
     return np.unique(np.concatenate(chunks))
+
+
+def clean_temporary(store: Path) -> int:
+    """Delete the staging files stopped jobs left in ``store`` (only when no encode is live); returns how many."""
+    return remove_staging(Path(store))
+
+
+def stored_ids(store: str | Path) -> list[int]:
+    """Ids of the sound items in ``store``, either layout, in id order (staging never counts)."""
+    store = Path(store)
+    if not store.is_dir():
+        return []
+    layout = layout_of(store, read_manifest(store))
+    return stored_ids_checked(store, layout, None, None, move=False).tolist()
 
 
 __all__ = ["JOB_ENV", "SHARDS", "StoreJob", "dataset_fingerprint", "quarantine", "stored_ids_checked"]

@@ -1,17 +1,15 @@
 """``AutoencoderWriter``: the Lightning callback that stores each predicted item exactly once.
 
-Batches leave the prediction thread right after one device-to-host copy and go through a bounded
-queue (at most ``max_pending`` batches) to background writing. In the ``shards`` layout one writer
-thread buffers rows and commits a shard of ``shard_size`` items at a time (Arrow columns built from
-numpy in bulk); in the ``files`` layout ``threads`` threads write one ``.npz`` per item. Memory stays
-flat: at most one shard plus the queued batches are held. Formats and commits live in
-``quackae.layout``, the lock and the provenance header in ``quackae.storejob``, the label selection
-in ``quackae.selection``. Glossary: B batch size, H encoding size, T tokens.
+Batches (metadata as Arrow columns, encodings after one device-to-host copy) leave the prediction
+thread through a bounded queue (``max_pending`` batches). ``shards``: one writer thread copies rows
+into a reused shard buffer and hands each full one to ``COMMITTERS`` threads that write and fsync it,
+so memory stays flat (``COMMITTERS + 1`` shards and the queue) and no step is per item. ``files``:
+``threads`` threads write one ``.npz`` per item. Formats and commits: ``quackae.layout``; lock and
+provenance: ``quackae.storejob``; label selection: ``quackae.selection``. Glossary: B batch, H encoding, T tokens.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -30,19 +28,22 @@ from quackae.errors import QuackError
 from quackae.layout import (
     LAYOUTS,
     SHARDS,
+    ShardBuffer,
+    column_names,
     item_path,
-    layout_of,
+    metadata_table,
     npz_bytes,
     read_manifest,
     shard_table,
     write_shard,
 )
-from quackae.selection import is_labelled, keep_item
-from quackae.storejob import StoreJob, fresh_job, remove_staging, stored_ids_checked, write_manifest
+from quackae.selection import is_labelled, keep_item, selected_mask
+from quackae.storejob import StoreJob, clean_temporary, fresh_job, stored_ids, stored_ids_checked, write_manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 16_384
+COMMITTERS = 2  # threads that write and fsync full shards
 
 __all__ = [
     "AutoencoderWriter",
@@ -56,25 +57,13 @@ __all__ = [
 ]
 
 
-def clean_temporary(store: Path) -> int:
-    """Delete the staging files stopped jobs left in ``store`` (only when no encode is live); returns how many."""
-    return remove_staging(Path(store))
-
-
-def stored_ids(store: str | Path) -> list[int]:
-    """Ids of the sound items in ``store``, either layout, in id order (staging never counts)."""
-    store = Path(store)
-    if not store.is_dir():
-        return []
-    layout = layout_of(store, read_manifest(store))
-    return stored_ids_checked(store, layout, None, None, move=False).tolist()
-
-
 class AutoencoderWriter(BasePredictionWriter):
     """Stores each predicted item's encoding and metadata in ``storage_path`` (layout ``shards`` or ``files``).
 
-    ``prediction`` is ``(metadata list, encoding (B, H))`` (optionally a third element with the
-    attention for ``png="attention"``). Items already stored when the writer starts are skipped.
+    ``prediction`` is ``(metadata, encoding (B, H))`` (optionally a third element with the attention for
+    ``png="attention"``); ``metadata`` is a ``pyarrow.Table`` (what ``TokenizedDataModule`` gives), a
+    dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the
+    writer starts are skipped.
     ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
     ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the
     metadata has none. An I/O error stops the job with a ``QuackError`` naming the file; every unit
@@ -159,8 +148,11 @@ class AutoencoderWriter(BasePredictionWriter):
         self._rank = 0
         self._job_id = job.job if job is not None else fresh_job()
         self._staging: Path | None = None
-        self._buffer: list[tuple[np.ndarray, np.ndarray, Any]] = []
-        self._buffered = 0
+        # COMMITTERS + 1 shard buffers, filled in turn: one fills while the others' shards are written and
+        # fsynced by COMMITTERS threads (one shard's fsync waits on the disk while the next is written)
+        self._buffers: list[ShardBuffer] = []
+        self._active = 0
+        self._committer: ThreadPoolExecutor | None = None
         self._sequence = 0
         self._size: int | None = None
         self._pngs = 0
@@ -186,6 +178,8 @@ class AutoencoderWriter(BasePredictionWriter):
         if self._known is None:
             self._known = stored_ids_checked(self.storage_path, self.layout, None, None, move=False)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="quackae-writer")
+        if self.layout == "shards":
+            self._committer = ThreadPoolExecutor(max_workers=COMMITTERS, thread_name_prefix="quackae-commit")
 
     def write_on_batch_end(
         self,
@@ -204,34 +198,26 @@ class AutoencoderWriter(BasePredictionWriter):
         if extra is not None:
             extra = tuple(t.detach().float().cpu().numpy() for t in extra)
         tokens = None
-        if self.text and self.tokenizer is not None and metadata and "text" not in metadata[0]:
+        if self.text and self.tokenizer is not None and "text" not in column_names(metadata):
             tokens = batch[1].cpu().numpy()  # (B, T) token ids for the text column
-        self._submit(list(metadata), matrix, tokens, extra)
+        self._submit(metadata, matrix, tokens, extra)
 
-    def write_batch(self, metadata: list[dict[str, Any]], encodings: np.ndarray) -> None:
-        """Store a batch outside Lightning (benchmarks, scripts): same path as during prediction."""
+    def write_batch(self, metadata: Any, encodings: np.ndarray) -> None:
+        """Store a batch outside Lightning (benchmarks, scripts): same path as during prediction.
+
+        ``metadata``: a ``pyarrow.Table``/``RecordBatch``, a dict of columns or a list of dicts, with ``id``.
+        """
         self._start()
         self._raise_pending_error()
-        self._submit(list(metadata), np.asarray(encodings, dtype=np.float32), None, None)
+        if isinstance(metadata, (list, tuple)):
+            metadata = list(metadata)
+        self._submit(metadata, np.asarray(encodings, dtype=np.float32), None, None)
 
-    def _submit(self, metadata: list[dict[str, Any]], matrix: np.ndarray, tokens: Any, extra: Any) -> None:
+    def _submit(self, metadata: Any, matrix: np.ndarray, tokens: Any, extra: Any) -> None:
         assert self._pool is not None
         self._slots.acquire()  # bounded: at most max_pending batches wait for the disk
         future = self._pool.submit(self._write_batch, metadata, matrix, tokens, extra)
         future.add_done_callback(lambda _: self._slots.release())
-
-    def keeps(self, metadata: dict[str, Any]) -> bool:
-        """Whether this writer stores an item with ``metadata`` (``filtered`` / ``evaluate`` selection)."""
-        return keep_item(
-            metadata,
-            filtered=self.filtered,
-            evaluate=self.evaluate,
-            label_field=self.label_field,
-            unlabeled_value=self.unlabeled_value,
-            reduce_label=self.reduce_label,
-            reduction_threshold=self.reduction_threshold,
-            seed=self.seed,
-        )
 
     @property
     def selection(self) -> dict[str, Any]:
@@ -246,15 +232,25 @@ class AutoencoderWriter(BasePredictionWriter):
         }
 
     # -- the background side
-    def _write_batch(self, metadata: list[dict[str, Any]], matrix: np.ndarray, tokens: Any, extra: Any) -> None:
+    def _write_batch(self, metadata: Any, matrix: np.ndarray, tokens: Any, extra: Any) -> None:
         if self._error is not None:
             return
         current = str(self.storage_path)
         try:
-            keep = np.ones(len(metadata), dtype=bool)
+            columns = metadata_table(metadata, self.schema)  # pyarrow.Table, one row per item
+            if "id" not in columns.column_names:
+                raise ValueError("every item's metadata needs an 'id'")
+            if columns.num_rows != len(matrix):
+                raise ValueError(f"{columns.num_rows} metadata rows for {len(matrix)} encodings")
+            ids = columns.column("id").to_numpy().astype(np.int64, copy=False)  # (B,)
+            keep = np.ones(len(ids), dtype=bool)
             if self.label_field is not None and (self.filtered or self.evaluate):
-                keep = np.fromiter((self.keeps(m) for m in metadata), dtype=bool, count=len(metadata))
-            ids = np.fromiter((int(m["id"]) for m in metadata), dtype=np.int64, count=len(metadata))  # (B,)
+                labels = (
+                    columns.column(self.label_field).to_pylist()
+                    if self.label_field in columns.column_names
+                    else [None] * len(ids)
+                )
+                keep = selected_mask(ids.tolist(), labels, self.selection)
             known = self._known
             if known is not None and len(known):
                 found = np.searchsorted(known, ids).clip(max=len(known) - 1)
@@ -270,8 +266,8 @@ class AutoencoderWriter(BasePredictionWriter):
                 self.filtered_out += dropped
             if not len(rows):
                 return
-            if len(rows) != len(metadata):
-                metadata = [metadata[r] for r in rows]
+            if len(rows) != len(ids):
+                columns = columns.take(rows)
                 matrix = matrix[rows]  # (B', H)
                 ids = ids[rows]
                 tokens = None if tokens is None else tokens[rows]
@@ -283,9 +279,9 @@ class AutoencoderWriter(BasePredictionWriter):
             self._write_pngs(ids, matrix, extra)
             if self.layout == "shards":
                 current = str(self.storage_path / SHARDS)
-                self._buffer_rows(ids, matrix, metadata, texts)
+                self._buffer_rows(ids, matrix, columns, texts)
             else:
-                self._write_items(ids, matrix, metadata, texts)
+                self._write_items(ids, matrix, columns.to_pylist(), texts)
         except (OSError, QuackError) as error:
             with self._lock:
                 if self._error is None:
@@ -300,39 +296,46 @@ class AutoencoderWriter(BasePredictionWriter):
                 if self._error is None:
                     self._error = error
 
-    def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
+    def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, texts: Any) -> None:
+        """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
         import pyarrow as pa
 
-        if self.schema is not None:  # one typed array per column (from_pylist with a schema is 100x slower)
-            columns = pa.table({f.name: pa.array([m.get(f.name) for m in metadata], type=f.type) for f in self.schema})
-        else:
-            columns = pa.Table.from_pylist(metadata)
         if texts is not None:
             columns = columns.append_column("text", pa.array(texts, type=pa.string()))
         if not self.text and "text" in columns.column_names:
             columns = columns.drop_columns(["text"])
-        self._buffer.append((ids, matrix, columns))
-        self._buffered += len(ids)
-        while self._buffered >= self.shard_size:
-            self._commit_shard(self.shard_size)
+        if not self._buffers:
+            self._buffers = [ShardBuffer(self.shard_size, matrix.shape[1]) for _ in range(COMMITTERS + 1)]
+        start = 0
+        while start < len(ids):
+            buffer = self._buffers[self._active]
+            buffer.wait()  # its previous shard must be on disk before its memory is reused
+            take = buffer.add(ids, matrix, columns, start)
+            start += take
+            if buffer.fill == self.shard_size:
+                self._commit_buffer(buffer)
+                self._active = (self._active + 1) % len(self._buffers)
 
-    def _commit_shard(self, count: int) -> None:
-        """Commit the first ``count`` buffered rows as one shard; the rest stays buffered."""
+    def _commit_buffer(self, buffer: ShardBuffer) -> None:
+        """Hand ``buffer``'s rows to the committer as one shard; ``buffer.wait()`` returns once it is committed."""
         import pyarrow as pa
 
-        ids = np.concatenate([b[0] for b in self._buffer])  # (N,)
-        matrix = np.concatenate([b[1] for b in self._buffer])  # (N, H)
-        columns = pa.concat_tables([b[2] for b in self._buffer], promote_options="permissive")
-        table = shard_table(ids[:count], matrix[:count], columns.slice(0, count), self.manifest or None)
+        count = buffer.fill
+        columns = pa.concat_tables(buffer.columns, promote_options="permissive") if buffer.columns else None
+        table = shard_table(buffer.ids[:count], buffer.matrix[:count], columns, self.manifest or None)  # no copy
         self._sequence += 1
         name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
-        assert self._staging is not None
-        write_shard(table, self._staging, self.storage_path / SHARDS, name)
-        self._buffer = [(ids[count:], matrix[count:], columns.slice(count))] if len(ids) > count else []
-        self._buffered = len(ids) - count
-        with self._lock:
-            self.written += count
-            self.shards_written += 1
+        assert self._staging is not None and self._committer is not None
+        staging, shards = self._staging, self.storage_path / SHARDS
+
+        def commit() -> None:
+            write_shard(table, staging, shards, name)
+            with self._lock:
+                self.written += count
+                self.shards_written += 1
+
+        buffer.pending = self._committer.submit(commit)
+        buffer.columns, buffer.fill = [], 0
 
     def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         assert self._staging is not None
@@ -361,27 +364,21 @@ class AutoencoderWriter(BasePredictionWriter):
             self._pngs += count
         if not count:
             return
-        from quackae.render import encoding_image, item_attention_image, save_png
-        from quackae.tokenizer import special_ids
+        from quackae.render import item_png
 
         assert self._staging is not None
         for row in range(count):
             index = int(ids[row])
-            if self.png == "attention" and extra is not None and self.tokenizer is not None:
-                weights, output_ids, input_ids = (e[row] for e in extra)  # (S, T), (S,), (T,)
-                special = special_ids(self.tokenizer)
-                image = item_attention_image(self.tokenizer, weights, input_ids, output_ids, special.pad, special.eos)
-            else:
-                image = encoding_image(matrix[row])
-            buffer = io.BytesIO()
-            save_png(image, buffer)
+            attention = tuple(e[row] for e in extra) if self.png == "attention" and extra is not None else None
+            payload = item_png(matrix[row], attention, self.tokenizer)
             folder = self.storage_path / item_path(index, dir_only=True)
             folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / f"{index}.png", buffer.getvalue(), self._staging, durable=False)
+            write_atomic(folder / f"{index}.png", payload, self._staging, durable=False)
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
             self._shutdown(wait=True)
+            self._stop_committer()
             raise self._error
 
     def _shutdown(self, wait: bool) -> None:
@@ -407,13 +404,18 @@ class AutoencoderWriter(BasePredictionWriter):
     def flush(self) -> None:
         """Wait for every queued write, commit the last partial shard, remove staging; raises the first I/O error."""
         self._shutdown(wait=True)
-        if self._error is None and self._buffered:
-            try:
-                self._commit_shard(self._buffered)
-            except (OSError, QuackError) as error:
+        try:
+            if self._error is None and self._buffers and self._buffers[self._active].fill:
+                self._commit_buffer(self._buffers[self._active])
+            for buffer in self._buffers:
+                buffer.wait()
+        except (OSError, QuackError) as error:
+            if self._error is None:
                 self._error = QuackError(
-                    f"writing the last shard of {self.storage_path} failed: {error}; rerun the same command to finish"
+                    f"writing a shard of {self.storage_path} failed: {error}; rerun the same command to finish"
                 )
+        self._buffers = []
+        self._stop_committer()
         self._drop_staging()
         if self._error is not None:
             raise self._error
@@ -426,7 +428,14 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._shutdown(wait=True)
+        self._stop_committer()
         self._drop_staging()
+
+    def _stop_committer(self) -> None:
+        """Let the shards being written finish whole; nothing new starts."""
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
 
     def write_manifest(self) -> dict[str, Any]:
         """Mark the store complete: ``manifest.json`` with the item count, provenance and selection."""

@@ -4,12 +4,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quackae.data import BucketBatchSampler, TokenizedDataModule, pad_batch, padding_fraction, split_of
+from quackae.data import (
+    BucketBatchSampler,
+    TokenizedDataModule,
+    pad_batch,
+    pad_lists,
+    padding_fraction,
+    split_of,
+)
 from quackae.prepare import PrepareConfig, prepare
 
 
@@ -70,13 +78,26 @@ def test_predict_loader_covers_every_item_once_with_metadata(prepared):
     dm.setup("predict")
     ids = []
     for metadata, x in dm.predict_dataloader():
-        assert len(metadata) == x.size(0)
-        for meta, row in zip(metadata, x.tolist(), strict=True):
+        assert isinstance(metadata, pa.Table) and metadata.num_rows == x.size(0)  # columnar, no dict per item
+        for meta, row in zip(metadata.to_pylist(), x.tolist(), strict=True):
             assert set(meta) == {"id", "label"}
             assert meta["label"] == (meta["id"] - 5000) % 4
             ids.append(meta["id"])
             assert dm.dataset[meta["id"] - 5000]["input_ids"] == [t for t in row if t]
     assert sorted(ids) == list(range(5000, 5400))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_arrow_padding_matches_the_list_reference(seed):
+    rng = np.random.default_rng(seed)
+    lists = [rng.integers(1, 50, rng.integers(0 if seed else 1, 12)).tolist() for _ in range(40)]
+    lists[0] = lists[0] or [7]  # at least one non-empty item
+    column = pa.chunked_array([pa.array(lists[:15]), pa.array(lists[15:])])  # several chunks
+    assert torch.equal(pad_lists(column, 0), pad_batch(lists, 0))
+    sliced = pa.array(lists).slice(5, 20)  # a slice: offsets that do not start at 0
+    assert torch.equal(pad_lists(sliced, 3), pad_batch(lists[5:25], 3))
+    taken = pa.array(lists, type=pa.list_(pa.int32())).take(pa.array([9, 2, 30]))
+    assert torch.equal(pad_lists(taken, 0), pad_batch([lists[9], lists[2], lists[30]], 0))
 
 
 def test_distributed_predict_batches_are_disjoint_and_complete():

@@ -323,17 +323,32 @@ def test_another_layout_is_refused(tiny, tmp_path):
         _encode(tiny, tmp_path / "s")
 
 
+def pa_feather_rows(path: Path) -> int:
+    with pa.memory_map(str(path)) as source:
+        return pa.ipc.open_file(source).read_all().num_rows
+
+
+def _metadata_as(form: str, ids: np.ndarray) -> object:
+    """The same batch metadata as a list of dicts, a dict of columns or an Arrow table (what the data module gives)."""
+    if form == "dicts":
+        return [{"id": int(i), "n": int(i) * 2} for i in ids]
+    columns = {"id": ids.astype(np.int64), "n": ids.astype(np.int64) * 2}
+    return columns if form == "columns" else pa.table(columns)
+
+
+@pytest.mark.parametrize("form", ["dicts", "columns", "arrow"])
 @pytest.mark.parametrize("seed", range(4))
-def test_to_numpy_and_lookup_match_a_plain_reference(tmp_path, seed):
+def test_to_numpy_and_lookup_match_a_plain_reference(tmp_path, seed, form):
     rng = np.random.default_rng(seed)
     ids = rng.permutation(500)[:300]  # out of order, as length-sorted batches come
     matrix = rng.standard_normal((300, 8)).astype(np.float32)
-    writer = AutoencoderWriter(storage_path=tmp_path, shard_size=int(rng.integers(7, 80)))
+    shard_size = int(rng.integers(7, 80))
+    writer = AutoencoderWriter(storage_path=tmp_path, shard_size=shard_size)
     for start in range(0, 300, 32):
-        writer.write_batch(
-            [{"id": int(i), "n": int(i) * 2} for i in ids[start : start + 32]], matrix[start : start + 32]
-        )
+        writer.write_batch(_metadata_as(form, ids[start : start + 32]), matrix[start : start + 32])
     writer.flush()
+    sizes = [pa_feather_rows(path) for path in sorted((tmp_path / "shards").iterdir())]
+    assert sum(sizes) == 300 and sorted(sizes)[1:] == [shard_size] * (len(sizes) - 1)  # full shards, one partial
     store = EncodingStore(tmp_path)
     reference = {int(i): row for i, row in zip(ids, matrix, strict=True)}
     got_ids, got = store.to_numpy()

@@ -178,3 +178,28 @@ def test_a_bug_on_the_writer_thread_stops_the_job_with_its_traceback(tmp_path, l
     with pytest.raises(TypeError, match="a bug in the picture code"):
         write(writer, [{"id": 1}], np.ones((1, 3), dtype=np.float32))
     assert stored_ids(tmp_path) == []
+
+
+def test_a_failed_shard_commit_stops_the_job_and_keeps_earlier_shards(tmp_path, monkeypatch):
+    import errno
+
+    import quackae.writer as writer_module
+
+    real, calls = writer_module.write_shard, []
+
+    def failing(table, staging, shards, name):
+        calls.append(name)
+        if len(calls) == 2:  # the second shard hits a full disk in the committer thread
+            raise OSError(errno.ENOSPC, "No space left on device", str(shards / name))
+        return real(table, staging, shards, name)
+
+    monkeypatch.setattr(writer_module, "write_shard", failing)
+    writer = AutoencoderWriter(storage_path=tmp_path, shard_size=4)
+    with pytest.raises(QuackError, match="No space left on device.*rerun the same command"):
+        for start in range(0, 40, 3):
+            writer.write_batch([{"id": i} for i in range(start, start + 3)], np.ones((3, 2), dtype=np.float32))
+        writer.flush()
+    stored = stored_ids(tmp_path)  # whole shards only; another committer may finish a later shard
+    assert stored[:4] == [0, 1, 2, 3] and not set(range(4, 8)) & set(stored)
+    assert all(stored[k : k + 4] == list(range(stored[k], stored[k] + 4)) for k in range(0, len(stored), 4))
+    assert not list((tmp_path / ".staging").rglob("*.arrow*"))
