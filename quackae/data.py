@@ -191,6 +191,7 @@ class TokenizedDataModule(pl.LightningDataModule):
         pad_id: int | None = None,
         predict_indices: Sequence[int] | None = None,
         predict_attention: bool = False,
+        predict_pool: int = 0,
     ) -> None:
         super().__init__()
         if batch_size <= 0:
@@ -212,6 +213,9 @@ class TokenizedDataModule(pl.LightningDataModule):
         self.pad_id = pad_id
         self.predict_indices = predict_indices
         self.predict_attention = predict_attention  # predict batches ask the model for attention maps too
+        # predict items are length-sorted within pools of this many items taken in row order (0: 100 batches);
+        # encode sets its shard size, so that each shard covers one run of consecutive rows
+        self.predict_pool = predict_pool
         self.dataset: Any = None
         self.tokenizer: Any = None
         self.splits: dict[str, np.ndarray] = {}
@@ -249,7 +253,13 @@ class TokenizedDataModule(pl.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def _loader(
-        self, indices: np.ndarray, shuffle: bool, with_metadata: bool, even: bool, attention: bool = False
+        self,
+        indices: np.ndarray,
+        shuffle: bool,
+        with_metadata: bool,
+        even: bool,
+        attention: bool = False,
+        pool_batches: int = 100,
     ) -> DataLoader:
         replicas, rank = self._replicas()
         sampler = BucketBatchSampler(
@@ -262,6 +272,7 @@ class TokenizedDataModule(pl.LightningDataModule):
             num_replicas=replicas,
             rank=rank,
             even=even,
+            pool_batches=pool_batches,
         )
         dataset = TokenizedDataset(self.dataset, self.pad_id, with_metadata, attention)
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
@@ -290,4 +301,12 @@ class TokenizedDataModule(pl.LightningDataModule):
             if self.predict_indices is None
             else np.asarray(self.predict_indices, dtype=np.int64)
         )
-        return self._loader(indices, shuffle=False, with_metadata=True, even=False, attention=self.predict_attention)
+        pool_batches = max(1, self.predict_pool // self.batch_size) if self.predict_pool else 100
+        return self._loader(
+            indices,
+            shuffle=False,
+            with_metadata=True,
+            even=False,
+            attention=self.predict_attention,
+            pool_batches=pool_batches,
+        )

@@ -198,6 +198,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             pad_id=model.pad_id,
             predict_indices=todo,
             predict_attention=config.png == "attention",
+            predict_pool=config.shard_size if config.layout == "shards" else 0,
         )
         trainer = pl.Trainer(
             callbacks=[writer],

@@ -318,11 +318,9 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def _commit_buffer(self, buffer: ShardBuffer) -> None:
         """Hand ``buffer``'s rows to the committer as one shard; ``buffer.wait()`` returns once it is committed."""
-        import pyarrow as pa
-
         count = buffer.fill
-        columns = pa.concat_tables(buffer.columns, promote_options="permissive") if buffer.columns else None
-        table = shard_table(buffer.ids[:count], buffer.matrix[:count], columns, self.manifest or None)  # no copy
+        ids, matrix, columns = buffer.rows()  # in id order
+        table = shard_table(ids, matrix, columns, self.manifest or None)  # no copy of the encodings
         self._sequence += 1
         name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
         assert self._staging is not None and self._committer is not None

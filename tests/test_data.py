@@ -135,3 +135,14 @@ def test_bad_arguments():
         TokenizedDataModule("x", batch_size=0)
     with pytest.raises(ValueError, match="--val-fraction"):
         TokenizedDataModule("x", val_fraction=0.6, test_fraction=0.5)
+
+
+def test_predict_pools_cover_runs_of_consecutive_rows(prepared):
+    dm = TokenizedDataModule(prepared, batch_size=8, predict_pool=32)
+    dm.setup("predict")
+    order = [i - 5000 for metadata, _ in dm.predict_dataloader() for i in metadata.column("id").to_pylist()]
+    assert sorted(order) == list(range(400))
+    for start in range(0, 400, 32):
+        assert sorted(order[start : start + 32]) == list(range(start, min(start + 32, 400)))
+    lengths = [dm.lengths[i] for i in order[:32]]
+    assert lengths == sorted(lengths)  # length-sorted inside a pool

@@ -278,9 +278,10 @@ def test_export_round_trips_both_layouts(tiny, tmp_path):
         assert main(["export", str(tmp_path / layout), "--out", str(tmp_path / f"{layout}.parquet")]) == 0
     a, b = (pq.read_table(tmp_path / f"{layout}.parquet") for layout in ("shards", "files"))
     assert a.column("id").to_pylist() == b.column("id").to_pylist()
-    assert np.array_equal(
+    assert np.allclose(  # the layouts batch items differently (shards: pools of --shard-size); same values
         np.stack(a.column("encoding").to_numpy(zero_copy_only=False)),
         np.stack(b.column("encoding").to_numpy(zero_copy_only=False)),
+        atol=1e-5,
     )
     assert a.column("text").to_pylist() == b.column("text").to_pylist()
 
@@ -324,8 +325,11 @@ def test_another_layout_is_refused(tiny, tmp_path):
 
 
 def pa_feather_rows(path: Path) -> int:
+    """Rows of one shard, read with pyarrow alone; its ids must be in increasing order."""
     with pa.memory_map(str(path)) as source:
-        return pa.ipc.open_file(source).read_all().num_rows
+        ids = pa.ipc.open_file(source).read_all().column("id").to_numpy()
+    assert (np.diff(ids) > 0).all(), f"{path} is not sorted by id"
+    return len(ids)
 
 
 def _metadata_as(form: str, ids: np.ndarray) -> object:
@@ -366,3 +370,18 @@ def test_out_naming_a_file_is_one_line(tiny, tmp_path, capsys):
     err = _one_line(capsys)
     assert len(err) == 1 and "is an existing file, not a store folder" in err[0], err
     assert main(["verify", str(tmp_path / "f")]) == 2
+
+
+def test_a_fresh_encode_writes_each_shard_as_one_run_of_consecutive_rows(tiny, tmp_path):
+    out = tmp_path / "s"
+    _encode(tiny, out)  # batch 8, shard 16: predict pools of 16 items, length-sorted inside
+    dataset_ids = [json.loads(line)["id"] for line in (tiny / "c.jsonl").read_text().splitlines()]
+    runs = []
+    for path in sorted((out / "shards").iterdir()):
+        with pa.memory_map(str(path)) as source:
+            ids = pa.ipc.open_file(source).read_all().column("id").to_pylist()
+        assert ids == sorted(ids)  # stored in id order
+        start = dataset_ids.index(ids[0])
+        assert ids == sorted(dataset_ids[start : start + len(ids)]), path  # one run of consecutive rows
+        runs.append(len(ids))
+    assert sum(runs) == ROWS and runs.count(16) == ROWS // 16

@@ -1,6 +1,8 @@
 """``quackae bench --what store``: synthetic encodings through the writer and back, both layouts.
 
-Items are 256-d float32 with an ``id``, an integer ``label`` and a short ``text``. Each layout runs
+Items are 256-d float32 with an ``id``, an integer ``label`` and a short ``text``, handed to the
+writer in the order ``quackae encode`` produces them: pools of ``shard_size`` consecutive ids, each in
+a random order (encode sorts a pool by length, which has nothing to do with the id). Each layout runs
 in a child process so that its peak RSS is its own: ``peak_rss_mb`` is the maximum RSS after
 writing (the writer's memory, which must not grow with the item count), ``peak_rss_read_mb`` after
 ``to_numpy`` (which holds the whole (N, H) matrix by design).
@@ -43,23 +45,31 @@ def _measure(layout: str, items: int, batch_size: int, shard_size: int, root: st
 
     store = Path(root) / f"store-{layout}"
     rng = np.random.default_rng(seed)
-    block = rng.standard_normal((batch_size, HIDDEN)).astype(np.float32)  # (B, H), shifted per batch
+    block = rng.standard_normal((batch_size, HIDDEN)).astype(np.float32)  # (B, H)
 
-    def metadata(first: int, count: int) -> Any:
+    def encodings(ids: np.ndarray) -> np.ndarray:
+        """Item i's encoding: row i % B of the block shifted by i // B (known without storing it)."""
+        return block[ids % batch_size] + (ids // batch_size % 997).astype(np.float32)[:, None]  # (n, H)
+
+    def metadata(ids: np.ndarray) -> Any:
         """A batch's metadata as the data module hands it to the writer: one Arrow table of columns."""
-        ids = np.arange(first, first + count, dtype=np.int64)
-        return pa.table({"id": ids, "label": ids % 7, "text": [_text(i) for i in range(first, first + count)]})
+        return pa.table({"id": ids, "label": ids % 7, "text": [_text(i) for i in ids.tolist()]})
+
+    def batches() -> Any:
+        for pool in range(0, items, shard_size):
+            order = pool + rng.permutation(min(shard_size, items - pool)).astype(np.int64)  # a length-sorted pool
+            for s in range(0, len(order), batch_size):
+                yield order[s : s + batch_size]
 
     # warm-up: a few items into a store of their own, so one-off imports (pyarrow loads pandas) are not
     # charged to the timed write
     warm = AutoencoderWriter(storage_path=Path(root) / f"warm-{layout}", layout=layout, shard_size=shard_size)
-    warm.write_batch(metadata(0, 8), block[:8])
+    warm.write_batch(metadata(np.arange(8)), block[:8])
     warm.flush()
     writer = AutoencoderWriter(storage_path=store, layout=layout, shard_size=shard_size, manifest={"bench": True})
     start = time.perf_counter()
-    for s in range(0, items, batch_size):
-        count = min(batch_size, items - s)
-        writer.write_batch(metadata(s, count), block[:count] + np.float32(s % 997))
+    for ids in batches():
+        writer.write_batch(metadata(ids), encodings(ids))
     writer.flush()
     writer.write_manifest()
     write_s = time.perf_counter() - start
@@ -68,8 +78,9 @@ def _measure(layout: str, items: int, batch_size: int, shard_size: int, root: st
     reader = EncodingStore(store)
     ids, matrix = reader.to_numpy()
     read_s = time.perf_counter() - start
-    assert len(ids) == items and matrix.shape == (items, HIDDEN)
-    assert np.array_equal(matrix[: min(items, batch_size)], block[: min(items, batch_size)])
+    assert np.array_equal(ids, np.arange(items)) and matrix.shape == (items, HIDDEN)
+    checked = np.random.default_rng(seed + 2).integers(0, items, 1000)
+    assert np.array_equal(matrix[checked], encodings(checked))
     picks = np.random.default_rng(seed + 1).integers(0, items, 10_000)
     start = time.perf_counter()
     for index in picks.tolist():
