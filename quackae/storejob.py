@@ -198,7 +198,10 @@ class StoreJob:
             pass  # another rank still writes there, or it is already gone
 
     def close(self) -> None:
+        """End the job: the leader removes its own staging folder (the header's, when nothing was left to
+        encode) and releases the lock."""
         if self._lock_fd is not None:
+            self.drop_staging(0)
             if os.environ.get(JOB_ENV) == self.job:
                 del os.environ[JOB_ENV]
             os.close(self._lock_fd)  # releases the flock

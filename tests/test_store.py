@@ -100,6 +100,7 @@ def test_encode_stores_every_id_once_with_typed_columns_and_text(tiny, tmp_path,
         assert len(shard_files(out)) == -(-ROWS // 16)
     assert not (out / ".staging").exists()
     assert _encode(tiny, out, layout=layout)["items_written"] == 0  # a rerun has nothing left to do
+    assert not (out / ".staging").exists()  # not even the header's staging folder stays behind
 
 
 def test_pandas_reads_the_shards_alike(tiny, tmp_path):
