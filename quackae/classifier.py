@@ -4,9 +4,10 @@ The split is stratified and deterministic: within each class, items are ordered 
 of their id and the first ``test_fraction`` go to test, the next ``val_fraction`` to validation.
 Classes too small for all three splits are warned about and kept in training only. The report
 sets the classifier beside three baselines measured on the same split: the majority class, a
-linear probe (softmax regression on the same standardised encodings) and the same probe on bags
-of tokens (log(1 + count) of each token id the run's own tokenizer gives the item), which says
-whether the encodings beat counting tokens.
+linear probe (softmax regression on the same standardised encodings, its weight decay chosen on
+the validation split) and the same probe, chosen the same way, on bags of tokens (log(1 + count)
+of each token id the run's own tokenizer gives the item), which says whether the encodings beat
+counting tokens.
 
 Shape glossary: N items, H encoding size, C classes.
 """
@@ -34,9 +35,9 @@ from quackae.errors import QuackError, unpickling_reason
 from quackae.probes import (
     bag_of_tokens,
     classification_report,
-    linear_probe,
     store_token_sequences,
     stratified_split,
+    tuned_linear_probe,
 )
 from quackae.render import confusion_image, save_png
 from quackae.runtime import TrainerFlags
@@ -266,8 +267,17 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
     report = classification_report(l_y[parts["test"]], predicted[test], classes)
     majority = int(np.argmax(counts))
     baseline_majority = classification_report(l_y[parts["test"]], np.full(int(parts["test"].sum()), majority), classes)
-    probe = linear_probe(l_x[parts["train"]], l_y[parts["train"]], l_x[parts["test"]], len(classes), config.seed)
-    baseline_probe = classification_report(l_y[parts["test"]], probe, classes)
+
+    def probe(features: np.ndarray) -> tuple[np.ndarray, float]:
+        """Test predictions of the linear probe on ``features`` (N, F), its weight decay chosen on validation."""
+        train_part, val_part = parts["train"], parts["val"]
+        return tuned_linear_probe(
+            features[train_part], l_y[train_part], features[val_part], l_y[val_part], features[parts["test"]],
+            len(classes), config.seed,
+        )  # fmt: skip
+
+    probe_predicted, probe_decay = probe(l_x)
+    baseline_probe = classification_report(l_y[parts["test"]], probe_predicted, classes)
     baseline_bag: dict[str, Any]
     labelled_metadata = [m for m, label in zip(metadata, labels, strict=True) if label is not None]
     tokens, source = store_token_sequences(config.store, l_ids, labelled_metadata)
@@ -281,11 +291,14 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         baseline_bag = {"accuracy": None, "macro_f1": None, "source": source}
     else:
         bag = np.log1p(bag_of_tokens(tokens[0], tokens[1]))  # (N, V)
-        bag_probe = linear_probe(
-            bag[parts["train"]], l_y[parts["train"]], bag[parts["test"]], len(classes), config.seed
-        )
+        bag_probe, bag_decay = probe(bag)
         bag_report = classification_report(l_y[parts["test"]], bag_probe, classes)
-        baseline_bag = {"accuracy": bag_report["accuracy"], "macro_f1": bag_report["macro_f1"], "source": source}
+        baseline_bag = {
+            "accuracy": bag_report["accuracy"],
+            "macro_f1": bag_report["macro_f1"],
+            "weight_decay": bag_decay,
+            "source": source,
+        }
     report = {
         "store": config.store,
         "label_field": config.label_field,
@@ -303,7 +316,11 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
                 "accuracy": baseline_majority["accuracy"],
                 "macro_f1": baseline_majority["macro_f1"],
             },
-            "linear_probe": {"accuracy": baseline_probe["accuracy"], "macro_f1": baseline_probe["macro_f1"]},
+            "linear_probe": {
+                "accuracy": baseline_probe["accuracy"],
+                "macro_f1": baseline_probe["macro_f1"],
+                "weight_decay": probe_decay,
+            },
             "bag_of_tokens_probe": baseline_bag,
         },
         "checkpoint": str(out / "checkpoints" / "best.ckpt"),

@@ -2,8 +2,9 @@
 
 The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is
 depends on ``pooling``: ``final`` (the last layer's final forward and backward states, (B, H)),
-``mean`` (the mean of the encoder states over the item's tokens, (B, H)) or ``final+mean``
-(both, concatenated, (B, 2H)). The decoder is a GRU started from the final states (whatever
+``mean`` (the mean of the encoder states over the item's tokens, (B, H)), ``max`` (their
+element-wise maximum over the item's tokens, (B, H)), or several joined by ``+`` and
+concatenated in that order (``final+mean``: (B, 2H)). The decoder is a GRU started from the final states (whatever
 is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
 an MLP on ``[context; decoder state]`` that predicts the next token.
 
@@ -128,7 +129,7 @@ class QuackAutoEncoder(pl.LightningModule):
         return x, mask, lengths_cpu
 
     def set_pooling(self, pooling: str) -> None:
-        """Store ``pooling`` from now on (``final``, ``mean`` or ``final+mean``); training is unaffected."""
+        """Store ``pooling`` from now on (one of ``POOLINGS``); training is unaffected."""
         self.config = self.config.replace(pooling=pooling)  # checks the name
         self.hparams.pooling = self.pooling = pooling
         self.encoding_size = self.config.encoding_size
@@ -137,13 +138,24 @@ class QuackAutoEncoder(pl.LightningModule):
     def pool(self, final: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, CPU ``lengths`` (B,).
 
-        Returns (B, H) for ``final`` and ``mean``, (B, 2H) ``[final; mean]`` for ``final+mean``.
+        Returns (B, k H) for a ``pooling`` of k parts, concatenated in the order named.
         """
-        if self.pooling == "final":
+        parts = self.pooling.split("+")
+        if parts == ["final"]:
             return final
-        count = lengths.to(device=states.device, dtype=states.dtype).clamp(min=1).unsqueeze(1)  # (B, 1)
-        mean = states.sum(dim=1) / count  # (B, H): pads hold zeros, so the sum covers real tokens only
-        return mean if self.pooling == "mean" else torch.cat([final, mean], dim=1)  # (B, H) or (B, 2H)
+        pooled = []
+        for part in parts:
+            if part == "final":
+                pooled.append(final)  # (B, H)
+            elif part == "mean":
+                count = lengths.to(device=states.device, dtype=states.dtype).clamp(min=1).unsqueeze(1)  # (B, 1)
+                pooled.append(states.sum(dim=1) / count)  # (B, H): pads hold zeros, the sum covers real tokens only
+            else:  # max: padding at -inf never wins (every row has a token)
+                real = torch.arange(states.size(1), device=states.device).unsqueeze(0) < lengths.to(
+                    states.device
+                ).unsqueeze(1)  # (B, T)
+                pooled.append(states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1))  # (B, H)
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (B, k H)
 
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = x.shape

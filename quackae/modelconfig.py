@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-POOLINGS = ("final", "mean", "final+mean")
+# What is stored per item: the encoder's final states, the mean or the max over its states, or several of them
+# concatenated in the order named (each part H values).
+POOLINGS = ("final", "mean", "final+mean", "max", "mean+max", "final+mean+max")
 DENOISE_MODES = ("delete", "mask")
 # Set from the tokenizer when a model is built for data, never by a flag.
 VOCABULARY_FIELDS = ("num_embeddings", "pad_id", "eos_id", "mask_id")
@@ -45,7 +47,7 @@ class ModelFlags:
     pooling: str = field(
         default="final+mean",
         metadata={
-            "help": "stored encoding: final states (H), mean of encoder states (H), or both (2H)",
+            "help": "stored encoding: final states, mean or max of encoder states, or several joined by + (H each)",
             "choices": POOLINGS,
         },
     )
@@ -67,8 +69,8 @@ class ModelFlags:
 
     @property
     def encoding_size(self) -> int:
-        """Width of the stored encoding: 2H for ``final+mean``, else H."""
-        return 2 * self.hidden_size if self.pooling == "final+mean" else self.hidden_size
+        """Width of the stored encoding: H per part of ``pooling`` (``final+mean``: 2H)."""
+        return len(self.pooling.split("+")) * self.hidden_size
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 ``stratified_split`` orders each class by the keyed id hash (``selection.id_hash``) and deals out
 test, validation and training items; ``classification_report`` gives accuracy, macro-F1, per-class
 figures and the confusion matrix; ``linear_probe`` is softmax regression (L-BFGS) on standardised
-features, run on the stored encodings and on ``bag_of_tokens`` of the same items.
+features, and ``tuned_linear_probe`` picks its weight decay on the validation split (one rule for
+every feature set), run on the stored encodings and on ``bag_of_tokens`` of the same items.
 
 Shape glossary: N items, F features, C classes, V vocabulary.
 """
@@ -102,6 +103,38 @@ def linear_probe(
     optimizer.step(closure)
     with torch.no_grad():
         return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
+
+
+# The probe's L2 weight decay grid; ``tuned_linear_probe`` picks one on validation for each feature set.
+PROBE_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def tuned_linear_probe(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    test_x: np.ndarray,
+    classes: int,
+    seed: int,
+    decays: tuple[float, ...] = PROBE_DECAYS,
+) -> tuple[np.ndarray, float]:
+    """``linear_probe`` with its weight decay chosen on validation: fit on train with each of ``decays``,
+    keep the one with the best validation accuracy (ties: the larger decay), and return its test
+    predictions and that decay. Without validation items the middle of the grid is used."""
+    if len(val_y) == 0:
+        decay = decays[len(decays) // 2]
+        return linear_probe(train_x, train_y, test_x, classes, seed, weight_decay=decay), decay
+    both = np.concatenate([val_x, test_x])  # (Nv + Nt, F): one fit scores validation and test alike
+    best: tuple[float, float, np.ndarray] | None = None
+    for decay in sorted(decays):
+        predicted = linear_probe(train_x, train_y, both, classes, seed, weight_decay=decay)
+        accuracy = float((predicted[: len(val_y)] == val_y).mean())
+        log.debug("probe weight decay %g: validation accuracy %.4f", decay, accuracy)
+        if best is None or accuracy >= best[0]:
+            best = (accuracy, decay, predicted[len(val_y) :])
+    assert best is not None
+    return best[2], best[1]
 
 
 def bag_of_tokens(sequences: list[list[int]], vocab_size: int) -> np.ndarray:

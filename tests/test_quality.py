@@ -13,6 +13,7 @@ from quackae.bench import BenchConfig
 from quackae.bench.quality import _probe_subset, parse_options, quality_run
 from quackae.classifier import ClassifyConfig, classify
 from quackae.corpus import site_docstrings
+from quackae.modelconfig import POOLINGS
 from quackae.probes import bag_of_tokens, store_token_sequences
 
 
@@ -123,7 +124,8 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
     options = {"embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01}
     result = quality_run(str(corpus), 20, options, workdir=tmp_path)
     assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean"
-    assert set(result["probe_by_pooling"]) == {"final", "mean", "final+mean"}
+    assert set(result["probe_by_pooling"]) == set(POOLINGS)
+    assert set(result["probe_weight_decay"]) >= {"bag of tokens", "trained final+mean", "untrained max"}
     assert result["probe_trained"] == result["probe_by_pooling"]["final+mean"]
     for key in ("token_accuracy", "probe_trained", "probe_untrained", "probe_bag_of_tokens", "majority"):
         assert 0.0 <= result[key] <= 1.0, key

@@ -5,7 +5,8 @@ fixed number of steps on a labelled docstring corpus that needs no download, enc
 labelled item, and reports on one stratified split (the one ``quackae classify`` uses):
 
 - held-out greedy reconstruction token accuracy (the training run's test split),
-- a linear probe on the trained model's encodings,
+- a linear probe on the trained model's encodings (its weight decay chosen on the validation split,
+  by the same rule for every feature set),
 - the same probe on the same model untrained (random weights: what training adds),
 - the same probe on bags of tokens from the run's own tokenizer,
 - the majority class.
@@ -139,7 +140,7 @@ def quality_run(
     from quackae.modelconfig import POOLINGS
     from quackae.prepare import PrepareConfig, prepare
     from quackae.prepared import load_prepared
-    from quackae.probes import bag_of_tokens, linear_probe, stratified_split
+    from quackae.probes import bag_of_tokens, stratified_split, tuned_linear_probe
     from quackae.train import TrainConfig, train
 
     options = dict(options or {})
@@ -185,13 +186,19 @@ def quality_run(
         classes = sorted(set(labels))
         y = np.asarray([classes.index(label) for label in labels], dtype=np.int64)
         split, _ = stratified_split(ids, labels, seed, 0.15, 0.15)
-        train_part, test_part = split == 0, split == 2
+        train_part, val_part, test_part = split == 0, split == 1, split == 2
+        decays: dict[str, float] = {}
 
-        def probe(features: np.ndarray) -> float:
-            predicted = linear_probe(features[train_part], y[train_part], features[test_part], len(classes), seed)
+        def probe(features: np.ndarray, name: str) -> float:
+            """Test accuracy of the linear probe on ``features`` (N, F), its weight decay chosen on validation."""
+            predicted, decays[name] = tuned_linear_probe(
+                features[train_part], y[train_part], features[val_part], y[val_part], features[test_part],
+                len(classes), seed,
+            )  # fmt: skip
             return round(float((predicted == y[test_part]).mean()), 4)
 
-        model = load_model(summary["best_checkpoint"])
+        # The best checkpoint by validation loss; a run too short to validate has only its last one.
+        model = load_model(summary["best_checkpoint"] or summary["last_checkpoint"])
         hparams = dict(model.hparams)
         torch.manual_seed(seed)
         untrained = QuackAutoEncoder(**hparams)
@@ -199,15 +206,20 @@ def quality_run(
         majority = int(np.bincount(y[train_part], minlength=len(classes)).argmax())
         by_pooling, untrained_by_pooling = {}, {}
         for pooling in POOLINGS:
-            for net, figures in ((model, by_pooling), (untrained, untrained_by_pooling)):
+            for net, figures, name in ((model, by_pooling, "trained"), (untrained, untrained_by_pooling, "untrained")):
                 net.set_pooling(pooling)
-                figures[pooling] = probe(_encode_all(net, sequences))
+                figures[pooling] = probe(_encode_all(net, sequences), f"{name} {pooling}")
         model.set_pooling(hparams["pooling"])
         result = {
             "bench": "quality",
             "corpus": corpus,
             "items": len(rows),
-            "probe_items": {"train": int(train_part.sum()), "test": int(test_part.sum()), "classes": len(classes)},
+            "probe_items": {
+                "train": int(train_part.sum()),
+                "val": int(val_part.sum()),
+                "test": int(test_part.sum()),
+                "classes": len(classes),
+            },
             "options": options,
             "model": {k: hparams[k] for k in ("embed_size", "hidden_size", "pooling", "dropout", "denoise")},
             "steps": summary["global_step"],
@@ -219,8 +231,9 @@ def quality_run(
             "probe_untrained": untrained_by_pooling[hparams["pooling"]],
             "probe_by_pooling": by_pooling,
             "probe_untrained_by_pooling": untrained_by_pooling,
-            "probe_bag_of_tokens": probe(np.log1p(counts)),
+            "probe_bag_of_tokens": probe(np.log1p(counts), "bag of tokens"),
             "majority": round(float((y[test_part] == majority).mean()), 4),
+            "probe_weight_decay": decays,
             "torch_threads": torch.get_num_threads(),
         }
     result["seconds"] = round(time.time() - started, 1)
