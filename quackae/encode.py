@@ -22,7 +22,7 @@ import numpy as np
 
 from quackae.errors import QuackError
 from quackae.layout import LAYOUTS
-from quackae.runtime import TrainerFlags, resolve_run
+from quackae.runtime import TrainerFlags, progress_bar, resolve_run
 from quackae.selection import is_labelled, selected_rows
 from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
 from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
@@ -201,7 +201,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             predict_pool=config.shard_size if config.layout == "shards" else 0,
         )
         trainer = pl.Trainer(
-            callbacks=[writer],
+            callbacks=[writer, progress_bar()],
             logger=False,
             enable_checkpointing=False,
             use_distributed_sampler=False,

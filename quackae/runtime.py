@@ -65,6 +65,29 @@ class TrainerFlags:
         }
 
 
+def progress_bar(min_interval_s: float = 0.5) -> Any:
+    """Lightning's tqdm progress bar, redrawn at most every ``min_interval_s`` seconds and at the end:
+    redrawing after every batch cost about 2 ms of terminal writes per batch, 3% of a CPU encode of short
+    items (``cProfile``)."""
+    import time
+
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    class ThrottledProgressBar(TQDMProgressBar):
+        last = float("-inf")
+
+        def _should_update(self, current: int, total: int) -> bool:
+            if not super()._should_update(current, total):
+                return False
+            now = time.monotonic()
+            if current != total and now - self.last < min_interval_s:
+                return False
+            self.last = now
+            return True
+
+    return ThrottledProgressBar()
+
+
 def check_accelerator(accelerator: str) -> None:
     """Refuse a GPU accelerator on a machine torch sees none on, before Lightning raises deep inside."""
     import torch

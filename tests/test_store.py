@@ -386,3 +386,14 @@ def test_a_fresh_encode_writes_each_shard_as_one_run_of_consecutive_rows(tiny, t
         assert ids == sorted(dataset_ids[start : start + len(ids)]), path  # one run of consecutive rows
         runs.append(len(ids))
     assert sum(runs) == ROWS and runs.count(16) == ROWS // 16
+
+
+def test_the_encode_progress_bar_redraws_at_most_every_interval_and_at_the_end(monkeypatch):
+    import quackae.runtime as runtime
+
+    clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 5.0])
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    bar = runtime.progress_bar(0.5)
+    monkeypatch.setattr(type(bar), "is_enabled", property(lambda self: True))
+    drawn = [bar._should_update(n, 100) for n in (1, 2, 3, 4, 5)] + [bar._should_update(100, 100)]
+    assert drawn == [True, False, False, True, False, True]
