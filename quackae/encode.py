@@ -156,7 +156,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "layout": config.layout,
         "encoding_size": int(model.encoding_size),
-        "pooling": model.pooling,  # what each stored encoding is: final, mean or final+mean
+        "pooling": model.pooling,  # what each stored encoding is (one of modelconfig.POOLINGS)
         "dtype": "float32",
         "text": config.text,
         "selection": selection,
