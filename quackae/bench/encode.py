@@ -61,7 +61,7 @@ def bench_encode(config: Any) -> dict[str, Any]:
                 return items / (time.perf_counter() - start)
 
         # one untimed pass over every batch first: the first time each batch shape goes through the model
-        # costs allocations a steady encode does not pay (timed, that pass ran 20-35% slower here)
+        # costs allocations a steady encode does not pay (timed, that pass ran 18-34% slower here)
         model_only()
         # model only is timed right before and right after the default layout's end-to-end run: the ratios
         # compare end to end with the mean of the two, so a machine that speeds up or slows down in between
