@@ -135,26 +135,21 @@ class QuackAutoEncoder(pl.LightningModule):
         self.encoding_size = self.config.encoding_size
 
     # ------------------------------------------------------------------ encoder
-    def pool(self, final: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, CPU ``lengths`` (B,).
+    def pool(self, final: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, ``mask`` (B, T) true at tokens
+        (on the states' device: no host copy per batch).
 
         Returns (B, k H) for a ``pooling`` of k parts, concatenated in the order named.
         """
-        parts = self.pooling.split("+")
-        if parts == ["final"]:
-            return final
         pooled = []
-        for part in parts:
+        for part in self.pooling.split("+"):
             if part == "final":
                 pooled.append(final)  # (B, H)
             elif part == "mean":
-                count = lengths.to(device=states.device, dtype=states.dtype).clamp(min=1).unsqueeze(1)  # (B, 1)
+                count = mask.sum(dim=1, keepdim=True).to(states.dtype).clamp(min=1)  # (B, 1)
                 pooled.append(states.sum(dim=1) / count)  # (B, H): pads hold zeros, the sum covers real tokens only
             else:  # max: padding at -inf never wins (every row has a token)
-                real = torch.arange(states.size(1), device=states.device).unsqueeze(0) < lengths.to(
-                    states.device
-                ).unsqueeze(1)  # (B, T)
-                pooled.append(states.masked_fill(~real.unsqueeze(-1), float("-inf")).amax(dim=1))  # (B, H)
+                pooled.append(states.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(dim=1))  # (B, H)
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)  # (B, k H)
 
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,9 +170,9 @@ class QuackAutoEncoder(pl.LightningModule):
         its padding or its batch mates. Raises ``ValueError`` for ids outside ``[0, V)``, empty
         rows, non-integer or non-2-D input.
         """
-        x, _, lengths = self._check(x)
+        x, mask, lengths = self._check(x)
         final, states = self._encode(x, lengths)  # (B, H), (B, T, H)
-        return self.pool(final, states, lengths), states
+        return self.pool(final, states, mask), states
 
     # ------------------------------------------------------------------ noise
     def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -75,7 +75,8 @@ def test_max_pooling_never_takes_a_pad_even_when_every_state_is_negative():
     states = -torch.rand(2, 5, 16) - 0.1  # (B, T, H): every real state negative
     lengths = torch.tensor([3, 5])
     states[0, 3:] = 0.0  # pads hold zeros, as the encoder returns them
-    pooled = model.pool(torch.zeros(2, 16), states, lengths)  # (B, H)
+    mask = torch.arange(5).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T) true at tokens
+    pooled = model.pool(torch.zeros(2, 16), states, mask)  # (B, H)
     torch.testing.assert_close(pooled[0], states[0, :3].max(dim=0).values)
     torch.testing.assert_close(pooled[1], states[1].max(dim=0).values)
     assert (pooled < 0).all()
