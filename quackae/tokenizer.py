@@ -111,3 +111,97 @@ def tokenize_batch(
         lengths.append(len(ids))
         truncated.append(cut)
     return {"input_ids": input_ids, "length": lengths, "_truncated": truncated}
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level alphabet: the printable character that stands for each byte (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {chr(b): b for b in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in printable:
+            chars[chr(256 + shifted)] = byte
+            shifted += 1
+    return chars
+
+
+_BYTE_CHARS = _byte_level_chars()
+_ALPHABET = frozenset(_BYTE_CHARS)
+_TO_BYTES = {ord(c): b for c, b in _BYTE_CHARS.items()}  # str.translate, then latin-1: a token's bytes
+
+
+class BatchDecoder:
+    """Padded token rows -> their texts as one ``pyarrow`` string array, what ``tokenizer.decode_batch(rows,
+    skip_special_tokens=True)`` returns, without per-token Python.
+
+    For a byte-level decoder (every tokenizer ``quackae prepare`` trains) each token id stands for a fixed
+    run of bytes: a row's text is its tokens' bytes, concatenated and read as UTF-8. The bytes of every id
+    are tabled once; a batch is then gathered with one numpy index. A row whose tokens are each whole
+    characters is valid UTF-8 as it stands; a row with a token that is part of a character (a rare
+    character, or a text cut inside one) is read in Python, where an invalid sequence becomes U+FFFD as
+    the tokenizer makes it. Any other decoder is called as is.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        import numpy as np
+
+        self.tokenizer = tokenizer
+        self.fast = isinstance(tokenizer.decoder, decoders.ByteLevel)
+        if not self.fast:
+            return
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+        special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+        tokens: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+        for token, index in vocab.items():
+            tokens[index] = None if index in special else token
+        pieces = []
+        for token in tokens:
+            if not token:
+                pieces.append(b"")
+            elif _ALPHABET.issuperset(token):
+                pieces.append(token.translate(_TO_BYTES).encode("latin-1"))
+            else:  # a token outside the alphabet (an added token) stands for its own UTF-8 bytes
+                pieces.append(token.encode("utf-8"))
+        self._lengths = np.array([len(p) for p in pieces], dtype=np.int64)  # (V,) bytes per id
+        self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)  # (V,)
+        self._blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)  # every id's bytes, end to end
+        self._whole = np.array([_is_utf8(p) for p in pieces], dtype=bool)  # (V,) whole characters on its own
+
+    def __call__(self, tokens: Any) -> Any:
+        """``tokens``: int array (B, T), padded with a special id -> ``pyarrow.StringArray`` of B texts."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if not self.fast:
+            return pa.array(self.tokenizer.decode_batch(tokens.tolist(), skip_special_tokens=True), type=pa.string())
+        rows = len(tokens)
+        known = (tokens >= 0) & (tokens < len(self._lengths))  # (B, T): unknown ids decode to nothing
+        ids = np.where(known, tokens, 0).ravel()  # (B*T,)
+        lengths = np.where(known.ravel(), self._lengths[ids], 0)  # (B*T,) bytes per token
+        offsets = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(lengths.reshape(rows, -1).sum(axis=1), out=offsets[1:])  # (B + 1,) each text's bytes
+        total = int(offsets[-1])
+        token_starts = np.cumsum(lengths) - lengths  # (B*T,) where each token's bytes go in the output
+        source = np.arange(total, dtype=np.int64) + np.repeat(self._starts[ids] - token_starts, lengths)
+        data = self._blob[source]  # (total,) uint8: the batch's texts, end to end
+        small = total < 2**31
+        kind, width = (pa.binary(), np.int32) if small else (pa.large_binary(), np.int64)
+        texts = pa.Array.from_buffers(kind, rows, [None, pa.py_buffer(offsets.astype(width)), pa.py_buffer(data)])
+        partial = ~(self._whole[ids] | ~known.ravel()).reshape(rows, -1).all(axis=1)  # (B,) rows to read in Python
+        if partial.any():
+            raw = data.tobytes()
+            fixed = [
+                raw[offsets[r] : offsets[r + 1]].decode("utf-8", "replace").encode() for r in np.flatnonzero(partial)
+            ]
+            texts = pc.replace_with_mask(texts, pa.array(partial), pa.array(fixed, type=kind))
+        return texts.cast(pa.string() if small else pa.large_string())  # checks the UTF-8
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
