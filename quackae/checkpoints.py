@@ -172,7 +172,14 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Qu
             problems.append(f"{name} has shape {shape}, its hyper-parameters need {expected[name]}")
     if problems:
         raise QuackError(f"checkpoint {path} does not match its own hyper-parameters: {'; '.join(problems[:5])}")
-    model = QuackAutoEncoder(**hparams)
-    model.load_state_dict(state)
+    model: QuackAutoEncoder | None = None
+    if all(not torch.is_floating_point(state[n]) or state[n].dtype == torch.float32 for n in expected):
+        # the skeleton takes the loaded tensors themselves: no random initialisation to overwrite
+        skeleton.load_state_dict(state, assign=True)
+        if not any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+            model = skeleton
+    if model is None:  # weights of another dtype are cast into a freshly built float32 model
+        model = QuackAutoEncoder(**hparams)
+        model.load_state_dict(state)
     model.eval()
     return model

@@ -269,6 +269,19 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(reloaded(x)[0], expected)
         assert torch.equal(safe(x)[0], expected)
     assert safe.hparams.max_decode_length == 9 and safe.hparams.eos_id == 2
+    # the loaded tensors are the model's own (no meta placeholder left, trainable parameters, both GRUs usable)
+    assert not any(t.is_meta for t in (*safe.parameters(), *safe.buffers()))
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in safe.parameters())
+    with torch.no_grad():
+        assert torch.equal(safe.reconstruct(x, max_length=9), model.reconstruct(x, max_length=9))
+    # weights saved in another dtype are cast into a float32 model, as before
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["state_dict"] = {k: v.to(torch.bfloat16) for k, v in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "bf16.ckpt")
+    cast = load_model(str(tmp_path / "bf16.ckpt"))
+    assert all(p.dtype == torch.float32 for p in cast.parameters())
+    for name, tensor in cast.state_dict().items():
+        assert torch.equal(tensor, checkpoint["state_dict"][name].float())
 
 
 def test_load_model_errors(tmp_path):
