@@ -26,6 +26,9 @@ class BenchConfig:
     batch_size: int = field(
         default=0, metadata={"help": "batch size; 0 takes each bench's standard (32 train, 128 encode)"}
     )
+    rounds: int = field(
+        default=3, metadata={"help": "encode: end-to-end runs, each between two model-only passes (medians reported)"}
+    )
     cuda: bool = field(default=True, metadata={"help": "also measure on CUDA when a GPU is present"})
     seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
     corpus: str = field(default="stdlib", metadata={"help": "quality: stdlib, site (site-packages) or a JSONL file"})
@@ -43,7 +46,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if self.what not in ("train", "prepare", "encode", "store", "quality"):
             raise ValueError(f"--what must be train, prepare, encode, store or quality, got {self.what!r}")
-        for name in ("steps", "rows", "items"):
+        for name in ("steps", "rows", "items", "rounds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0 or self.batch_size < 0:

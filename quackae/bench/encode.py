@@ -19,7 +19,10 @@ log = logging.getLogger(__name__)
 
 def bench_encode(config: Any) -> dict[str, Any]:
     """items/s of the encoder alone, of ``encode`` end to end (default ``shards`` layout, and ``files`` under
-    ``files_*`` keys), and of the writer alone (256-d items, default layout)."""
+    ``files_*`` keys), and of the writer alone (256-d items, default layout).
+
+    ``config.rounds`` end-to-end runs alternate with model-only passes; the ``*_runs`` keys list every one,
+    the others are medians."""
     import tempfile
 
     import datasets
@@ -63,30 +66,24 @@ def bench_encode(config: Any) -> dict[str, Any]:
         # one untimed pass over every batch first: the first time each batch shape goes through the model
         # costs allocations a steady encode does not pay (timed, that pass ran 18-34% slower here)
         model_only()
-        # model only is timed right before and right after the default layout's end-to-end run: the ratios
-        # compare end to end with the mean of the two, so a machine that speeds up or slows down in between
-        # does not tilt it
-        before = model_only()
-        # end to end: a prepared dataset on disk -> a store on disk, through encode(), both layouts
+        # end to end: a prepared dataset on disk -> a store on disk, through encode(). Model only and end to end
+        # alternate (model only first and last); each round's ratio is its end-to-end rate over the mean of the
+        # model-only passes on either side, and the medians are reported: on a shared machine the same pass
+        # moves 10-20% from one run to the next, and so does a ratio of two single runs
         _write_bench_run(root, rows, model, vocab)
-        for layout, key in (("shards", "end_to_end_items_per_s"), ("files", "files_end_to_end_items_per_s")):
-            start = time.perf_counter()
-            encode(
-                EncodeConfig(
-                    data=str(root / "prepared"),
-                    model=str(root / "run"),
-                    out=str(root / f"store-{layout}"),
-                    batch_size=batch_size,
-                    accelerator="cpu",
-                    devices="1",
-                    layout=layout,
-                )
-            )
-            result[key] = round(items / (time.perf_counter() - start), 1)
-            if layout == "shards":
-                after = model_only()
-        result["model_only_items_per_s"] = round((before + after) / 2, 1)
-        result["model_only_runs_items_per_s"] = [round(before, 1), round(after, 1)]
+        passes, runs = [model_only()], []
+        for round_ in range(config.rounds):
+            runs.append(_encode_rate(root, f"store-shards-{round_}", "shards", batch_size, items))
+            passes.append(model_only())
+        ratios = [runs[r] / ((passes[r] + passes[r + 1]) / 2) for r in range(config.rounds)]
+        result["model_only_items_per_s"] = round(float(np.median(passes)), 1)
+        result["end_to_end_items_per_s"] = round(float(np.median(runs)), 1)
+        result["end_to_end_vs_model_only"] = round(float(np.median(ratios)), 3)
+        result["model_only_runs_items_per_s"] = [round(p, 1) for p in passes]
+        result["end_to_end_runs_items_per_s"] = [round(r, 1) for r in runs]
+        result["end_to_end_vs_model_only_runs"] = [round(r, 3) for r in ratios]
+        # the files layout once, beside the median model-only rate
+        result["files_end_to_end_items_per_s"] = round(_encode_rate(root, "store-files", "files", batch_size, items), 1)
         # the writer alone: 256-d float32 items with metadata, atomic, no pickle (default layout)
         writer = AutoencoderWriter(storage_path=root / "writer")
         matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
@@ -96,10 +93,27 @@ def bench_encode(config: Any) -> dict[str, Any]:
             writer.write_batch({"id": ids, "label": ids % 7}, matrix[s : s + batch_size])  # columns, as encode's
         writer.flush()
         result["writer_items_per_s"] = round(items / (time.perf_counter() - start), 1)
-    model_only = result["model_only_items_per_s"]
-    result["end_to_end_vs_model_only"] = round(result["end_to_end_items_per_s"] / model_only, 3)
-    result["files_end_to_end_vs_model_only"] = round(result["files_end_to_end_items_per_s"] / model_only, 3)
+    result["files_end_to_end_vs_model_only"] = round(
+        result["files_end_to_end_items_per_s"] / result["model_only_items_per_s"], 3
+    )
     return result
+
+
+def _encode_rate(root: Path, name: str, layout: str, batch_size: int, items: int) -> float:
+    """items/s of one ``encode`` of the bench's prepared data into a new store ``root/name``."""
+    start = time.perf_counter()
+    encode(
+        EncodeConfig(
+            data=str(root / "prepared"),
+            model=str(root / "run"),
+            out=str(root / name),
+            batch_size=batch_size,
+            accelerator="cpu",
+            devices="1",
+            layout=layout,
+        )
+    )
+    return items / (time.perf_counter() - start)
 
 
 def _write_bench_run(root: Path, rows: list[list[int]], model: Any, vocab: int) -> None:
