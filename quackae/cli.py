@@ -207,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(namespace.log_level)
+    from quackae.runtime import keep_freed_memory
+
+    keep_freed_memory()
     if not namespace.verbose:
         from quackae.quiet import quiet_libraries
 

@@ -129,8 +129,13 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
     checkpoint, tokenizer_file = resolve_run(config.model)
     dataset, data_tokenizer, _ = load_prepared(config.data)
-    model_tokenizer = load_tokenizer(tokenizer_file)
-    if tokenizer_hash(model_tokenizer) != tokenizer_hash(data_tokenizer):
+    data_hash = tokenizer_hash(data_tokenizer)
+    if tokenizer_file.read_bytes() == (Path(config.data) / "tokenizer.json").read_bytes():
+        model_tokenizer, model_hash = data_tokenizer, data_hash  # one file, read once
+    else:
+        model_tokenizer = load_tokenizer(tokenizer_file)
+        model_hash = tokenizer_hash(model_tokenizer)
+    if model_hash != data_hash:
         raise QuackError(
             f"the data in {config.data} was tokenized with another tokenizer than the model "
             f"{checkpoint} was trained with; prepare it again with --tokenizer {tokenizer_file}"
@@ -150,7 +155,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": _sha256(checkpoint),
         "tokenizer": str(tokenizer_file),
-        "tokenizer_sha256": tokenizer_hash(model_tokenizer),
+        "tokenizer_sha256": model_hash,
         "dataset": str(Path(config.data).resolve()),
         "dataset_rows": dataset.num_rows,
         "dataset_fingerprint": dataset_fingerprint(dataset),
@@ -199,6 +204,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             predict_indices=todo,
             predict_attention=config.png == "attention",
             predict_pool=config.shard_size if config.layout == "shards" else 0,
+            prepared=(dataset, data_tokenizer),
         )
         trainer = pl.Trainer(
             callbacks=[writer, progress_bar()],

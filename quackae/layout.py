@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir
+from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir, write_atomic
 from quackae.errors import QuackError
 
 MANIFEST = "manifest.json"
@@ -109,6 +109,35 @@ def npz_bytes(encoding: np.ndarray, metadata_json: str) -> bytes:
     directory = b"".join(central)
     end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), offset, 0)
     return b"".join(local) + directory + end
+
+
+def write_items(
+    store: Path,
+    ids: np.ndarray,
+    matrix: np.ndarray,
+    metadata: list[dict[str, Any]],
+    texts: Any,
+    text: bool,
+    staging: Path,
+    folders: set[str],
+) -> int:
+    """Write one ``.npz`` per row at ``item_path(id, "npz")`` (files layout), each atomically through ``staging``;
+    ``texts`` (a string array) adds each row's text, ``text=False`` drops any; ``folders`` remembers the folders
+    made so far. Returns how many items were written."""
+    rows = texts.to_pylist() if texts is not None else None
+    for row, meta in enumerate(metadata):
+        index = int(ids[row])
+        folder = f"{store}/{item_path(index, dir_only=True)}"
+        if folder not in folders:
+            os.makedirs(folder, exist_ok=True)
+            folders.add(folder)
+        if rows is not None:
+            meta = {**meta, "text": rows[row]}
+        elif not text and "text" in meta:
+            meta = {k: v for k, v in meta.items() if k != "text"}
+        payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
+        write_atomic(f"{folder}/{index}.npz", payload, staging, durable=False)
+    return len(metadata)
 
 
 def read_item(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:

@@ -2,7 +2,8 @@
 
 Only the specific messages listed here are filtered, by text, so any other warning still shows:
 Lightning's start-up lines (accelerators found, the litlogger tip), and warnings about choices
-quackae makes on purpose (its own ``transfer_batch_to_device``, its length-bucketing batch sampler,
+quackae makes on purpose (its own ``transfer_batch_to_device``, a predict loader Lightning does not
+rebuild, so it keeps no batch indices (``data.PredictLoader``),
 a CSV log written into a RUN folder that already holds ``tokenizer.json``) or that come from inside
 Lightning (torch's ``_pytree.LeafSpec`` deprecation).
 """
@@ -17,7 +18,7 @@ import warnings
 LIBRARY_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
     (r"You have overridden `transfer_batch_to_device` in `LightningModule`", UserWarning),
-    (r"You are using a custom batch sampler `.*` for prediction", UserWarning),
+    (r"Couldn't infer the batch indices fetched from your dataloader", UserWarning),
     (r"Experiment logs directory .* exists and is not empty", UserWarning),
 )
 

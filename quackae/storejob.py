@@ -226,6 +226,41 @@ def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None
     write_atomic(store / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), staging, durable=True)
 
 
+def complete_manifest(
+    store: Path, layout: str, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
+) -> dict[str, Any]:
+    """Mark ``store`` complete: ``manifest.json`` with the item count, the encoding size (``size``, else what the
+    manifest or ``fields`` say), ``fields`` (provenance) over what it held, and ``selection`` unless one of those
+    names it; returns it."""
+    previous = read_manifest(store) or {}
+    ids = stored_ids_checked(store, layout, None, None, move=False)
+    manifest = {
+        **previous,
+        "format": "quackae-store-2",
+        "layout": layout,
+        "dtype": "float32",
+        "encoding_size": size or previous.get("encoding_size") or fields.get("encoding_size"),
+        **fields,
+        "items": int(len(ids)),
+        "complete": True,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest.setdefault("selection", selection)
+    if layout == "files":
+        manifest["item_path"] = "{id // 100000}/{id % 100000 // 1000}/{id}.npz"
+    staging = store / STAGING / f"{job}-manifest"
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        write_manifest(store, manifest, staging)
+    finally:
+        staging.rmdir()
+        try:
+            staging.parent.rmdir()
+        except OSError:
+            pass
+    return manifest
+
+
 def remove_staging(store: Path) -> int:
     """Delete every staging folder in ``store``; only call holding the lock. Returns how many files went."""
     staging = store / STAGING

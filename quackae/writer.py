@@ -1,20 +1,20 @@
 """``AutoencoderWriter``: the Lightning callback that stores each predicted item exactly once.
 
 Batches (metadata as Arrow columns, encodings after one device-to-host copy) leave the prediction
-thread through a bounded queue (``max_pending`` batches). ``shards``: one writer thread copies rows
-into a reused shard buffer and hands each full one to ``COMMITTERS`` threads that write and fsync it,
-so memory stays flat (``COMMITTERS + 1`` shards and the queue) and no step is per item. ``files``:
+thread through a bounded queue (``max_pending`` batches), each when the next batch starts, so the
+writer thread's Python overlaps the model rather than the loader. ``shards``: the writer thread copies
+rows into a reused shard buffer and hands each full one to ``COMMITTERS`` threads that write and fsync
+it, so memory stays flat (``COMMITTERS + 1`` shards and the queue) and no step is per item. When the
+model computes on every CPU core the rows are copied on the prediction thread between batches instead
+(``background``; the write and fsync stay on their threads): a writer thread there would stall the model. ``files``:
 ``threads`` threads write one ``.npz`` per item. Formats and commits: ``quackae.layout``; lock and
 provenance: ``quackae.storejob``; label selection: ``quackae.selection``. Glossary: B batch, H encoding, T tokens.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,12 +33,13 @@ from quackae.layout import (
     item_path,
     metadata_table,
     npz_bytes,
-    read_manifest,
     shard_table,
+    write_items,
     write_shard,
 )
 from quackae.selection import is_labelled, keep_item, selected_mask
-from quackae.storejob import StoreJob, clean_temporary, fresh_job, stored_ids, stored_ids_checked, write_manifest
+from quackae.storejob import StoreJob, clean_temporary, complete_manifest, fresh_job, stored_ids, stored_ids_checked
+from quackae.tokenizer import BatchDecoder
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class AutoencoderWriter(BasePredictionWriter):
         text: bool = True,
         job: StoreJob | None = None,
         known_ids: np.ndarray | None = None,
+        background: bool | None = None,
     ) -> None:
         if write_interval != "batch":
             raise ValueError(
@@ -135,6 +137,12 @@ class AutoencoderWriter(BasePredictionWriter):
         self.tokenizer = tokenizer
         self.text = text
         self.job = job
+        # batches are stored by a writer thread (True) or on the calling thread between batches (False); None:
+        # a thread, unless the shards layout runs with the model computing on every core
+        # (``runtime.cores_to_spare``), decided when prediction starts (``write_batch`` alone: a thread).
+        # Shards are written and fsynced by their own threads either way.
+        self.background = background
+        self._inline = background is False
         self.written = 0
         self.skipped = 0
         self.filtered_out = 0
@@ -156,12 +164,18 @@ class AutoencoderWriter(BasePredictionWriter):
         self._sequence = 0
         self._size: int | None = None
         self._pngs = 0
+        self._held: tuple[Any, ...] | None = None  # a finished batch, queued when the next one starts
+        self._decoder: BatchDecoder | None = None  # the text column's decoder, built in the writer thread
 
     # -- lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._rank = trainer.global_rank
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.background is None:
+            from quackae.runtime import cores_to_spare
+
+            self._inline = self.layout == "shards" and not cores_to_spare(trainer)
         self._start()
 
     def _start(self) -> None:
@@ -200,7 +214,24 @@ class AutoencoderWriter(BasePredictionWriter):
         tokens = None
         if self.text and self.tokenizer is not None and "text" not in column_names(metadata):
             tokens = batch[1].cpu().numpy()  # (B, T) token ids for the text column
-        self._submit(metadata, matrix, tokens, extra)
+        self._hand_over()
+        self._held = (metadata, matrix, tokens, extra)
+
+    def on_predict_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Queue the batch held back since the last batch ended.
+
+        A finished batch is queued when the next one starts, after the loader has fetched and padded it:
+        the writer thread's Python then runs while the model computes (torch holds no GIL there), not
+        while the prediction thread fetches, which it would slow down waiting on the GIL.
+        """
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._submit(*held)
 
     def write_batch(self, metadata: Any, encodings: np.ndarray) -> None:
         """Store a batch outside Lightning (benchmarks, scripts): same path as during prediction.
@@ -214,6 +245,10 @@ class AutoencoderWriter(BasePredictionWriter):
         self._submit(metadata, np.asarray(encodings, dtype=np.float32), None, None)
 
     def _submit(self, metadata: Any, matrix: np.ndarray, tokens: Any, extra: Any) -> None:
+        if self._inline:
+            self._write_batch(metadata, matrix, tokens, extra)
+            self._raise_pending_error()
+            return
         assert self._pool is not None
         self._slots.acquire()  # bounded: at most max_pending batches wait for the disk
         future = self._pool.submit(self._write_batch, metadata, matrix, tokens, extra)
@@ -274,7 +309,9 @@ class AutoencoderWriter(BasePredictionWriter):
                 extra = None if extra is None else tuple(e[rows] for e in extra)
             texts = None
             if tokens is not None:
-                texts = self.tokenizer.decode_batch(tokens.tolist(), skip_special_tokens=True)
+                if self._decoder is None:
+                    self._decoder = BatchDecoder(self.tokenizer)
+                texts = self._decoder(tokens)  # pyarrow string array (B',)
             self._size = int(matrix.shape[1])
             self._write_pngs(ids, matrix, extra)
             if self.layout == "shards":
@@ -298,10 +335,9 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, texts: Any) -> None:
         """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
-        import pyarrow as pa
 
         if texts is not None:
-            columns = columns.append_column("text", pa.array(texts, type=pa.string()))
+            columns = columns.append_column("text", texts)
         if not self.text and "text" in columns.column_names:
             columns = columns.drop_columns(["text"])
         if not self._buffers:
@@ -337,20 +373,7 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         assert self._staging is not None
-        written = 0
-        for row, meta in enumerate(metadata):
-            index = int(ids[row])
-            folder = f"{self.storage_path}/{item_path(index, dir_only=True)}"
-            if folder not in self._folders:
-                os.makedirs(folder, exist_ok=True)
-                self._folders.add(folder)
-            if texts is not None:
-                meta = {**meta, "text": texts[row]}
-            elif not self.text and "text" in meta:
-                meta = {k: v for k, v in meta.items() if k != "text"}
-            payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
-            write_atomic(f"{folder}/{index}.npz", payload, self._staging, durable=False)
-            written += 1
+        written = write_items(self.storage_path, ids, matrix, metadata, texts, self.text, self._staging, self._folders)
         with self._lock:
             self.written += written
 
@@ -401,6 +424,8 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def flush(self) -> None:
         """Wait for every queued write, commit the last partial shard, remove staging; raises the first I/O error."""
+        if self._pool is not None and self._error is None:
+            self._hand_over()
         self._shutdown(wait=True)
         try:
             if self._error is None and self._buffers and self._buffers[self._active].fill:
@@ -425,6 +450,7 @@ class AutoencoderWriter(BasePredictionWriter):
             self.write_manifest()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._held = None
         self._shutdown(wait=True)
         self._stop_committer()
         self._drop_staging()
@@ -437,31 +463,6 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def write_manifest(self) -> dict[str, Any]:
         """Mark the store complete: ``manifest.json`` with the item count, provenance and selection."""
-        previous = read_manifest(self.storage_path) or {}
-        ids = stored_ids_checked(self.storage_path, self.layout, None, None, move=False)
-        size = self._size or previous.get("encoding_size") or self.manifest.get("encoding_size")
-        manifest = {
-            **previous,
-            "format": "quackae-store-2",
-            "layout": self.layout,
-            "dtype": "float32",
-            "encoding_size": size,
-            **self.manifest,
-            "items": int(len(ids)),
-            "complete": True,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        manifest.setdefault("selection", self.selection)
-        if self.layout == "files":
-            manifest["item_path"] = "{id // 100000}/{id % 100000 // 1000}/{id}.npz"
-        staging = self.storage_path / ".staging" / f"{self._job_id}-manifest"
-        staging.mkdir(parents=True, exist_ok=True)
-        try:
-            write_manifest(self.storage_path, manifest, staging)
-        finally:
-            staging.rmdir()
-            try:
-                staging.parent.rmdir()
-            except OSError:
-                pass
-        return manifest
+        return complete_manifest(
+            self.storage_path, self.layout, self._size, self.manifest, self.selection, self._job_id
+        )

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from quackae.data import (
     BucketBatchSampler,
+    PredictLoader,
     TokenizedDataModule,
     pad_batch,
     pad_lists,
@@ -146,3 +147,71 @@ def test_predict_pools_cover_runs_of_consecutive_rows(prepared):
         assert sorted(order[start : start + 32]) == list(range(start, min(start + 32, 400)))
     lengths = [dm.lengths[i] for i in order[:32]]
     assert lengths == sorted(lengths)  # length-sorted inside a pool
+
+
+def test_lightning_keeps_no_batch_indices_while_predicting(prepared, tmp_path):
+    """Lightning wraps a predict DataLoader's batch sampler in one that keeps every batch's index list until the
+    run ends (memory growing with the items); the loader quackae hands it is left alone, and the writer still
+    stores every item once."""
+    import pytorch_lightning as pl
+
+    from quackae.layout import read_manifest
+    from quackae.model import QuackAutoEncoder
+    from quackae.writer import AutoencoderWriter
+
+    dm = TokenizedDataModule(prepared, batch_size=32)
+    model = QuackAutoEncoder(num_embeddings=300, embed_size=8, hidden_size=8)
+    writer = AutoencoderWriter(storage_path=tmp_path / "store", shard_size=100)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=[writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.predict(model, datamodule=dm, return_predictions=False)
+    loader = trainer.predict_dataloaders
+    assert isinstance(loader.loader.batch_sampler, BucketBatchSampler)  # not Lightning's _IndexBatchSamplerWrapper
+    assert not hasattr(loader.loader.batch_sampler, "seen_batch_indices")
+    assert read_manifest(tmp_path / "store")["items"] == 400
+
+
+def test_prefetched_predict_batches_match_the_plain_loader(prepared):
+    dm = TokenizedDataModule(prepared, batch_size=24, predict_pool=96)
+    dm.setup("predict")
+    loader = dm.predict_dataloader()
+    assert loader.prefetch  # no worker processes: a thread fetches ahead
+    plain = list(loader.loader)  # the reference: the DataLoader in this thread
+    for depth in (1, 2, 5):
+        fetched = list(PredictLoader(loader.loader, prefetch=True, depth=depth))
+        assert len(fetched) == len(plain)
+        for (meta_a, x_a), (meta_b, x_b) in zip(fetched, plain, strict=True):
+            assert meta_a.equals(meta_b) and torch.equal(x_a, x_b)
+
+
+class _Failing:
+    def __init__(self, fail_at: int) -> None:
+        self.fail_at = fail_at
+
+    def __iter__(self):
+        for step in range(10):
+            if step == self.fail_at:
+                raise OSError(f"disk gone at {step}")
+            yield step
+
+
+def test_prefetch_raises_the_loader_error_and_stops_when_closed():
+    import threading
+
+    batches = PredictLoader(_Failing(3), prefetch=True)  # type: ignore[arg-type]
+    seen = []
+    with pytest.raises(OSError, match="disk gone at 3"):
+        for step in batches:
+            seen.append(step)
+    assert seen == [0, 1, 2]
+    iterator = iter(PredictLoader(_Failing(99), prefetch=True, depth=1))  # type: ignore[arg-type]
+    assert next(iterator) == 0
+    iterator.close()  # a consumer that stops early: the thread ends instead of waiting to hand over
+    assert not any(t.name == "quackae-prefetch" for t in threading.enumerate())

@@ -26,7 +26,7 @@ def test_the_listed_warnings_are_filtered_and_others_are_not():
         quiet_libraries()
         for category, message in EXAMPLES.items():
             warnings.warn(message, category, stacklevel=1)
-        warnings.warn("You are using a custom batch sampler `BucketBatchSampler` for prediction.", stacklevel=1)
+        warnings.warn("Couldn't infer the batch indices fetched from your dataloader: `PredictLoader`", stacklevel=1)
         warnings.warn("something a user should see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something a user should see"]
     assert len(LIBRARY_WARNINGS) == 4

@@ -397,3 +397,53 @@ def test_the_encode_progress_bar_redraws_at_most_every_interval_and_at_the_end(m
     monkeypatch.setattr(type(bar), "is_enabled", property(lambda self: True))
     drawn = [bar._should_update(n, 100) for n in (1, 2, 3, 4, 5)] + [bar._should_update(100, 100)]
     assert drawn == [True, False, False, True, False, True]
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_encode_with_and_without_helper_threads_stores_the_same(tiny, tmp_path, monkeypatch, spare):
+    """With cores to spare a thread prefetches batches and a writer thread stores them; without, both happen on
+    the prediction thread between batches. The stores must be the same, item for item."""
+    import threading
+
+    import quackae.runtime
+    from quackae.writer import AutoencoderWriter
+
+    reference = tmp_path / "reference"
+    _encode(tiny, reference, layout="shards")
+    monkeypatch.setattr(quackae.runtime, "cores_to_spare", lambda trainer: spare)
+    threads = set()
+    original = AutoencoderWriter._write_batch
+
+    def spy(self, *args):
+        threads.add(threading.current_thread().name)
+        return original(self, *args)
+
+    monkeypatch.setattr(AutoencoderWriter, "_write_batch", spy)
+    out = tmp_path / "s"
+    _encode(tiny, out, layout="shards")
+    assert threads == ({"quackae-writer_0"} if spare else {threading.main_thread().name})
+    ids, matrix = EncodingStore(out).to_numpy()
+    expected_ids, expected = EncodingStore(reference).to_numpy()
+    assert np.array_equal(ids, expected_ids) and np.allclose(matrix, expected, atol=1e-6)
+    texts = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in shard_files(out)])
+    reference_texts = pa.concat_tables(
+        [pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in shard_files(reference)]
+    )
+    assert texts.sort_by("id").column("text").equals(reference_texts.sort_by("id").column("text"))
+
+
+def test_cores_to_spare(monkeypatch):
+    import os
+
+    import pytorch_lightning as pl
+    import torch
+
+    from quackae.runtime import cores_to_spare
+
+    assert cores_to_spare(None)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert not cores_to_spare(trainer)  # every core computes
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert cores_to_spare(trainer)
