@@ -178,17 +178,23 @@ def test_lightning_keeps_no_batch_indices_while_predicting(prepared, tmp_path):
     assert read_manifest(tmp_path / "store")["items"] == 400
 
 
-def test_prefetched_predict_batches_match_the_plain_loader(prepared):
-    dm = TokenizedDataModule(prepared, batch_size=24, predict_pool=96)
-    dm.setup("predict")
-    loader = dm.predict_dataloader()
-    assert loader.prefetch  # no worker processes: a thread fetches ahead
-    plain = list(loader.loader)  # the reference: the DataLoader in this thread
-    for depth in (1, 2, 5):
-        fetched = list(PredictLoader(loader.loader, prefetch=True, depth=depth))
-        assert len(fetched) == len(plain)
-        for (meta_a, x_a), (meta_b, x_b) in zip(fetched, plain, strict=True):
-            assert meta_a.equals(meta_b) and torch.equal(x_a, x_b)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_block_fetched_predict_batches_match_the_plain_loader(prepared, monkeypatch, replicas):
+    """The predict loader fetches a block of batches with one take and slices it (optionally in a thread); the
+    reference is the DataLoader fetching batch by batch, on every rank."""
+    for rank in range(replicas):
+        dm = TokenizedDataModule(prepared, batch_size=24, predict_pool=96)
+        monkeypatch.setattr(dm, "_replicas", lambda rank=rank: (replicas, rank))
+        dm.setup("predict")
+        loader = dm.predict_dataloader()
+        assert loader.block == 4  # the pools' batches
+        plain = list(loader.loader)  # the reference: the DataLoader in this thread, batch by batch
+        assert len(plain) == len(loader)
+        for block, prefetch, depth in ((1, False, 2), (3, False, 2), (100, False, 2), (4, True, 1), (3, True, 5)):
+            fetched = list(PredictLoader(loader.loader, prefetch=prefetch, depth=depth, block=block))
+            assert len(fetched) == len(plain)
+            for (meta_a, x_a), (meta_b, x_b) in zip(fetched, plain, strict=True):
+                assert meta_a.equals(meta_b) and torch.equal(x_a, x_b)
 
 
 class _Failing:
@@ -205,13 +211,34 @@ class _Failing:
 def test_prefetch_raises_the_loader_error_and_stops_when_closed():
     import threading
 
-    batches = PredictLoader(_Failing(3), prefetch=True)  # type: ignore[arg-type]
+    from quackae.data import _prefetched
+
+    batches = _prefetched(_Failing(3), 2)
     seen = []
     with pytest.raises(OSError, match="disk gone at 3"):
         for step in batches:
             seen.append(step)
     assert seen == [0, 1, 2]
-    iterator = iter(PredictLoader(_Failing(99), prefetch=True, depth=1))  # type: ignore[arg-type]
+    iterator = _prefetched(_Failing(99), 1)
     assert next(iterator) == 0
     iterator.close()  # a consumer that stops early: the thread ends instead of waiting to hand over
     assert not any(t.name == "quackae-prefetch" for t in threading.enumerate())
+
+
+def test_rows_taken_from_the_arrow_table_match_the_datasets_view(prepared):
+    from quackae.data import TokenizedDataset
+
+    dm = TokenizedDataModule(prepared)
+    dm.setup("predict")
+    rng = np.random.default_rng(0)
+    full = TokenizedDataset(dm.dataset, 0, with_metadata=True)
+    assert full._table is not None  # a prepared dataset has no indices mapping: the direct path
+    chosen = dm.dataset.select(rng.permutation(400)[:150])  # a selection: rows through the indices mapping
+    part = TokenizedDataset(chosen, 0, with_metadata=True)
+    assert part._table is None
+    for dataset in (full, part):
+        for size in (1, 7, 64):
+            indices = rng.integers(0, len(dataset), size).tolist()
+            got = dataset.__getitems__(indices)
+            assert got.equals(dataset._view[indices])  # the reference: datasets' own formatted rows
+            assert got.column_names == ["input_ids", "id", "label"]
