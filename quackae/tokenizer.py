@@ -154,18 +154,20 @@ class BatchDecoder:
         tokens: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
         for token, index in vocab.items():
             tokens[index] = None if index in special else token
-        pieces = []
+        pieces, whole = [], []
         for token in tokens:
             if not token:
-                pieces.append(b"")
+                piece = b""
             elif _ALPHABET.issuperset(token):
-                pieces.append(token.translate(_TO_BYTES).encode("latin-1"))
+                piece = token.translate(_TO_BYTES).encode("latin-1")
             else:  # a token outside the alphabet (an added token) stands for its own UTF-8 bytes
-                pieces.append(token.encode("utf-8"))
+                piece = token.encode("utf-8")
+            pieces.append(piece)
+            whole.append(piece.isascii() or _is_utf8(piece))
         self._lengths = np.array([len(p) for p in pieces], dtype=np.int64)  # (V,) bytes per id
         self._starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)  # (V,)
         self._blob = np.frombuffer(b"".join(pieces), dtype=np.uint8)  # every id's bytes, end to end
-        self._whole = np.array([_is_utf8(p) for p in pieces], dtype=bool)  # (V,) whole characters on its own
+        self._whole = np.array(whole, dtype=bool)  # (V,) whole characters on its own
 
     def __call__(self, tokens: Any) -> Any:
         """``tokens``: int array (B, T), padded with a special id -> ``pyarrow.StringArray`` of B texts."""

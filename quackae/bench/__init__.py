@@ -27,7 +27,7 @@ class BenchConfig:
         default=0, metadata={"help": "batch size; 0 takes each bench's standard (32 train, 128 encode)"}
     )
     rounds: int = field(
-        default=3, metadata={"help": "encode: end-to-end runs, each between two model-only passes (medians reported)"}
+        default=5, metadata={"help": "encode: end-to-end runs, each between two model-only passes (medians reported)"}
     )
     cuda: bool = field(default=True, metadata={"help": "also measure on CUDA when a GPU is present"})
     seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
