@@ -6,8 +6,8 @@ writer thread's Python overlaps the model rather than the loader. ``shards``: th
 rows into a reused shard buffer and hands each full one to ``COMMITTERS`` threads that write and fsync
 it, so memory stays flat (``COMMITTERS + 1`` shards and the queue) and no step is per item. When the
 model computes on every CPU core the rows are copied on the prediction thread between batches instead
-(``background``; the write and fsync stay on their threads): a writer thread there would stall the model. ``files``:
-``threads`` threads write one ``.npz`` per item. Formats and commits: ``quackae.layout``; lock and
+(``background``; the write and fsync stay on their threads): a writer thread there would stall the
+model. ``files``: ``threads`` threads write one ``.npz`` per item. Formats and commits: ``quackae.layout``; lock and
 provenance: ``quackae.storejob``; label selection: ``quackae.selection``. Glossary: B batch, H encoding, T tokens.
 """
 
@@ -165,7 +165,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self._size: int | None = None
         self._pngs = 0
         self._held: tuple[Any, ...] | None = None  # a finished batch, queued when the next one starts
-        self._decoder: BatchDecoder | None = None  # the text column's decoder, built in the writer thread
+        self._decoder: BatchDecoder | None = None  # the text column's decoder, built at the first batch
 
     # -- lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -335,7 +335,6 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, texts: Any) -> None:
         """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
-
         if texts is not None:
             columns = columns.append_column("text", texts)
         if not self.text and "text" in columns.column_names:
