@@ -179,6 +179,8 @@ class BatchDecoder:
         if not self.fast:
             return pa.array(self.tokenizer.decode_batch(tokens.tolist(), skip_special_tokens=True), type=pa.string())
         rows = len(tokens)
+        if tokens.size == 0:  # no rows, or rows of no tokens
+            return pa.array([""] * rows, type=pa.string())
         known = (tokens >= 0) & (tokens < len(self._lengths))  # (B, T): unknown ids decode to nothing
         ids = np.where(known, tokens, 0).ravel()  # (B*T,)
         lengths = np.where(known.ravel(), self._lengths[ids], 0)  # (B*T,) bytes per token

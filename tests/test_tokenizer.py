@@ -85,6 +85,11 @@ def test_batch_decoder_matches_the_tokenizer(tokenizer):
             assert texts.to_pylist() == tok.decode_batch(tokens.tolist(), skip_special_tokens=True)
 
 
+def test_batch_decoder_takes_empty_batches(tokenizer):
+    for shape in ((0, 5), (3, 0), (0, 0)):
+        assert BatchDecoder(tokenizer)(np.zeros(shape, dtype=np.int64)).to_pylist() == [""] * shape[0]
+
+
 def test_batch_decoder_falls_back_for_other_decoders(tokenizer):
     from tokenizers import decoders
 
