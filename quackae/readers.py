@@ -257,6 +257,10 @@ def metadata_columns(rows: Rows, kept: list[int], exclude: set[str]) -> dict[str
     for name, values in rows.columns.items():
         if name in exclude:
             continue
+        if "\x00" in name:
+            raise QuackError(
+                f"input column {name!r} has a NUL character in its name, which a dataset column cannot hold; rename it"
+            )
         if name in _RESERVED or name == "id":
             hint = " or pass --id-field id" if name == "id" else ""
             raise QuackError(f"input column {name!r} clashes with the {name!r} column quackae writes; rename it{hint}")

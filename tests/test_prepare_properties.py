@@ -112,6 +112,17 @@ def expected(lines: list[bytes]) -> tuple[list[tuple[int, str]], dict[str, int]]
     return kept, rejected
 
 
+def _objects(lines: list[bytes]) -> list[object]:
+    """The lines that parse as JSON (a dataset column cannot be named with a NUL character)."""
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            continue
+    return parsed
+
+
 def encode_row(row: object) -> bytes:
     return row if isinstance(row, bytes) else json.dumps(row).encode()
 
@@ -137,6 +148,10 @@ def test_prepare_keeps_or_rejects_every_row_once(rows, bom):
         kept, rejected = expected(lines)
         if not kept:  # one clear error: no rows, no text column at all, or every row rejected
             with pytest.raises(QuackError, match="no rows|no usable rows|--text-field 'text' is not a column"):
+                prepare(config)
+            return
+        if any(isinstance(row, dict) and any("\x00" in key for key in row) for row in _objects(lines)):
+            with pytest.raises(QuackError, match="has a NUL character in its name"):
                 prepare(config)
             return
         summary = prepare(config)
