@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from quackae.errors import QuackError
-from quackae.layout import LAYOUTS
+from quackae.layout import LAYOUTS, read_manifest
 from quackae.runtime import TrainerFlags, progress_bar, resolve_run
 from quackae.selection import is_labelled, selected_rows
 from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
@@ -224,7 +224,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     seconds = time.time() - started
     if not trainer.is_global_zero:
         return {}
-    total = len(stored_ids_checked(store, config.layout, None, None, move=False))
+    total = int(read_manifest(store)["items"])  # rank 0 just counted the sound ids into the manifest
     written = total - len(existing)  # every rank's items, not only this rank's writer
     summary = {
         "store": str(store),
