@@ -297,6 +297,11 @@ def quarantine(store: Path, path: Path, reason: str) -> Path:
     return target
 
 
+def _repeats(sorted_ids: np.ndarray) -> bool:
+    """Whether a sorted id array holds some id twice."""
+    return len(sorted_ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any())
+
+
 def _overlaps(sorted_a: np.ndarray, sorted_b: np.ndarray) -> bool:
     """Whether two sorted id arrays share an id (a binary search per id of the smaller one)."""
     if not len(sorted_a) or not len(sorted_b):
@@ -335,17 +340,17 @@ def stored_ids_checked(
                 if move:
                     quarantine(store, path, getattr(error, "reason", str(error)))
         every = np.sort(np.concatenate([ids for _, ids in candidates])) if candidates else np.empty(0, np.int64)
-        if not (len(every) > 1 and (every[1:] == every[:-1]).any()):
+        if not _repeats(every):
             return every  # no id twice anywhere: every shard counts
-        else:  # the first shard (in file order) to hold an id keeps it; a later one repeating it is set aside
-            seen = np.empty(0, dtype=np.int64)  # sorted ids of the shards accepted so far
-            for path, ids in candidates:
-                if (len(ids) > 1 and (ids[1:] == ids[:-1]).any()) or _overlaps(seen, ids):
-                    if move:
-                        quarantine(store, path, "it repeats ids")
-                    continue
-                seen = _merge_sorted(seen, ids)
-                chunks.append(ids)
+        # the first shard (in file order) to hold an id keeps it; a later one repeating it is set aside
+        seen = np.empty(0, dtype=np.int64)  # sorted ids of the shards accepted so far
+        for path, ids in candidates:
+            if _repeats(ids) or _overlaps(seen, ids):
+                if move:
+                    quarantine(store, path, "it repeats ids")
+                continue
+            seen = _merge_sorted(seen, ids)
+            chunks.append(ids)
     else:
         for index, path in item_files(store):
             try:
