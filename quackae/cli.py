@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(namespace.log_level)
-    from quackae.runtime import keep_freed_memory
+    from quackae.runtime import keep_freed_memory, settled_heap
 
     keep_freed_memory()
     if not namespace.verbose:
@@ -218,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config_cls, function = _load(namespace.command)
         config = config_from_namespace(config_cls, namespace)
-        result = function(config)
+        with settled_heap():  # torch and the stage's modules are loaded: keep them out of full collections
+            result = function(config)
     except KeyboardInterrupt:
         print(f"quackae {namespace.command}: interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import numpy as np
 
 from quackae.errors import QuackError
 from quackae.layout import LAYOUTS, read_manifest
-from quackae.runtime import TrainerFlags, progress_bar, resolve_run
+from quackae.runtime import TrainerFlags, progress_bar, resolve_run, settled_heap
 from quackae.selection import is_labelled, selected_rows
 from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
 from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
@@ -91,6 +93,31 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_meanwhile(path: Path) -> Callable[[], str]:
+    """Start hashing ``path`` on a thread; the returned function waits for the digest (or raises its error).
+
+    File reads and ``hashlib`` release the GIL, so the checkpoint is hashed on another core while the
+    prediction thread loads the data and the model (a 1 GB checkpoint takes about a second to hash)."""
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["digest"] = _sha256(path)
+        except BaseException as error:  # noqa: BLE001 - raised by the caller, on its own thread
+            done["error"] = error
+
+    thread = threading.Thread(target=run, name="quackae-hash", daemon=True)
+    thread.start()
+
+    def result() -> str:
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        return done["digest"]
+
+    return result
+
+
 def _majority_label(dataset: Any, config: EncodeConfig) -> Any:
     """The most frequent labelled class, which ``--reduction-threshold`` thins under ``--filtered``."""
     if not config.label_field or not (config.filtered or config.evaluate):
@@ -128,6 +155,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
     checkpoint, tokenizer_file = resolve_run(config.model)
+    checkpoint_sha256 = _sha256_meanwhile(checkpoint)
     dataset, data_tokenizer, _ = load_prepared(config.data)
     data_hash = tokenizer_hash(data_tokenizer)
     if tokenizer_file.read_bytes() == (Path(config.data) / "tokenizer.json").read_bytes():
@@ -153,7 +181,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     }
     header = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": _sha256(checkpoint),
+        "checkpoint_sha256": checkpoint_sha256(),
         "tokenizer": str(tokenizer_file),
         "tokenizer_sha256": model_hash,
         "dataset": str(Path(config.data).resolve()),
@@ -216,7 +244,8 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             **config.trainer_kwargs(),
         )
         if len(todo):
-            trainer.predict(model, datamodule=datamodule, return_predictions=False)
+            with settled_heap():  # the loop's per-batch objects would otherwise set off full collections
+                trainer.predict(model, datamodule=datamodule, return_predictions=False)
         elif trainer.is_global_zero:
             writer.write_manifest()
     finally:

@@ -28,7 +28,7 @@ from quackae.atomic import remove_temporaries, write_atomic
 from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, read_checkpoint
 from quackae.errors import QuackError
 from quackae.modelconfig import ModelFlags, model_problems
-from quackae.runtime import TrainerFlags
+from quackae.runtime import TrainerFlags, settled_heap
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     interrupted = False
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+        with settled_heap():  # the loop's per-step objects would otherwise set off full collections
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1)
         if not trainer.interrupted:

@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from quackae.runtime import keep_freed_memory
+from quackae.runtime import keep_freed_memory, settled_heap
 
 # page faults of five GRU forwards in a fresh process, after three warm-up forwards
 FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "keep":
-    from quackae.runtime import keep_freed_memory
+    from quackae.runtime import keep_freed_memory, settled_heap
     assert keep_freed_memory()
 torch.set_num_threads(1)  # one thread: the same allocation sequence on every run
 torch.manual_seed(0)
@@ -65,7 +65,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 libc.malloc.restype = ctypes.c_void_p
 if sys.argv[1] == "keep":
-    from quackae.runtime import keep_freed_memory
+    from quackae.runtime import keep_freed_memory, settled_heap
     assert keep_freed_memory()
 before = libc.mallinfo2().hblkhd
 block = libc.malloc(4 << 20)
@@ -90,3 +90,50 @@ def test_keep_freed_memory_serves_large_blocks_from_the_heap():
 def test_keep_freed_memory_leaves_malloc_settings_alone(monkeypatch):
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert keep_freed_memory() is False
+
+
+def test_settled_heap_freezes_inside_gives_back_after_and_leaves_nesting_to_the_outermost():
+    import gc
+
+    assert gc.get_freeze_count() == 0  # pytest itself freezes nothing
+    kept = [[i] for i in range(1000)]  # container objects the collector tracks
+    with settled_heap():
+        outer = gc.get_freeze_count()
+        assert outer >= len(kept)
+        with settled_heap():
+            assert gc.get_freeze_count() == outer  # nested: no second freeze holding an earlier stage's garbage
+        assert gc.get_freeze_count() == outer
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(RuntimeError), settled_heap():
+        raise RuntimeError("a stage failed")
+    assert gc.get_freeze_count() == 0  # given back on the way out of an error too
+
+
+def test_the_quackae_command_runs_its_stage_with_the_heap_settled(monkeypatch, capsys):
+    import gc
+    from dataclasses import dataclass
+
+    import quackae.cli as cli
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    seen = []
+
+    def stage(config):
+        seen.append(gc.get_freeze_count())
+        return {"lines": ["done"]}
+
+    monkeypatch.setattr(cli, "_load", lambda name: (Config, stage))
+    monkeypatch.setattr(cli, "build_parser", lambda command: _Parser())
+    assert cli.main(["verify"]) == 0
+    assert seen and seen[0] > 1000 and gc.get_freeze_count() == 0
+    assert capsys.readouterr().out.strip() == "done"
+
+
+class _Parser:
+    def parse_args(self, argv):
+        import argparse
+
+        return argparse.Namespace(command=argv[0], log_level="WARNING", verbose=True, json=False)
