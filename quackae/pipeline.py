@@ -218,10 +218,13 @@ def print_written(roots: list[str | Path], since: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- time estimate
-# Training time / (steps x one timed step): validation, logging and data loading on top of the steps.
-# One measurement: the demo's 4,000 steps took 2,489 s against 295 ms a timed step, on the same
-# 2-core machine under the same load (x2.1); a rough figure, the machine was shared and busy.
-OVERHEAD = 2.1
+# Training time / (steps x one timed step): validation, logging and data loading on top of the steps, less
+# what the timed step overstates (its batches are as wide as a third to a half of max_length, wider than
+# most length-bucketed batches). Measured on the demo, 4,000 steps on the idle 2-core VM: 314.9 s and 319.5 s
+# of train stage (two fresh clones), while the few steps timed before it took 60-85 ms each from one run to
+# the next (x0.93-x1.31). An earlier x2.1 came from one run on a shared, busy machine and put the demo's
+# estimate at twice its time.
+OVERHEAD = 1.1
 
 
 def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
