@@ -199,7 +199,14 @@ def user_error(error: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules were still loading
+        print("quackae: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     command = _command_of(argv)
     parser = build_parser(command)
     namespace = parser.parse_args(argv)

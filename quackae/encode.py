@@ -10,12 +10,13 @@ completes the manifest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,24 +86,27 @@ class EncodeConfig(TrainerFlags):
             raise ValueError(f"--png-limit must not be negative, got {self.png_limit}")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _sha256_meanwhile(path: Path) -> Callable[[], str]:
-    """Start hashing ``path`` on a thread; the returned function waits for the digest (or raises its error).
+@contextlib.contextmanager
+def _sha256_meanwhile(path: Path) -> Iterator[Callable[[], str]]:
+    """Hash ``path`` on a thread for the length of the block; calling what it yields waits for the digest (or
+    raises the thread's error, a missing file's ``FileNotFoundError`` naming it).
 
     File reads and ``hashlib`` release the GIL, so the checkpoint is hashed on another core while the
-    prediction thread loads the data and the model (a 1 GB checkpoint takes about a second to hash)."""
+    prediction thread loads the data and the model (a 1 GB checkpoint takes about a second to hash). Leaving
+    the block (a failed start) stops the reading and waits for the thread, so no thread outlives the call.
+    """
+    stop = threading.Event()
     done: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            done["digest"] = _sha256(path)
+            digest = hashlib.sha256()
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    if stop.is_set():
+                        return
+                    digest.update(block)
+            done["digest"] = digest.hexdigest()
         except BaseException as error:  # noqa: BLE001 - raised by the caller, on its own thread
             done["error"] = error
 
@@ -115,7 +119,31 @@ def _sha256_meanwhile(path: Path) -> Callable[[], str]:
             raise done["error"]
         return done["digest"]
 
-    return result
+    try:
+        yield result
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _open_inputs(config: EncodeConfig, checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any, Any, str]:
+    """``(dataset, data tokenizer, model tokenizer, its hash)`` of a prepared directory and a RUN, refusing
+    data tokenized with another tokenizer than the model's."""
+    from quackae.prepared import load_prepared
+    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+
+    dataset, data_tokenizer, _ = load_prepared(config.data)
+    data_hash = tokenizer_hash(data_tokenizer)
+    if tokenizer_file.read_bytes() == (Path(config.data) / "tokenizer.json").read_bytes():
+        return dataset, data_tokenizer, data_tokenizer, data_hash  # one file, read once
+    model_tokenizer = load_tokenizer(tokenizer_file)
+    model_hash = tokenizer_hash(model_tokenizer)
+    if model_hash != data_hash:
+        raise QuackError(
+            f"the data in {config.data} was tokenized with another tokenizer than the model "
+            f"{checkpoint} was trained with; prepare it again with --tokenizer {tokenizer_file}"
+        )
+    return dataset, data_tokenizer, model_tokenizer, model_hash
 
 
 def _majority_label(dataset: Any, config: EncodeConfig) -> Any:
@@ -148,27 +176,21 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
 
     from quackae.checkpoints import load_model
     from quackae.data import TokenizedDataModule
-    from quackae.prepared import load_prepared
-    from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
     started = time.time()
+    if "spawn" in str(config.strategy):
+        raise QuackError(
+            f"--strategy {config.strategy} starts its processes by pickling the trainer, and the store's writer "
+            "(its threads and the store's lock) cannot travel that way; use --strategy ddp, which starts each "
+            "process as a copy of this command"
+        )
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
     checkpoint, tokenizer_file = resolve_run(config.model)
-    checkpoint_sha256 = _sha256_meanwhile(checkpoint)
-    dataset, data_tokenizer, _ = load_prepared(config.data)
-    data_hash = tokenizer_hash(data_tokenizer)
-    if tokenizer_file.read_bytes() == (Path(config.data) / "tokenizer.json").read_bytes():
-        model_tokenizer, model_hash = data_tokenizer, data_hash  # one file, read once
-    else:
-        model_tokenizer = load_tokenizer(tokenizer_file)
-        model_hash = tokenizer_hash(model_tokenizer)
-    if model_hash != data_hash:
-        raise QuackError(
-            f"the data in {config.data} was tokenized with another tokenizer than the model "
-            f"{checkpoint} was trained with; prepare it again with --tokenizer {tokenizer_file}"
-        )
-    model = load_model(str(checkpoint))
+    with _sha256_meanwhile(checkpoint) as checkpoint_sha256:
+        dataset, data_tokenizer, model_tokenizer, model_hash = _open_inputs(config, checkpoint, tokenizer_file)
+        model = load_model(str(checkpoint))
+        checkpoint_digest = checkpoint_sha256()
     store = Path(config.out)
     selection = {
         "filtered": config.filtered,
@@ -181,7 +203,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     }
     header = {
         "checkpoint": str(checkpoint),
-        "checkpoint_sha256": checkpoint_sha256(),
+        "checkpoint_sha256": checkpoint_digest,
         "tokenizer": str(tokenizer_file),
         "tokenizer_sha256": model_hash,
         "dataset": str(Path(config.data).resolve()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,10 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+_settled = threading.Lock()
+_settled_state = {"depth": 0, "froze": False}  # open settled_heap blocks, in every thread; whether they froze
+
+
 @contextlib.contextmanager
 def settled_heap() -> Iterator[None]:
     """Keep the objects alive on entry out of the cyclic garbage collector's full passes until exit.
@@ -176,20 +181,28 @@ def settled_heap() -> Iterator[None]:
     a prediction or training loop makes at every batch set such passes off: one in a third of the
     10,000-item encodes of a process measured, a tenth of each. ``gc.freeze()`` moves every object alive
     now where full passes do not look (new objects are collected as usual) and ``gc.unfreeze()`` puts them
-    back, so a process that calls a stage in a loop gets its collector back as it was. Inside another
-    ``settled_heap`` it does nothing: freezing again would also hold on to garbage made since the outer
-    one (an earlier stage's objects) until that ends.
+    back, so a process that calls a stage in a loop gets its collector back as it was.
+
+    The first block to open freezes (unless the heap is frozen already: then it is left to whoever froze
+    it) and the last one to close, in any thread, unfreezes; blocks inside it do nothing, since freezing
+    again would also pin garbage made since (an earlier stage's objects) until the outer block ends.
     """
     import gc
 
-    if gc.get_freeze_count():  # an enclosing call (the quackae command) froze the heap already
-        yield
-        return
-    gc.freeze()
+    with _settled:
+        if _settled_state["depth"] == 0:
+            _settled_state["froze"] = gc.get_freeze_count() == 0
+            if _settled_state["froze"]:
+                gc.freeze()
+        _settled_state["depth"] += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        with _settled:
+            _settled_state["depth"] -= 1
+            if _settled_state["depth"] == 0 and _settled_state["froze"]:
+                _settled_state["froze"] = False
+                gc.unfreeze()
 
 
 def cores_to_spare(trainer: Any) -> bool:

@@ -60,3 +60,14 @@ def test_store_benches_run_end_to_end(what, keys, tmp_path, capsys):
     assert main(["bench", "--what", what, "--items", "300", "--dir", str(tmp_path), "--json"]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert keys <= set(figures) and all(figures[k] > 0 for k in keys)
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    import quackae.cli as cli
+
+    def loading(command):
+        raise KeyboardInterrupt  # Ctrl-C during the stage's imports, before the command runs
+
+    monkeypatch.setattr(cli, "build_parser", loading)
+    assert cli.main(["encode", "data"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["quackae: interrupted"]

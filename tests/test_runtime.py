@@ -109,6 +109,44 @@ def test_settled_heap_freezes_inside_gives_back_after_and_leaves_nesting_to_the_
     assert gc.get_freeze_count() == 0  # given back on the way out of an error too
 
 
+def test_settled_heap_across_threads_unfreezes_when_the_last_block_closes():
+    import gc
+    import threading
+
+    first_in, second_in, first_out, second_done = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def first():
+        with settled_heap():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with settled_heap():
+            second_in.set()
+            first_out.wait(5)
+            seen["inside after the first left"] = gc.get_freeze_count()
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen["inside after the first left"] > 0  # still settled for the block that is still open
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # a heap frozen by someone else is theirs to unfreeze
+    try:
+        frozen = gc.get_freeze_count()
+        with settled_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_the_quackae_command_runs_its_stage_with_the_heap_settled(monkeypatch, capsys):
     import gc
     from dataclasses import dataclass

@@ -478,7 +478,58 @@ def test_checkpoint_hash_on_a_thread_is_the_files_sha256_and_raises_its_error(tm
     data = np.random.default_rng(0).bytes(3 << 20)  # three read blocks and a bit
     path = tmp_path / "last.ckpt"
     path.write_bytes(data + b"tail")
-    assert _sha256_meanwhile(path)() == hashlib.sha256(data + b"tail").hexdigest()
-    with pytest.raises(FileNotFoundError) as error:
-        _sha256_meanwhile(tmp_path / "missing.ckpt")()
+    with _sha256_meanwhile(path) as digest:
+        assert digest() == hashlib.sha256(data + b"tail").hexdigest()
+    with pytest.raises(FileNotFoundError) as error, _sha256_meanwhile(tmp_path / "missing.ckpt") as digest:
+        digest()
     assert error.value.filename == str(tmp_path / "missing.ckpt")  # the one-line error names the file
+
+
+def test_a_failed_start_stops_the_checkpoint_hash_thread(tmp_path, monkeypatch):
+    """encode() failing while it loads (a wrong tokenizer, a bad dataset) must not leave a thread reading
+    the whole checkpoint behind it: leaving the block stops the reading and joins the thread."""
+    import threading
+    import time
+
+    import quackae.encode as encode_module
+
+    blocks = []
+
+    class Slow:
+        def update(self, block):
+            blocks.append(len(block))
+            time.sleep(0.01)
+
+        def hexdigest(self):
+            return "x"
+
+    monkeypatch.setattr(encode_module.hashlib, "sha256", Slow)
+    path = tmp_path / "big.ckpt"
+    with path.open("wb") as handle:
+        handle.truncate(64 << 20)  # 64 read blocks: 0.64 s at the slowed rate
+    with pytest.raises(QuackError), encode_module._sha256_meanwhile(path):
+        raise QuackError("the data was tokenized with another tokenizer")
+    assert not [t for t in threading.enumerate() if t.name == "quackae-hash"]
+    assert len(blocks) < 64  # stopped, not read to the end
+
+
+def test_encode_failing_while_it_loads_leaves_no_hash_thread(tiny, tmp_path, monkeypatch):
+    import threading
+
+    import quackae.encode as encode_module
+
+    def refuse(*args):
+        raise QuackError("the data was tokenized with another tokenizer")
+
+    monkeypatch.setattr(encode_module, "_open_inputs", refuse)
+    for _ in range(3):
+        with pytest.raises(QuackError, match="another tokenizer"):
+            _encode(tiny, tmp_path / "s")
+    assert not [t for t in threading.enumerate() if t.name == "quackae-hash"]
+
+
+def test_encode_refuses_spawn_strategies_in_one_line(tiny, tmp_path):
+    # ddp_spawn pickles the trainer with its callbacks: the writer's locks made it a pickling traceback
+    with pytest.raises(QuackError, match="use --strategy ddp"):
+        _encode(tiny, tmp_path / "s", strategy="ddp_spawn", devices="2")
+    assert not (tmp_path / "s").exists()
