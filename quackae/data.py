@@ -122,9 +122,6 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def mine(self) -> list[np.ndarray]:
         """This rank's batches of this epoch, as index arrays."""
-        return self._mine()
-
-    def _mine(self) -> list[np.ndarray]:
         batches = self.batches()
         if self.num_replicas > 1 and self.even and batches:
             total = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
@@ -132,7 +129,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self._mine():
+        for batch in self.mine():
             yield batch.tolist()
 
     def __len__(self) -> int:

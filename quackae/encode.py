@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,17 @@ class EncodeConfig(TrainerFlags):
             raise ValueError(f"--png-limit must not be negative, got {self.png_limit}")
 
 
+def _sha256(path: Path, stop: threading.Event) -> str:
+    """The file's sha256, read a megabyte at a time; stops early (an unused result) once ``stop`` is set."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            if stop.is_set():
+                break
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def _sha256_meanwhile(path: Path) -> Iterator[Callable[[], str]]:
     """Hash ``path`` on a thread for the length of the block; calling what it yields waits for the digest (or
@@ -96,34 +108,12 @@ def _sha256_meanwhile(path: Path) -> Iterator[Callable[[], str]]:
     the block (a failed start) stops the reading and waits for the thread, so no thread outlives the call.
     """
     stop = threading.Event()
-    done: dict[str, Any] = {}
-
-    def run() -> None:
+    with ThreadPoolExecutor(1, thread_name_prefix="quackae-hash") as pool:
+        digest = pool.submit(_sha256, path, stop)
         try:
-            digest = hashlib.sha256()
-            with path.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    if stop.is_set():
-                        return
-                    digest.update(block)
-            done["digest"] = digest.hexdigest()
-        except BaseException as error:  # noqa: BLE001 - raised by the caller, on its own thread
-            done["error"] = error
-
-    thread = threading.Thread(target=run, name="quackae-hash", daemon=True)
-    thread.start()
-
-    def result() -> str:
-        thread.join()
-        if "error" in done:
-            raise done["error"]
-        return done["digest"]
-
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
+            yield digest.result
+        finally:
+            stop.set()  # the pool's exit then waits for the thread
 
 
 def _open_inputs(config: EncodeConfig, checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any, Any, str]:
