@@ -124,7 +124,7 @@ def test_train_killed_then_resumed_into_the_same_run(tmp_path):
     write_corpus(tmp_path / "c.jsonl", 60, "duck goose swan heron crane apple pear plum saw drill".split())
     prepare(PrepareConfig(inputs=(str(tmp_path / "c.jsonl"),), out=str(tmp_path / "p"), vocab_size=300))
     run = tmp_path / "run"
-    process = quackae("train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "400", *TINY,
+    process = quackae("train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "400", "--max-epochs", "-1", *TINY,
                       "--val-check-interval", "2", "--log-every-n-steps", "1")  # fmt: skip
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
@@ -141,6 +141,7 @@ def test_train_killed_then_resumed_into_the_same_run(tmp_path):
             out=str(run),
             resume=str(last),
             max_steps=step + 4,
+            max_epochs=-1,  # on an idle machine the killed run may already be past any epoch limit
             val_check_interval=2,
             embed_size=8,
             hidden_size=8,
