@@ -305,8 +305,8 @@ def _refuse_own_names(columns: list[str], text_field: str, id_field: str | None,
             "text": "; or pass --text-field text to use it as the texts",
         }.get(name, "")
         raise QuackError(
-            f"input column {name!r} of {', '.join(map(str, paths))} clashes with the {name!r} column quackae "
-            f"writes; rename it in the input{hint}"
+            f"input column {name!r} clashes with the {name!r} column quackae writes (in "
+            f"{', '.join(map(str, paths))}); rename it in the input{hint}"
         )
 
 
