@@ -141,33 +141,65 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(range(self.rank, count, self.num_replicas))
 
 
+class RowTaker:
+    """Rows of a chunked Arrow table by index, in the order asked, at a cost that grows with the rows asked for.
+
+    ``Table.take`` on a table of many chunks (a prepared dataset has one per 1,000 rows) first joins every
+    chunk: 49 ms for 1,024 rows of a 200,000-row table, growing with the table. Here the indices are sorted,
+    each chunk they touch gives its rows with one take, and one take of the joined result restores the order.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.schema = table.schema
+        self.num_rows = table.num_rows
+        self._batches = table.to_batches()
+        self._starts = np.cumsum([0, *(b.num_rows for b in self._batches)])  # (chunks + 1,) first row of each
+
+    def take(self, indices: Any) -> Any:
+        import pyarrow as pa
+
+        indices = np.asarray(indices, dtype=np.int64)  # (n,)
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise IndexError(f"row index out of range [0, {self.num_rows})")
+        order = np.argsort(indices, kind="stable")  # (n,)
+        ordered = indices[order]
+        chunk = np.searchsorted(self._starts, ordered, side="right") - 1  # (n,) the chunk of each row
+        cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), len(ordered)]
+        parts = [
+            self._batches[chunk[a]].take(pa.array(ordered[a:b] - self._starts[chunk[a]]))
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+            if b > a
+        ]
+        table = pa.Table.from_batches(parts, schema=self.schema).combine_chunks()
+        if (order == np.arange(len(order))).all():
+            return table
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))  # position in `ordered` of each index asked for
+        return table.take(pa.array(inverse))
+
+
 class TokenizedDataset(Dataset):
-    """A prepared HF dataset fetched a batch at a time as an Arrow table (``__getitems__``), padded by
-    ``collate``; metadata stays columnar (a ``pyarrow.Table``) all the way to the writer."""
+    """The rows of a prepared dataset (a ``prepared.PreparedDataset`` or a ``pyarrow.Table``) fetched a batch at
+    a time as an Arrow table (``__getitems__``: one take), padded by ``collate``; metadata stays columnar (a
+    ``pyarrow.Table``: ``id``, ``text``, ``truncated`` and the metadata columns) all the way to the writer."""
 
     def __init__(self, dataset: Any, pad_id: int, with_metadata: bool, attention: bool = False) -> None:
-        self.dataset = dataset
+        table = getattr(dataset, "data", dataset)
         self.pad_id = pad_id
         self.with_metadata = with_metadata
         self.attention = attention
-        self.metadata_columns = [c for c in dataset.column_names if c not in ("input_ids", "length")]
-        columns = ["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"]
-        self._view = dataset.select_columns(columns).with_format("arrow")
-        # rows straight from the Arrow table (one C++ take; datasets' formatted path slices row by row), unless
-        # the dataset is a selection of another one's rows (an indices mapping), which the view resolves
-        self._table = None if getattr(dataset, "_indices", None) is not None else dataset.data.table.select(columns)
+        self.metadata_columns = [c for c in table.column_names if c not in ("input_ids", "length")]
+        self._rows = RowTaker(table.select(["input_ids", *self.metadata_columns] if with_metadata else ["input_ids"]))
 
     def __len__(self) -> int:
-        return self.dataset.num_rows
+        return self._rows.num_rows
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: list[int]) -> Any:
+    def __getitems__(self, indices: Any) -> Any:
         """A ``pyarrow.Table``, one row per index."""
-        if self._table is not None:
-            return self._table.take(np.asarray(indices, dtype=np.int64))
-        return self._view[indices]
+        return self._rows.take(indices)
 
     def collate(self, rows: Any) -> torch.Tensor | tuple[Any, ...]:
         """Arrow batch -> LongTensor (B, T), or ``(metadata, LongTensor (B, T))`` with metadata (a

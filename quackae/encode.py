@@ -28,7 +28,7 @@ from quackae.errors import QuackError
 from quackae.layout import LAYOUTS, read_manifest
 from quackae.runtime import TrainerFlags, progress_bar, resolve_run, settled_heap
 from quackae.selection import is_labelled, selected_rows
-from quackae.storejob import StoreJob, dataset_fingerprint, stored_ids_checked
+from quackae.storejob import StoreJob, stored_ids_checked
 from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,10 @@ class EncodeConfig(TrainerFlags):
         metadata={"help": "shards (columnar Arrow files) or files (one .npz per item)", "choices": LAYOUTS},
     )
     shard_size: int = field(default=DEFAULT_SHARD_SIZE, metadata={"help": "items per shard and rank (shards layout)"})
-    text: bool = field(default=True, metadata={"help": "store each item's text (decoded from its tokens)"})
+    text: bool = field(
+        default=True,
+        metadata={"help": "store each item's original text (from the prepared data) and whether it was truncated"},
+    )
     overwrite: bool = field(default=False, metadata={"help": "empty the store first, whatever made it"})
     png: str | None = field(
         default=None,
@@ -119,12 +122,20 @@ def _sha256_meanwhile(path: Path) -> Iterator[Callable[[], str]]:
 def _open_inputs(config: EncodeConfig, checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any, Any, str]:
     """``(dataset, data tokenizer, model tokenizer, its hash)`` of a prepared directory and a RUN, refusing
     data tokenized with another tokenizer than the model's."""
+    from quackae.files import read_bytes
     from quackae.prepared import load_prepared
     from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
     dataset, data_tokenizer, _ = load_prepared(config.data)
+    if config.text and not dataset.original_text:
+        log.warning(
+            "%s was prepared before quackae kept each item's original text: the store's text is decoded from the "
+            "tokens (cut to --max-length) and 'truncated' is unknown; run quackae prepare again to store the "
+            "original texts",
+            config.data,
+        )
     data_hash = tokenizer_hash(data_tokenizer)
-    if tokenizer_file.read_bytes() == (Path(config.data) / "tokenizer.json").read_bytes():
+    if read_bytes(tokenizer_file, "tokenizer file") == read_bytes(Path(config.data) / "tokenizer.json"):
         return dataset, data_tokenizer, data_tokenizer, data_hash  # one file, read once
     model_tokenizer = load_tokenizer(tokenizer_file)
     model_hash = tokenizer_hash(model_tokenizer)
@@ -156,8 +167,7 @@ def _metadata_schema(dataset: Any) -> Any:
     """The Arrow schema of the metadata columns the data module hands the writer (real types, not guessed)."""
     import pyarrow as pa
 
-    schema = dataset.features.arrow_schema
-    return pa.schema([f for f in schema if f.name not in ("input_ids", "length")])
+    return pa.schema([f for f in dataset.schema if f.name not in ("input_ids", "length")])
 
 
 def encode(config: EncodeConfig) -> dict[str, Any]:
@@ -198,7 +208,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "tokenizer_sha256": model_hash,
         "dataset": str(Path(config.data).resolve()),
         "dataset_rows": dataset.num_rows,
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset_fingerprint": dataset.fingerprint,
         "layout": config.layout,
         "encoding_size": int(model.encoding_size),
         "pooling": model.pooling,  # what each stored encoding is (one of modelconfig.POOLINGS)
@@ -256,8 +266,15 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             **config.trainer_kwargs(),
         )
         if len(todo):
-            with settled_heap():  # the loop's per-batch objects would otherwise set off full collections
-                trainer.predict(model, datamodule=datamodule, return_predictions=False)
+            try:
+                with settled_heap():  # the loop's per-batch objects would otherwise set off full collections
+                    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+            except SystemExit:
+                # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1): a stop like any other
+                # stage's (exit 130); the shards committed so far stay, a rerun encodes the rest
+                if not trainer.interrupted:
+                    raise
+                raise KeyboardInterrupt from None
         elif trainer.is_global_zero:
             writer.write_manifest()
     finally:

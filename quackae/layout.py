@@ -345,47 +345,61 @@ def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:
 
 
 class ShardBuffer:
-    """Room for one shard: ids (S,), encodings (S, H) and the metadata tables of the rows added so far.
-
-    Allocated once and reused, so memory stays flat and no shard pays fresh page faults; ``pending``
-    is the commit still reading it. ``rows()`` gives the rows in id order (a shard is stored sorted
-    by id, so that a store whose shards cover id ranges reads back with one copy per shard).
+    """One shard's rows as they arrive: each batch's ids (n,), encodings (n, H) and metadata table, kept as given
+    (not copied); ``rows()`` gathers them in id order into an (S, H) array allocated once and reused, the one
+    copy of the encodings before the file is written. A shard is stored sorted by id, so that a store whose
+    shards cover id ranges reads back with one copy per shard. ``pending`` is the commit still reading it.
     """
 
     def __init__(self, capacity: int, size: int) -> None:
-        self.ids = np.empty(capacity, dtype=np.int64)  # (S,)
-        self.matrix = np.empty((capacity, size), dtype=np.float32)  # (S, H)
-        self._sorted: np.ndarray | None = None  # (S, H) the id-ordered copy, allocated on first need
-        self.columns: list[Any] = []
+        self.capacity = capacity
+        self.size = size
+        self.matrix: np.ndarray | None = None  # (S, H) the id-ordered rows, allocated on first need
+        self.pieces: list[tuple[np.ndarray, np.ndarray, Any]] = []
         self.fill = 0
         self.pending: Any = None
 
-    def rows(self) -> tuple[np.ndarray, np.ndarray, Any]:
-        """``(ids (n,), encodings (n, H), metadata table or None)`` of the rows added so far, in id order;
-        views of this buffer's memory (no fresh allocation), valid until it is refilled."""
+    def detach(self) -> list[tuple[np.ndarray, np.ndarray, Any]]:
+        """The rows added so far (for ``rows``); the buffer is empty again, its (S, H) array kept for them."""
+        pieces = self.pieces
+        self.pieces, self.fill = [], 0
+        return pieces
+
+    def rows(self, pieces: list[tuple[np.ndarray, np.ndarray, Any]]) -> tuple[np.ndarray, np.ndarray, Any]:
+        """``(ids (n,), encodings (n, H), metadata table or None)`` of ``pieces`` (from ``detach``) in id order;
+        the encodings are a view of this buffer's memory, valid until it is refilled."""
         import pyarrow as pa
 
-        count = self.fill
-        ids, matrix = self.ids[:count], self.matrix[:count]
-        columns = pa.concat_tables(self.columns, promote_options="permissive") if self.columns else None
-        if count > 1 and not bool((ids[1:] > ids[:-1]).all()):
-            order = np.argsort(ids, kind="stable")  # (n,)
-            if self._sorted is None:
-                self._sorted = np.empty_like(self.matrix)
-            # mode="clip": an in-range permutation needs no bounds check, and "raise" buffers `out` (2x slower)
-            matrix = np.take(matrix, order, axis=0, out=self._sorted[:count], mode="clip")  # (n, H)
+        count = sum(len(p[0]) for p in pieces)
+        ids = np.concatenate([p[0] for p in pieces]) if pieces else np.empty(0, dtype=np.int64)
+        if self.matrix is None:
+            self.matrix = np.empty((self.capacity, self.size), dtype=np.float32)
+        matrix = self.matrix[:count]  # (n, H)
+        tables = [p[2] for p in pieces if p[2] is not None]
+        columns = pa.concat_tables(tables, promote_options="permissive") if tables else None
+        order = np.argsort(ids, kind="stable") if count > 1 and not bool((ids[1:] > ids[:-1]).all()) else None
+        place = np.empty(count, dtype=np.int64)
+        if order is not None:
+            place[order] = np.arange(count)  # (n,) each arriving row's position in id order
             ids = ids[order]
             columns = None if columns is None else columns.take(pa.array(order))
+        start = 0
+        for _, piece, _ in pieces:
+            end = start + len(piece)
+            if order is None:
+                matrix[start:end] = piece  # (n_i, H), already in place
+            else:
+                matrix[place[start:end]] = piece  # (n_i, H) scattered to their id-ordered rows
+            start = end
         return ids, matrix, columns
 
     def add(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, start: int) -> int:
-        """Copy rows ``start:`` of a batch (as many as fit); returns how many it took."""
-        take = min(len(self.ids) - self.fill, len(ids) - start)
-        end = self.fill + take
-        self.ids[self.fill : end] = ids[start : start + take]
-        self.matrix[self.fill : end] = matrix[start : start + take]  # (take, H)
-        self.columns.append(columns.slice(start, take))
-        self.fill = end
+        """Keep rows ``start:`` of a batch (as many as fit); returns how many it took. The arrays are referenced,
+        not copied: they must not change until the shard is written."""
+        take = min(self.capacity - self.fill, len(ids) - start)
+        piece = None if columns is None else columns.slice(start, take)
+        self.pieces.append((ids[start : start + take], matrix[start : start + take], piece))
+        self.fill += take
         return take
 
     def wait(self) -> None:

@@ -1,5 +1,11 @@
 """``quackae prepare``: text files -> ``tokenizer.json`` + a tokenized HF dataset + ``prepare.json``.
 
+The dataset's columns: ``id`` (int64), ``input_ids`` (at most ``--max-length`` tokens, ``[EOS]`` last),
+``length`` (tokens, ``[EOS]`` included), ``text`` (the item's original text, whole, from ``--text-field``),
+``truncated`` (its tokens were cut to ``--max-length``), then every other input column as metadata. An
+input column named like one of quackae's own (those, and the store's ``encoding``) is refused. Over-long
+texts and words are cut before the tokenizer sees them (``quackae.tokenizer``), counted in ``prepare.json``.
+
 Rows that cannot be used (malformed JSON, empty, null or non-string text, missing, negative,
 non-integer, out-of-range or duplicate id) are counted and listed with ``file:line`` (the file's
 physical line, also for CSV records that span lines); ``--strict`` refuses them. Ids are integers
@@ -34,13 +40,15 @@ import numpy as np
 
 from quackae.atomic import fsync_dir, fsync_tree, write_atomic
 from quackae.errors import QuackError, StrictError
-from quackae.prepared import COMPLETE
+from quackae.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
 from quackae.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.tokenizer import (
     EOS,
     MIN_VOCAB,
+    TRAIN_CHARS_PER_TOKEN,
     load_tokenizer,
     special_ids,
+    text_limit,
     tokenize_batch,
     tokenizer_hash,
     train_tokenizer,
@@ -78,7 +86,12 @@ class PrepareConfig:
     )
     max_length: int = field(
         default=128,
-        metadata={"help": "maximum tokens per item, [EOS] included; longer texts are truncated and counted"},
+        metadata={
+            "help": "maximum tokens per item, [EOS] included; longer texts are truncated and counted (the stored "
+            "text stays whole). Tokenizing reads at most twice what these tokens can cover of a text, and tokenizer "
+            f"training at most {TRAIN_CHARS_PER_TOKEN} characters per token of a text and 100 of a word; the cuts "
+            "are counted in prepare.json"
+        },
     )
     num_proc: int = field(default=1, metadata={"help": "worker processes for tokenization (datasets.map)"})
     strict: bool = field(default=False, metadata={"help": "fail (exit 1) when any row is rejected"})
@@ -156,6 +169,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             f"(columns: {', '.join(columns)})"
         )
     id_field: str | None = config.id_field if config.id_field in rows.columns else None
+    _refuse_own_names(columns, text_field, id_field, paths)
     if id_field is None:
         log.info("no %r column: ids are the row numbers", config.id_field)
     if rows.count == 0 and not rows.rejected:
@@ -178,34 +192,43 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         raise QuackError(f"no usable rows in {', '.join(map(str, paths))}: {message}")
 
     texts = [rows.columns[text_field][i] for i in kept]
+    training_cut: Counter[str] = Counter()
     if config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
     else:
         log.info("training a byte-level BPE tokenizer (vocab %d) on %d texts", config.vocab_size, len(texts))
-        tokenizer = train_tokenizer(texts, config.vocab_size, config.min_frequency, length=len(texts))
+        tokenizer = train_tokenizer(
+            texts,
+            config.vocab_size,
+            config.min_frequency,
+            length=len(texts),
+            max_chars=config.max_length * TRAIN_CHARS_PER_TOKEN,
+            cut=training_cut,
+        )
     ids_special = special_ids(tokenizer)
     if ids_special.eos is None:
         raise QuackError(f"the tokenizer has no {EOS} token; train one with quackae prepare (no --tokenizer)")
+    most = text_limit(tokenizer, config.max_length - 1)
+    cut_texts = sum(len(text) > most for text in texts)
 
     metadata = metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
-    table = datasets.Dataset.from_dict({"id": ids, text_field: texts, **metadata})
+    table = datasets.Dataset.from_dict({"id": ids, "text": texts, **metadata})
     mapped = table.map(
         tokenize_batch,
         batched=True,
         batch_size=2000,
         num_proc=config.num_proc if config.num_proc > 1 else None,
-        remove_columns=[text_field],
         fn_kwargs={
             "tokenizer": tokenizer,
-            "text_field": text_field,
+            "text_field": "text",
             "limit": config.max_length - 1,
             "eos": ids_special.eos,
         },
         new_fingerprint=f"quackae-{tokenizer_hash(tokenizer)[:16]}-{config.max_length}",
         desc="tokenizing",
     )
-    truncated = int(pc.sum(mapped.data.column("_truncated")).as_py() or 0)
-    mapped = mapped.select_columns(["id", "input_ids", "length", *metadata])
+    truncated = int(pc.sum(mapped.data.column("truncated")).as_py() or 0)
+    mapped = mapped.select_columns([*OWN_COLUMNS, *metadata])
     lengths = mapped.data.column("length").to_numpy()
     summary = {
         "rows_read": rows.count + len(rows.rejected),
@@ -214,6 +237,12 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         "rejected_total": len(rejected),
         "rejected_examples": examples,
         "truncated": truncated,
+        "cut_before_tokenizing": {
+            "texts": cut_texts,
+            "chars_read_per_text": most,
+            "training_texts": training_cut["texts"],
+            "training_runs": training_cut["runs"],
+        },
         "lengths": _length_stats(lengths),
         "ids": "column " + id_field if id_field else "row numbers",
         "metadata_columns": list(metadata),
@@ -230,13 +259,26 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     staging = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
     try:
         staging.mkdir()
-        mapped.save_to_disk(str(staging / "dataset"))
-        tokenizer.save(str(staging / "tokenizer.json"))
+        mapped.save_to_disk(str(staging / DATASET))
+        (staging / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+        # the fingerprint of the rows as a reader will see them: read back from the files just written
+        summary["dataset_fingerprint"] = dataset_fingerprint(open_rows(staging / DATASET, "run quackae prepare again"))
         (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         fsync_tree(staging)
-        write_atomic(staging / COMPLETE, json.dumps({"tokenizer_sha256": summary["tokenizer_sha256"]}) + "\n")
+        marker = {
+            "tokenizer_sha256": summary["tokenizer_sha256"],
+            "dataset_fingerprint": summary["dataset_fingerprint"],
+            "rows": len(kept),
+        }
+        write_atomic(staging / COMPLETE, json.dumps(marker) + "\n")
         fsync_dir(staging)
         _swap_in(staging, target)
+    except OSError as error:
+        where = error.filename or staging
+        raise QuackError(
+            f"writing the prepared data failed at {where}: {error.strerror or error}; {out} keeps what it held, "
+            "free space (or fix the permission) and run quackae prepare again"
+        ) from None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -251,6 +293,21 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         truncated,
     )
     return summary
+
+
+def _refuse_own_names(columns: list[str], text_field: str, id_field: str | None, paths: list[Path]) -> None:
+    """An input column named like a column quackae writes would be lost or overwritten: refuse it in one line."""
+    for name in (*OWN_COLUMNS, *STORE_COLUMNS):
+        if name not in columns or name == text_field or name == id_field:
+            continue
+        hint = {
+            "id": "; or pass --id-field id to use it as the ids",
+            "text": "; or pass --text-field text to use it as the texts",
+        }.get(name, "")
+        raise QuackError(
+            f"input column {name!r} clashes with the {name!r} column quackae writes (in "
+            f"{', '.join(map(str, paths))}); rename it in the input{hint}"
+        )
 
 
 _STAGING = ".prepare-"  # sibling folders ".OUT.prepare-PID": a new output being built, or an old one on its way out

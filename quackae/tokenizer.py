@@ -3,13 +3,20 @@
 Special tokens are ``[PAD]`` (id 0), ``[UNK]``, ``[BOS]`` and ``[EOS]``. Their spellings inside a
 text are encoded as ordinary text (``encode_special_tokens``), so ``decode(encode(text)) == text``
 holds for any Unicode string: no normalizer, byte-level pre-tokenization and decoding.
+
+Work per text is bounded whatever the input: tokenizer training sees at most ``max_chars`` characters of a
+text and at most ``MAX_RUN`` characters of any run of non-space (or space) characters, and tokenizing sees
+at most ``text_limit`` characters, enough for every token kept (``tokenize_batch``). Unbounded, a single
+1M-character word took BPE training over 300 s, and a 48 MB line was tokenized whole before truncation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +24,16 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from quackae.errors import QuackError
+from quackae.files import read_text
 
 log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens and at least one merge
+MAX_RUN = 100  # tokenizer training: longer runs of non-space (or of space) characters count with their first 100
+TRAIN_CHARS_PER_TOKEN = 32  # tokenizer training: texts are cut to this many characters per token kept
+_LONG_RUN = re.compile(rf"(\S{{{MAX_RUN}}})\S+|(\s{{{MAX_RUN}}})\s+")
 
 
 @dataclass(frozen=True)
@@ -33,14 +44,35 @@ class SpecialIds:
     eos: int | None
 
 
+def bounded_texts(texts: Iterable[str], max_chars: int | None, cut: Counter[str] | None = None) -> Iterator[str]:
+    """``texts`` as tokenizer training sees them: each cut to ``max_chars`` characters, and every run of more than
+    ``MAX_RUN`` non-space (or space) characters cut to its first ``MAX_RUN`` (BPE training works per word, in
+    time that grows faster than the word's length). ``cut`` counts ``texts`` and ``runs`` cut."""
+    for text in texts:
+        if max_chars is not None and len(text) > max_chars:
+            text = text[:max_chars]
+            if cut is not None:
+                cut["texts"] += 1
+        if len(text) > MAX_RUN and _LONG_RUN.search(text):
+            text, runs = _LONG_RUN.subn(lambda m: m.group(1) or m.group(2), text)
+            if cut is not None:
+                cut["runs"] += runs
+        yield text
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int = 8000,
     min_frequency: int = 2,
     length: int | None = None,
     show_progress: bool = True,
+    max_chars: int | None = None,
+    cut: Counter[str] | None = None,
 ) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``texts``; ``[PAD]`` gets id 0. Deterministic for the same texts."""
+    """Train a byte-level BPE tokenizer on ``texts``; ``[PAD]`` gets id 0. Deterministic for the same texts.
+
+    The trainer sees ``bounded_texts(texts, max_chars, cut)``: over-long texts and runs are cut first.
+    """
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"--vocab-size must be at least {MIN_VOCAB}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
@@ -53,20 +85,20 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    tokenizer.train_from_iterator(bounded_texts(texts, max_chars, cut), trainer=trainer, length=length)
     tokenizer.encode_special_tokens = True
     return tokenizer
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load ``tokenizer.json`` and check it has a pad token; raises ``QuackError`` naming the file."""
+    """Load ``tokenizer.json`` and check it has a pad token; raises ``QuackError`` naming the file (read through
+    ``quackae.files``: a FIFO, a link loop, an empty or non-UTF-8 file is refused, never waited on)."""
     file = Path(path)
     if file.is_dir():
         file = file / "tokenizer.json"
-    if not file.is_file():
-        raise QuackError(f"tokenizer file {file} does not exist")
+    text = read_text(file, "tokenizer file")
     try:
-        tokenizer = Tokenizer.from_file(str(file))
+        tokenizer = Tokenizer.from_str(text)
     except Exception as error:  # noqa: BLE001 - the tokenizers library raises a bare Exception
         raise QuackError(f"{file} is not a tokenizers JSON file: {str(error).splitlines()[0]}") from None
     if tokenizer.token_to_id(PAD) is None:
@@ -92,15 +124,42 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
+_LONGEST: dict[int, tuple[Tokenizer, int]] = {}  # id -> (the tokenizer, kept alive so the id stays its, chars)
+
+
+def longest_token(tokenizer: Tokenizer) -> int:
+    """The most characters of text one token of ``tokenizer`` can stand for (its longest vocabulary entry)."""
+    cached = _LONGEST.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    if tokenizer.normalizer is not None:  # a normalizer may drop characters: a token can stand for more
+        longest *= 4
+    if len(_LONGEST) > 16:
+        _LONGEST.clear()
+    _LONGEST[id(tokenizer)] = (tokenizer, longest)
+    return longest
+
+
+def text_limit(tokenizer: Tokenizer, limit: int) -> int:
+    """Characters of a text that tokenizing reads when ``limit`` tokens are kept: twice what ``limit`` tokens of
+    ``tokenizer`` can cover. A longer text is cut there first (it is truncated either way); its kept tokens are
+    those of the whole text unless one word of over ``limit`` tokens' length crosses the cut."""
+    return 2 * (limit + 1) * longest_token(tokenizer)
+
+
 def tokenize_batch(
     batch: dict[str, list[Any]], tokenizer: Any, text_field: str, limit: int, eos: int
 ) -> dict[str, list[Any]]:
     """Token ids of ``batch[text_field]`` as every stage stores them: at most ``limit`` tokens, then ``eos``.
 
-    Returns ``input_ids``, ``length`` (with ``eos``) and ``_truncated`` (whether a text was cut) lists;
+    Texts longer than ``text_limit(tokenizer, limit)`` characters are cut there before the tokenizer sees them.
+    Returns ``input_ids``, ``length`` (with ``eos``) and ``truncated`` (whether tokens were cut) lists;
     ``datasets.map`` takes it as is.
     """
-    encodings = tokenizer.encode_batch_fast(batch[text_field], add_special_tokens=False)
+    most = text_limit(tokenizer, limit)
+    texts = [text if len(text) <= most else text[:most] for text in batch[text_field]]
+    encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     input_ids, lengths, truncated = [], [], []
     for encoding in encodings:
         ids = encoding.ids
@@ -110,7 +169,7 @@ def tokenize_batch(
         input_ids.append(ids)
         lengths.append(len(ids))
         truncated.append(cut)
-    return {"input_ids": input_ids, "length": lengths, "_truncated": truncated}
+    return {"input_ids": input_ids, "length": lengths, "truncated": truncated}
 
 
 def _byte_level_chars() -> dict[str, int]:

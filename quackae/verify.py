@@ -131,13 +131,12 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
 
 
 def _expected_ids(data: str | Path, manifest: dict[str, Any]) -> np.ndarray:
-    from quackae.prepared import load_prepared
+    from quackae.prepared import load_prepared, verify_fingerprint
     from quackae.selection import selected_rows
-    from quackae.storejob import dataset_fingerprint
 
     dataset, _, _ = load_prepared(data)
     fingerprint = manifest.get("dataset_fingerprint")
-    if fingerprint and fingerprint != dataset_fingerprint(dataset):
+    if fingerprint and fingerprint != verify_fingerprint(data):
         raise QuackError(f"{data} is not the dataset this store was encoded from (its fingerprint differs)")
     ids = np.asarray(dataset.data.column("id").to_numpy(), dtype=np.int64)
     return np.unique(ids[selected_rows(dataset, manifest.get("selection") or {})])

@@ -1,14 +1,14 @@
 """``AutoencoderWriter``: the Lightning callback that stores each predicted item exactly once.
 
-Batches (metadata as Arrow columns, encodings after one device-to-host copy) leave the prediction
-thread through a bounded queue (``max_pending`` batches), each when the next batch starts, so the
-writer thread's Python overlaps the model rather than the loader. ``shards``: the writer thread copies
-rows into a reused shard buffer and hands each full one to ``COMMITTERS`` threads that write and fsync
-it, so memory stays flat (``COMMITTERS + 1`` shards and the queue) and no step is per item. When the
-model computes on every CPU core the rows are copied on the prediction thread between batches instead
-(``background``; the write and fsync stay on their threads): a writer thread there would stall the
-model. ``files``: ``threads`` threads write one ``.npz`` per item. Formats and commits: ``quackae.layout``; lock and
-provenance: ``quackae.storejob``; label selection: ``quackae.selection``. Glossary: B batch, H encoding, T tokens.
+Batches (metadata as Arrow columns, encodings after one device-to-host copy, overlapped on a GPU:
+``quackae.transfer``) leave the prediction thread through a bounded queue (``max_pending`` batches), each
+when the next batch starts, so the writer thread's Python overlaps the model rather than the loader.
+``shards``: the writer thread checks each batch (selection, finite encodings) and keeps it in a shard buffer
+without copying; each full one goes to ``COMMITTERS`` threads that put its rows in id order (the one copy)
+and write and fsync it, so memory stays flat (``COMMITTERS + 1`` shards and the queue). When the model
+computes on every CPU core that check runs on the prediction thread between batches (``background``): a
+writer thread there would stall the model. ``files``: ``threads`` threads write one ``.npz`` per item.
+Formats and commits: ``quackae.layout``; lock and provenance: ``quackae.storejob``. Glossary: B batch, H encoding.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from quackae.layout import (
 from quackae.selection import is_labelled, keep_item, selected_mask
 from quackae.storejob import StoreJob, clean_temporary, complete_manifest, fresh_job, stored_ids, stored_ids_checked
 from quackae.tokenizer import BatchDecoder
+from quackae.transfer import host_array, non_finite_error, to_host
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self._raise_pending_error()
         metadata, encoding = prediction[0], prediction[1]
         extra = prediction[2] if len(prediction) > 2 else None
-        matrix = encoding.detach().float().cpu().numpy()  # (B, H), one device-to-host copy per batch
+        matrix = to_host(encoding)  # (B, H): one device-to-host copy per batch, waited for on the writer's side
         if extra is not None:
             extra = tuple(t.detach().float().cpu().numpy() for t in extra)
         tokens = None
@@ -242,7 +243,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self._raise_pending_error()
         if isinstance(metadata, (list, tuple)):
             metadata = list(metadata)
-        self._submit(metadata, np.asarray(encodings, dtype=np.float32), None, None)
+        self._submit(metadata, np.array(encodings, dtype=np.float32), None, None)  # a copy: the caller may reuse its
 
     def _submit(self, metadata: Any, matrix: np.ndarray, tokens: Any, extra: Any) -> None:
         if self._inline:
@@ -272,6 +273,7 @@ class AutoencoderWriter(BasePredictionWriter):
             return
         current = str(self.storage_path)
         try:
+            matrix = host_array(matrix)  # (B, H) float32, once its device-to-host copy is done
             columns = metadata_table(metadata, self.schema)  # pyarrow.Table, one row per item
             if "id" not in columns.column_names:
                 raise ValueError("every item's metadata needs an 'id'")
@@ -296,6 +298,10 @@ class AutoencoderWriter(BasePredictionWriter):
             else:
                 skipped, dropped = 0, int((~keep).sum())
             rows = np.flatnonzero(keep)
+            error = non_finite_error(ids, matrix, self.manifest.get("checkpoint"))
+            if error is not None:  # nothing of the batch is stored, nor the rest of its shard
+                self._fail(error)
+                return
             with self._lock:
                 self.skipped += skipped
                 self.filtered_out += dropped
@@ -320,18 +326,22 @@ class AutoencoderWriter(BasePredictionWriter):
             else:
                 self._write_items(ids, matrix, columns.to_pylist(), texts)
         except (OSError, QuackError) as error:
-            with self._lock:
-                if self._error is None:
-                    where = getattr(error, "filename", None) or current
-                    reason = getattr(error, "strerror", None) or error
-                    self._error = QuackError(
-                        f"writing {where} failed: {reason}; items committed so far are complete, "
-                        "rerun the same command to finish"
-                    )
+            where = getattr(error, "filename", None) or current
+            reason = getattr(error, "strerror", None) or error
+            self._fail(
+                QuackError(
+                    f"writing {where} failed: {reason}; items committed so far are complete, "
+                    "rerun the same command to finish"
+                )
+            )
         except BaseException as error:  # a bug: it stops the job and surfaces with its own traceback
-            with self._lock:
-                if self._error is None:
-                    self._error = error
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        """Keep the job's first error; the prediction thread raises it at its next batch (or at the end)."""
+        with self._lock:
+            if self._error is None:
+                self._error = error
 
     def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, texts: Any) -> None:
         """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
@@ -352,23 +362,22 @@ class AutoencoderWriter(BasePredictionWriter):
                 self._active = (self._active + 1) % len(self._buffers)
 
     def _commit_buffer(self, buffer: ShardBuffer) -> None:
-        """Hand ``buffer``'s rows to the committer as one shard; ``buffer.wait()`` returns once it is committed."""
-        count = buffer.fill
-        ids, matrix, columns = buffer.rows()  # in id order
-        table = shard_table(ids, matrix, columns, self.manifest or None)  # no copy of the encodings
+        """Hand ``buffer``'s rows to a committer thread, which puts them in id order and writes them as one shard;
+        ``buffer.wait()`` returns once it is committed."""
+        count, pieces = buffer.fill, buffer.detach()
         self._sequence += 1
         name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
         assert self._staging is not None and self._committer is not None
-        staging, shards = self._staging, self.storage_path / SHARDS
+        staging, shards, provenance = self._staging, self.storage_path / SHARDS, self.manifest or None
 
         def commit() -> None:
-            write_shard(table, staging, shards, name)
+            ids, matrix, columns = buffer.rows(pieces)  # in id order, in the buffer's own memory
+            write_shard(shard_table(ids, matrix, columns, provenance), staging, shards, name)
             with self._lock:
                 self.written += count
                 self.shards_written += 1
 
         buffer.pending = self._committer.submit(commit)
-        buffer.columns, buffer.fill = [], 0
 
     def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         assert self._staging is not None

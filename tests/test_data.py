@@ -81,7 +81,7 @@ def test_predict_loader_covers_every_item_once_with_metadata(prepared):
     for metadata, x in dm.predict_dataloader():
         assert isinstance(metadata, pa.Table) and metadata.num_rows == x.size(0)  # columnar, no dict per item
         for meta, row in zip(metadata.to_pylist(), x.tolist(), strict=True):
-            assert set(meta) == {"id", "label"}
+            assert set(meta) == {"id", "text", "truncated", "label"} and meta["truncated"] is False
             assert meta["label"] == (meta["id"] - 5000) % 4
             ids.append(meta["id"])
             assert dm.dataset[meta["id"] - 5000]["input_ids"] == [t for t in row if t]
@@ -225,20 +225,19 @@ def test_prefetch_raises_the_loader_error_and_stops_when_closed():
     assert not any(t.name == "quackae-prefetch" for t in threading.enumerate())
 
 
-def test_rows_taken_from_the_arrow_table_match_the_datasets_view(prepared):
+def test_rows_taken_from_the_arrow_table_match_row_by_row_reads(prepared):
     from quackae.data import TokenizedDataset
 
     dm = TokenizedDataModule(prepared)
     dm.setup("predict")
     rng = np.random.default_rng(0)
     full = TokenizedDataset(dm.dataset, 0, with_metadata=True)
-    assert full._table is not None  # a prepared dataset has no indices mapping: the direct path
-    chosen = dm.dataset.select(rng.permutation(400)[:150])  # a selection: rows through the indices mapping
+    chosen = dm.dataset.select(rng.permutation(400)[:150])  # a selection of the rows, in another order
     part = TokenizedDataset(chosen, 0, with_metadata=True)
-    assert part._table is None
-    for dataset in (full, part):
+    for dataset, source in ((full, dm.dataset), (part, chosen)):
+        rows = source.data.to_pylist()  # the reference: every row read on its own
         for size in (1, 7, 64):
             indices = rng.integers(0, len(dataset), size).tolist()
             got = dataset.__getitems__(indices)
-            assert got.equals(dataset._view[indices])  # the reference: datasets' own formatted rows
-            assert got.column_names == ["input_ids", "id", "label"]
+            assert got.column_names == ["input_ids", "id", "text", "truncated", "label"]
+            assert got.to_pylist() == [{k: rows[i][k] for k in got.column_names} for i in indices]

@@ -161,7 +161,8 @@ def test_encode_writes_exactly_one_item_per_row(workspace, store):
     reader = EncodingStore(store)
     for row in data.select(range(0, data.num_rows, 37)):
         encoding, metadata = reader[row["id"]]
-        assert metadata == {"id": row["id"], "label": row["label"], "text": texts[row["id"]]}
+        want = {"id": row["id"], "label": row["label"], "text": texts[row["id"]], "truncated": row["truncated"]}
+        assert metadata == want
         with torch.no_grad():
             expected = model(torch.tensor([row["input_ids"]]))[0][0].numpy()
         np.testing.assert_allclose(encoding, expected, atol=1e-5)

@@ -67,7 +67,7 @@ def test_bad_rows_are_counted_and_listed(tmp_path):
     written = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert written["rejected"] == summary["rejected"]
     dataset = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
-    assert dataset.column_names == ["id", "input_ids", "length", "label"]
+    assert dataset.column_names == ["id", "input_ids", "length", "text", "truncated", "label"]
     assert dataset["id"] == [1, 6] and dataset["label"] == ["a", "b"]
     assert all(ids[-1] == 3 and len(ids) == n for ids, n in zip(dataset["input_ids"], dataset["length"], strict=True))
 

@@ -30,6 +30,10 @@ class BenchConfig:
         default=5, metadata={"help": "encode: end-to-end runs, each between two model-only passes (medians reported)"}
     )
     cuda: bool = field(default=True, metadata={"help": "also measure on CUDA when a GPU is present"})
+    accelerator: str = field(default="auto", metadata={"help": "encode: cpu, or cuda/auto (a GPU when present)"})
+    precision: str | None = field(
+        default=None, metadata={"help": "encode: Lightning precision (default bf16-mixed on a GPU that supports it)"}
+    )
     seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
     corpus: str = field(default="stdlib", metadata={"help": "quality: stdlib, site (site-packages) or a JSONL file"})
     quality_steps: int = field(default=0, metadata={"help": "quality: training steps (0: 2000)"})
