@@ -49,8 +49,9 @@ class FiniteGuard(Callback):
         self._window_start = 0  # the global step of the window's first batch
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._finite = torch.ones((), dtype=torch.bool, device=pl_module.device)
-        self._good = torch.zeros((), dtype=torch.int64, device=pl_module.device)
+        device = next(pl_module.parameters(), torch.empty(0)).device
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
+        self._good = torch.zeros((), dtype=torch.int64, device=device)
         self._window_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
