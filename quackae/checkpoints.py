@@ -151,10 +151,12 @@ def load_torch_file(path: str | Path, what: str = "checkpoint", fix: str = "", m
     except OSError as error:
         regular_file(file, what, fix)  # missing, a symbolic-link loop ...: says which
         raise QuackError(f"{what} {file} cannot be read ({error.strerror or error})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        regular_file(file, what, fix)  # a FIFO, a directory ...: says which
+        raise QuackError(f"{what} {file} is not a regular file")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            regular_file(file, what, fix)  # a FIFO, a directory ...: says which
         if info.st_size == 0:
             raise QuackError(f"{what} {file} is empty (0 bytes); {fix or 'train again or pass another checkpoint'}")
         os.set_blocking(fd, True)

@@ -286,8 +286,8 @@ def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str
         trainer.fit(model, loader(parts["train"], True), loader(parts["val"], False))
     except NonFiniteTraining as error:
         raise QuackError(
-            f"the classifier's {error}: the encodings of {config.store} are too large or too spread for it; "
-            f"lower --lr (it is {config.lr})"
+            f"the classifier's {error}; lower --lr (it is {config.lr}) or look for extreme values in the "
+            f"encodings of {config.store}"
         ) from None
     if not trainer.is_global_zero:
         return {}
