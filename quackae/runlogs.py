@@ -3,7 +3,9 @@
 Each start of a run (the first, and each ``--resume`` into it) logs into ``RUN/logs/attempt-N/``
 (Lightning's CSV logger) and records the step it starts at in ``RUN/logs/attempt-N.json``.
 ``merge_metrics`` joins them in step order. Every file read here is read whole through
-``quackae.files`` and checked, so a damaged record or CSV is one ``QuackError`` naming it.
+``quackae.files`` and checked: a damaged start record is one ``QuackError`` naming it, and a damaged
+``metrics.csv`` of one start (Lightning rewrites it in place, so a kill can cut it) is left out of the
+join with a warning naming it.
 """
 
 from __future__ import annotations
@@ -84,7 +86,12 @@ def latest_attempt(run: Path) -> Path:
 def read_metrics_csv(file: Path) -> tuple[list[str], list[dict[str, str]]]:
     """``(column names, rows)`` of a Lightning ``metrics.csv``; ``QuackError`` naming the file when it is not one."""
     text = read_text(file, "metrics file", _FIX, limit=MAX_METRICS_FILE)
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not text.strip():
+        raise QuackError(f"metrics file {file} is empty; {_FIX}")
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise QuackError(f"metrics file {file} line {line} holds NUL bytes (cut short or zeroed by a crash); {_FIX}")
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
         fields = list(reader.fieldnames or [])
         rows = []
@@ -94,7 +101,7 @@ def read_metrics_csv(file: Path) -> tuple[list[str], list[dict[str, str]]]:
             rows.append(row)
     except csv.Error as error:
         raise QuackError(f"metrics file {file} line {reader.line_num} is not CSV ({error}); {_FIX}") from None
-    if rows and "step" not in fields:
+    if "step" not in fields:
         raise QuackError(f"metrics file {file} has no step column; {_FIX}")
     return fields, rows
 
@@ -114,7 +121,11 @@ def merge_metrics(out: Path) -> Path | None:
         if not file.exists() and not file.is_symlink():
             continue
         cutoff = min(starts[index + 1 :], default=None)
-        names, found = read_metrics_csv(file)
+        try:
+            names, found = read_metrics_csv(file)
+        except QuackError as error:  # Lightning rewrites it in place: a kill or a crash can leave it cut or zeroed
+            log.warning("%s; its rows are left out of %s", error, out / "metrics.csv")
+            continue
         fields.extend(name for name in names if name not in fields)
         for row in found:
             step = row.get("step") or ""
