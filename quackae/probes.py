@@ -88,8 +88,9 @@ def linear_probe(
 ) -> np.ndarray:
     """Softmax regression on standardised features (full-batch L-BFGS); returns test predictions."""
     torch.manual_seed(seed)
-    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
-    x = torch.from_numpy((train_x - mean) / std)
+    # standardised in float64: the sum and the squares of large features overflow float32
+    mean, std = train_x.mean(axis=0, dtype=np.float64), train_x.std(axis=0, dtype=np.float64) + 1e-6
+    x = torch.from_numpy(((train_x - mean) / std).astype(np.float32))
     y = torch.from_numpy(train_y)
     layer = nn.Linear(x.size(1), classes)
     optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -102,7 +103,7 @@ def linear_probe(
 
     optimizer.step(closure)
     with torch.no_grad():
-        return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
+        return layer(torch.from_numpy(((test_x - mean) / std).astype(np.float32))).argmax(-1).numpy()
 
 
 # The probe's L2 weight decay grid; ``tuned_linear_probe`` picks one on validation for each feature set.

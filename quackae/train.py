@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping
+from tokenizers import Tokenizer
 
 from quackae.atomic import remove_temporaries, write_atomic
 from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
@@ -32,6 +33,7 @@ from quackae.provenance import RecordTrainedOn, check_resume, check_run, data_re
 from quackae.runlock import RunLock
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runtime import TrainerFlags, settled_heap
+from quackae.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,10 @@ def _claim(out: Path, config: TrainConfig, record: dict[str, Any], resume: Path 
     merge_metrics(out)  # reads and checks the history of earlier starts before any training
     if read_run_record(out) is None:
         write_run_record(out, record)
-    tokenizer = read_bytes(Path(config.data) / "tokenizer.json", "tokenizer file", "run quackae prepare again")
+    source = Path(config.data) / "tokenizer.json"
+    tokenizer = read_bytes(source, "tokenizer file", "run quackae prepare again")
+    if tokenizer_hash(Tokenizer.from_str(tokenizer.decode("utf-8"))) != record["tokenizer_sha256"]:
+        raise QuackError(f"{source} changed while this train started (a prepare into it?); start the train again")
     target = out / "tokenizer.json"
     if not target.is_file() or target.read_bytes() != tokenizer:
         write_atomic(target, tokenizer)

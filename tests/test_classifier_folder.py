@@ -258,3 +258,17 @@ def test_the_bag_of_tokens_baseline_reads_only_the_data_the_store_was_encoded_fr
     bag, _ = baseline("store")
     assert bag["accuracy"] is None and "is no longer the one the store was encoded with" in bag["source"]
     capsys.readouterr()
+
+
+def test_finite_but_extreme_encodings_are_classified_without_overflow(tmp_path):
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((90, 8)) * 1e38).clip(-3e38, 3e38).astype(np.float32)  # float32's range
+    labels = np.arange(90) % 3
+    matrix[:, 0] = labels * 1e38  # one column separates the classes
+    writer = AutoencoderWriter(storage_path=tmp_path / "s")
+    writer.write_batch([{"id": i, "label": "abc"[k]} for i, k in enumerate(labels)], matrix)
+    writer.flush()
+    writer.write_manifest()
+    summary = classify(ClassifyConfig(store=str(tmp_path / "s"), out=str(tmp_path / "c"), max_epochs=3,
+                                      accelerator="cpu", devices="1"))  # fmt: skip
+    assert summary["linear_probe_accuracy"] > 0.9  # standardised without overflow, the probe sees the column
