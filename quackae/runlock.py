@@ -134,23 +134,43 @@ class RunLock:
 
 
 def _wait_for_leader(run: Path, job: str, wait_s: float) -> None:
-    """Return once the live leader of ``job`` holds ``run``'s lock; refuse when it is gone."""
+    """Return once the live leader of ``job`` holds ``run``'s lock; refuse when it is gone, or when another
+    live job holds it."""
     deadline = time.monotonic() + wait_s
     lock = run / LOCK
+    other_since: float | None = None  # when another job was first seen holding the lock
     while True:
         try:
             holder = _holder(lock.read_text(errors="replace"))
         except OSError:
             holder = {}
+        held = _held(lock)
         if holder.get("job") == job:
-            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return  # held: the leader lives
-            finally:
-                os.close(fd)
+            if held:
+                return
             raise QuackError(f"the leader of train job {job} no longer holds {lock}; start the training again")
+        if held and holder:
+            # a leader writes its job id just after it locks: another job for two seconds is really another
+            other_since = other_since or time.monotonic()
+            if time.monotonic() - other_since > 2.0:
+                raise QuackError(f"{run} is being trained by {_describe(holder)}, not by this job ({job})")
+        else:
+            other_since = None
         if time.monotonic() > deadline:
             raise QuackError(f"rank {_global_rank()} waited {wait_s:.0f} s for rank 0 to lock {run} for job {job}")
         time.sleep(0.1)
+
+
+def _held(lock: Path) -> bool:
+    """Whether a live process holds ``lock`` (tested with a shared lock that is let go at once)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

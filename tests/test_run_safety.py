@@ -315,3 +315,33 @@ def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(QuackError, match="--devices 99 would start"):
             TrainConfig(accelerator="auto", devices="99").trainer_kwargs()
+
+
+def test_a_rank_joins_only_the_live_leader_of_its_own_job(tmp_path, monkeypatch):
+    from quackae.runlock import JOB_ENV, LOCK, RunLock
+
+    out = tmp_path / "R"
+    out.mkdir()
+    monkeypatch.setenv(JOB_ENV, "job1")
+    with pytest.raises(QuackError, match="waited 0 s for rank 0 to lock .*R for job job1"):
+        RunLock.take(out, wait_s=0.2)
+    (out / LOCK).write_text(json.dumps({"job": "job1", "pid": 1}))
+    with pytest.raises(QuackError, match="the leader of train job job1 no longer holds"):
+        RunLock.take(out)
+    monkeypatch.delenv(JOB_ENV)
+    leader = RunLock.take(out)
+    assert leader.leader and os.environ[JOB_ENV] == leader.job  # what the ranks it launches inherit
+    joiner = RunLock.take(out)
+    assert not joiner.leader
+    joiner.release()
+    monkeypatch.setenv(JOB_ENV, "another")
+    with pytest.raises(QuackError, match=f"R is being trained by quackae train job {leader.job} .*not by this job"):
+        RunLock.take(out, wait_s=30)
+    monkeypatch.setenv(JOB_ENV, leader.job)
+    leader.release()
+    assert JOB_ENV not in os.environ
+    monkeypatch.delenv(JOB_ENV, raising=False)
+    RunLock.take(out).release()  # free again
+    created = tmp_path / "new"
+    RunLock.take(created).release()
+    assert not created.exists(), "a start that wrote nothing leaves no folder"
