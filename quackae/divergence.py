@@ -2,9 +2,11 @@
 
 ``FiniteGuard`` keeps, on the model's device, whether every training loss so far was finite and how
 many were; it adds no host synchronisation to a step: the flag is read every ``every`` steps (the
-logging interval, where Lightning reads the logged loss anyway) together with a check of every
-weight, and before every checkpoint is written; the validation loss is read after each validation,
-where Lightning has computed it for the checkpoint callbacks. A non-finite loss or weight stops the
+logging interval, where Lightning reads the logged loss anyway), and again, with a check of every
+weight, before every checkpoint is written; the validation loss is read after each validation, where
+Lightning has computed it for the checkpoint callbacks. (A weight gone non-finite makes the next
+training loss non-finite; checking every weight at each logging step cost the base model 4-11 ms on
+one CPU thread, a tenth to a third of a millisecond a step.) A non-finite loss or weight stops the
 training with ``NonFiniteTraining`` naming the first step whose loss was not finite (as
 ``metrics.csv`` numbers steps); the checkpoints already on disk, written while the model was finite,
 stay as they are.
@@ -32,10 +34,17 @@ class NonFiniteTraining(QuackError):
         self.what = what
 
 
+@torch.no_grad()
 def finite_weights(module: torch.nn.Module) -> torch.Tensor:
-    """A bool tensor (on the module's device, no host sync): every floating-point parameter is finite."""
-    flags = [torch.isfinite(p).all() for p in module.parameters() if p.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
+    """A bool tensor (on the module's device, no host sync): every floating-point parameter is finite.
+
+    Each parameter's largest and smallest value are finite exactly when all of its values are (both
+    propagate a NaN, and neither overflows as a sum or a norm would); two reductions per parameter cost a
+    tenth of ``torch.isfinite(p).all()``, which writes a mask as large as the model (measured on the base
+    model's 3.8 M weights, one CPU thread: 4 ms against 55 ms).
+    """
+    extremes = [v for p in module.parameters() if p.is_floating_point() for v in (p.amax(), p.amin())]
+    return torch.isfinite(torch.stack(extremes)).all() if extremes else torch.ones((), dtype=torch.bool)
 
 
 class FiniteGuard(Callback):
@@ -60,7 +69,7 @@ class FiniteGuard(Callback):
             self._finite.logical_and_(torch.isfinite(loss.detach()).all())  # on the device: no sync
             self._good.add_(self._finite)
         if trainer.global_step % self.every == 0:
-            self.check(trainer, pl_module)
+            self.check(trainer, pl_module, weights=False)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         # before the checkpoint callbacks (Lightning runs them last): a model whose validation loss is not
@@ -73,18 +82,22 @@ class FiniteGuard(Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self.check(trainer, pl_module)
 
-    def check(self, trainer: Any, pl_module: Any) -> None:
-        """Read the flags (one host sync, on every rank alike); raise ``NonFiniteTraining`` when one is down."""
+    def check(self, trainer: Any, pl_module: Any, weights: bool = True) -> None:
+        """Read the loss flag and, with ``weights``, check every weight (one host sync, on every rank alike);
+        raise ``NonFiniteTraining`` when one is down."""
         if self._finite is None:
             return
-        weights = finite_weights(pl_module).to(self._finite.device)
-        bad = ~(self._finite & weights)
+        device = self._finite.device
+        finite_model = (
+            finite_weights(pl_module).to(device) if weights else torch.ones((), dtype=torch.bool, device=device)
+        )
+        bad = ~(self._finite & finite_model)
         if not bool(trainer.strategy.reduce_boolean_decision(bad, all=False)):
             self._good.zero_()
             self._window_start = trainer.global_step
             return
         if not bool(self._finite):
             raise NonFiniteTraining(self._window_start + int(self._good), "the training loss was not finite")
-        if not bool(weights):
+        if not bool(finite_model):
             raise NonFiniteTraining(trainer.global_step, "the model's weights were not finite")
         raise NonFiniteTraining(trainer.global_step, "another rank's loss or weights were not finite")

@@ -273,13 +273,14 @@ def test_the_guard_reads_nothing_from_the_device_between_logging_steps(monkeypat
     with pytest.raises(NonFiniteTraining, match="at step 4 \\(the training loss") as error:
         guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(losses[-1])}, None, 9)
     assert error.value.step == 4
-    # finite losses but a weight gone bad: found at the next read
+    # finite losses but a weight gone bad: found before any checkpoint is written
     guard.on_train_start(trainer, module)
     with torch.no_grad():
         module.weight[0, 0] = float("inf")
     trainer.global_step = 20
+    guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, 19)
     with pytest.raises(NonFiniteTraining, match="at step 20 \\(the model's weights were not finite\\)"):
-        guard.on_train_batch_end(trainer, module, {"loss": torch.tensor(1.0)}, None, 19)
+        guard.on_save_checkpoint(trainer, module, {})
 
 
 # ------------------------------------------------------------------------------------------------ disk and ranks
