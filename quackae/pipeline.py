@@ -135,10 +135,10 @@ def _type_problem(key: str, hint: Any, value: Any) -> str | None:
         wanted = f"a list of {_TYPE_WORDS.get(typing.get_args(base)[0], 'values')}"
     if base is not hint:
         wanted = f"{wanted} or null"
-    hint_text = (
-        " (quote it: YAML reads 00:30:00 as a number of seconds)" if base is str and isinstance(value, int) else ""
-    )
-    return f"{key} must be {wanted}, got {_describe(value)}{hint_text}"
+    quote = ""
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        quote = " (quote it: YAML reads 1:00:00 as a number of seconds)" if key == "max_time" else " (quote it)"
+    return f"{key} must be {wanted}, got {_describe(value)}{quote}"
 
 
 _TYPE_WORDS = {int: "whole numbers", str: "strings", float: "numbers"}
