@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from quackae.atomic import atomic_file
 from quackae.errors import QuackError
 from quackae.render import PAD, font, save_png, text_size, vertical_text
-from quackae.runlogs import read_metrics_csv
+from quackae.runlogs import MERGED_FIX, read_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def read_metrics(file: str | Path) -> dict[str, Series]:
     naming it; rows without a step and values that are not finite numbers are left out.
     """
     series: dict[str, Series] = {}
-    _, rows = read_metrics_csv(Path(file))
+    _, rows = read_metrics_csv(Path(file), MERGED_FIX)
     for row in rows:
         try:
             step = float(row.get("step") or "nan")

@@ -83,26 +83,30 @@ def latest_attempt(run: Path) -> Path:
     return numbered[-1][1] if numbered else run / "logs" / "attempt-1"
 
 
-def read_metrics_csv(file: Path) -> tuple[list[str], list[dict[str, str]]]:
+# What to do about a damaged RUN/metrics.csv (the join of every start's), which train rewrites.
+MERGED_FIX = "the next train or --resume into the run writes it again"
+
+
+def read_metrics_csv(file: Path, fix: str = _FIX) -> tuple[list[str], list[dict[str, str]]]:
     """``(column names, rows)`` of a Lightning ``metrics.csv``; ``QuackError`` naming the file when it is not one."""
-    text = read_text(file, "metrics file", _FIX, limit=MAX_METRICS_FILE)
+    text = read_text(file, "metrics file", fix, limit=MAX_METRICS_FILE)
     if not text.strip():
-        raise QuackError(f"metrics file {file} is empty; {_FIX}")
+        raise QuackError(f"metrics file {file} is empty; {fix}")
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
-        raise QuackError(f"metrics file {file} line {line} holds NUL bytes (cut short or zeroed by a crash); {_FIX}")
+        raise QuackError(f"metrics file {file} line {line} holds NUL bytes (cut short or zeroed by a crash); {fix}")
     reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     try:
         fields = list(reader.fieldnames or [])
         rows = []
         for row in reader:
             if None in row:
-                raise QuackError(f"metrics file {file} line {reader.line_num} has more values than columns; {_FIX}")
+                raise QuackError(f"metrics file {file} line {reader.line_num} has more values than columns; {fix}")
             rows.append(row)
-    except csv.Error as error:
-        raise QuackError(f"metrics file {file} line {reader.line_num} is not CSV ({error}); {_FIX}") from None
+    except csv.Error as error:  # the record that starts after the last whole one is broken
+        raise QuackError(f"metrics file {file} line {reader.line_num + 1} is not CSV ({error}); {fix}") from None
     if "step" not in fields:
-        raise QuackError(f"metrics file {file} has no step column; {_FIX}")
+        raise QuackError(f"metrics file {file} has no step column; {fix}")
     return fields, rows
 
 

@@ -202,7 +202,7 @@ RUNS = [
         "metrics.csv",
         text('step,val_loss\n1,"2\n'),
         "plot",
-        r"metrics.csv line \d is not CSV \(unexpected end of data\)",
+        r"metrics.csv line 2 is not CSV \(unexpected end of data\); the next train or --resume into the run",
     ),
     ("metrics.csv", text("epoch,val_loss\n1,2\n"), "plot", r"metrics file .*metrics.csv has no step column"),
     ("metrics.csv", text(b"step\n\xff\n"), "plot", r"metrics file .*metrics.csv is not UTF-8 text"),
