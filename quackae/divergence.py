@@ -82,6 +82,9 @@ class FiniteGuard(Callback):
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         self.check(trainer, pl_module)
 
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        close_progress_bars(trainer)
+
     def check(self, trainer: Any, pl_module: Any, weights: bool = True) -> None:
         """Read the loss flag and, with ``weights``, check every weight (one host sync, on every rank alike);
         raise ``NonFiniteTraining`` when one is down."""
@@ -101,3 +104,13 @@ class FiniteGuard(Callback):
         if not bool(finite_model):
             raise NonFiniteTraining(trainer.global_step, "the model's weights were not finite")
         raise NonFiniteTraining(trainer.global_step, "another rank's loss or weights were not finite")
+
+
+def close_progress_bars(trainer: Any) -> None:
+    """Close the progress bars of a training that an exception stopped: Lightning closes them only when a loop
+    ends, and an open tqdm bar keeps its monitor thread and its objects alive in the calling process."""
+    bar = getattr(trainer, "progress_bar_callback", None)
+    for kind in ("train", "val", "test", "predict"):
+        handle = getattr(bar, f"_{kind}_progress_bar", None)
+        if handle is not None and hasattr(handle, "close"):
+            handle.close()

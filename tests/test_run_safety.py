@@ -237,6 +237,9 @@ def test_a_non_finite_step_stops_training_and_keeps_the_checkpoints_written_befo
         assert torch.load(out / "checkpoints" / name, weights_only=True)["global_step"] <= 4, name
         load_model(out / "checkpoints" / name)  # finite: it loads
     assert json.loads((out / "summary.json").read_text())["non_finite_step"] == 4
+    import tqdm
+
+    assert not tqdm.tqdm._instances, "the stopped training left its progress bars (and their thread) open"
 
 
 class _Trainer:
