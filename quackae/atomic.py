@@ -3,12 +3,17 @@
 Every file a later stage reads is written to a hidden temporary name on the same file system,
 flushed and fsynced, renamed over its final name, and its folder fsynced: a reader sees the old
 file or the new one, never a part. A killed writer leaves only hidden ``*.partial`` files, which
-``remove_temporaries`` clears on the next run.
+``remove_temporaries`` clears on the next run. A folder whose files belong together is written
+whole in a staging folder beside it and put in place by ``replace_folder``. A failed write (a full
+disk) is an ``OSError`` naming the file it was writing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,11 +67,29 @@ def atomic_file(path: str | Path, mode: str = "wb", encoding: str | None = None)
         os.fsync(handle.fileno())
         handle.close()
         os.replace(temporary, target)
+    except OSError as error:
+        _discard(handle, temporary)
+        raise _naming(error, target) from error
     except BaseException:
-        handle.close()
-        temporary.unlink(missing_ok=True)
+        _discard(handle, temporary)
         raise
     fsync_dir(target.parent)
+
+
+def _discard(handle: IO[Any], temporary: Path) -> None:
+    try:
+        handle.close()  # flushing what is left may fail again on a full disk
+    except OSError:
+        pass
+    temporary.unlink(missing_ok=True)
+
+
+def _naming(error: OSError, target: Path) -> OSError:
+    """``error`` itself when it names a file, else the same error naming ``target`` (a full disk's ``write``
+    and ``fsync`` name none)."""
+    if error.filename is not None or error.errno is None:
+        return error
+    return type(error)(error.errno, error.strerror or os.strerror(error.errno), str(target))
 
 
 def write_atomic(path: str | Path, data: bytes | str, staging: str | Path | None = None, durable: bool = True) -> None:
@@ -89,6 +112,10 @@ def write_atomic(path: str | Path, data: bytes | str, staging: str | Path | None
             view = view[os.write(fd, view) :]
         if durable:
             os.fsync(fd)
+    except OSError as error:
+        os.close(fd)
+        os.unlink(tmp)
+        raise _naming(error, Path(path)) from error
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -108,3 +135,38 @@ def remove_temporaries(directory: str | Path) -> int:
     for path in found:
         path.unlink(missing_ok=True)
     return len(found)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this kernel or file system
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` (fsynced here) at ``target`` in one step; an old ``target`` is
+    removed after. Where the system cannot exchange two paths atomically, two renames leave a moment in
+    which ``target`` is missing, never one in which it is partial."""
+    fsync_tree(staging)
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+    elif not exchange(staging, target):
+        aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, aside)
+        os.rename(staging, target)
+        staging = aside
+    fsync_dir(target.parent)
+    shutil.rmtree(staging, ignore_errors=True)

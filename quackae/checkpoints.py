@@ -3,14 +3,22 @@
 Writing: ``AtomicCheckpointIO`` (every Lightning checkpoint through a temporary name, fsync and
 rename), ``SaveLast`` (``last.ckpt`` after each validation and at the end of fitting) and
 ``BestCheckpoint`` (a ``ModelCheckpoint`` whose record of the best survives a resume). Reading:
-``read_checkpoint`` and ``load_model`` go through ``torch.load(weights_only=True)``, so loading a
-checkpoint never runs code, and check a checkpoint against its own hyper-parameters first.
+``load_torch_file`` opens a regular file without blocking and goes through
+``torch.load(weights_only=True)``, so loading a checkpoint never runs code; ``read_checkpoint`` and
+``load_model`` check a checkpoint against its own hyper-parameters, refuse non-finite weights and, given
+the tokenizer's hash, a tokenizer other than the one the checkpoint records it was trained with
+(``TRAINED_ON``, which ``quackae train`` writes into every checkpoint).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import shutil
+import stat
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +28,16 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from quackae.atomic import atomic_file
 from quackae.errors import QuackError, unpickling_reason
+from quackae.files import regular_file
 from quackae.model import QuackAutoEncoder
 from quackae.modelconfig import MODEL_FIELDS
 from quackae.runtime import resolve_run
 
 log = logging.getLogger(__name__)
+
+# The key of a quackae checkpoint that records what it was trained on: ``{"tokenizer_sha256": ...,
+# "dataset_fingerprint": ..., "data": ...}`` (see ``quackae.runfolder``).
+TRAINED_ON = "quackae_trained_on"
 
 
 class SaveLast(Checkpoint):
@@ -83,9 +96,9 @@ class BestCheckpoint(ModelCheckpoint):
 
 def _own_record(path: Path, key: str) -> dict[str, Any] | None:
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - an unreadable best.ckpt keeps the resumed record
-        log.warning("cannot read %s to check its score; keeping the record of the resumed checkpoint", path)
+        saved = load_torch_file(path)
+    except QuackError as error:  # an unreadable best.ckpt keeps the resumed record
+        log.warning("%s; keeping the record of the resumed checkpoint", error)
         return None
     record = saved.get("callbacks", {}).get(key) if isinstance(saved, dict) else None
     return record if isinstance(record, dict) else None
@@ -104,27 +117,81 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_file(target, "wb") as handle:
                 torch.save(checkpoint, handle)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # torch's zip writer reports a short write as a RuntimeError
             raise QuackError(
-                f"writing checkpoint {target} failed ({error.strerror or error}); the previous {target.name} is kept"
+                f"writing checkpoint {target} failed ({_write_failure(error, target)}); the previous {target.name} "
+                "is kept"
             ) from error
 
 
+def _write_failure(error: BaseException, target: Path) -> str:
+    """Why a write to ``target`` failed, in a few words: the OS's reason, or torch's with the free space."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        return reason
+    return f"{reason}; {free:,} bytes free on its file system" if free < 64 << 20 else reason
+
+
+def load_torch_file(path: str | Path, what: str = "checkpoint", fix: str = "", map_location: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a regular file: loading never runs code.
+
+    The file is opened without blocking (a FIFO never hangs) and must be a non-empty zip archive, the only
+    format ``torch.save`` writes, so a raw pickle never reaches an unpickler. Every failure is one
+    ``QuackError`` naming the file: missing, not a regular file, empty, cut short or not a checkpoint,
+    damaged, or holding objects other than tensors and plain values.
+    """
+    file = Path(path)
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        regular_file(file, what, fix)  # missing, a symbolic-link loop ...: says which
+        raise QuackError(f"{what} {file} cannot be read ({error.strerror or error})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        regular_file(file, what, fix)  # a FIFO, a directory ...: says which
+        raise QuackError(f"{what} {file} is not a regular file")
+    with os.fdopen(fd, "rb") as handle:
+        if info.st_size == 0:
+            raise QuackError(f"{what} {file} is empty (0 bytes); {fix or 'train again or pass another checkpoint'}")
+        os.set_blocking(fd, True)
+        try:
+            is_zip = zipfile.is_zipfile(handle)
+            handle.seek(0)
+        except OSError as error:
+            raise QuackError(f"{what} {file} cannot be read ({error.strerror or error})") from None
+        if not is_zip:
+            raise QuackError(
+                f"{what} {file} is not a torch checkpoint (it is cut short, a raw pickle or another kind of file; "
+                "quackae never unpickles such a file)"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the refusal below says it all
+            try:
+                return torch.load(handle, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise QuackError(f"{what} {file} cannot be loaded safely: {unpickling_reason(error)}") from None
+            except Exception as error:  # noqa: BLE001 - torch raises many types for a damaged archive
+                lines = str(error).strip().splitlines()
+                reason = lines[0] if lines else type(error).__name__
+                raise QuackError(f"{what} {file} is damaged ({reason}); {fix or 'train again'}") from None
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A quackae checkpoint's contents through ``torch.load(weights_only=True)``: loading never runs code.
+    """A quackae checkpoint's contents through ``load_torch_file``: loading never runs code.
 
     Raises ``QuackError`` (a ``ValueError``) naming the file when it is missing, empty, refused by the
     safe unpickler or not a quackae checkpoint.
     """
     file = Path(path)
-    if not file.is_file():
+    if not os.path.lexists(file):
         raise QuackError(f"checkpoint {file} does not exist; pass a RUN directory or a .ckpt file")
-    if file.stat().st_size == 0:
-        raise QuackError(f"checkpoint {file} is empty (0 bytes); train again or pass another checkpoint")
-    try:
-        checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
-        raise QuackError(f"checkpoint {file} cannot be loaded safely: {unpickling_reason(error)}") from None
+    checkpoint = load_torch_file(file, map_location=map_location)
     if (
         not isinstance(checkpoint, dict)
         or not isinstance(checkpoint.get("state_dict"), dict)
@@ -134,17 +201,44 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> QuackAutoEncoder:
+def trained_on(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """What a checkpoint records it was trained on (``TRAINED_ON``), None for one written before quackae kept it."""
+    record = checkpoint.get(TRAINED_ON)
+    return record if isinstance(record, dict) else None
+
+
+def non_finite_weights(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors in ``state`` holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state.items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", tokenizer_sha256: str | None = None
+) -> QuackAutoEncoder:
     """A ``QuackAutoEncoder`` in eval mode from a RUN directory (its best checkpoint, else its last) or a
     Lightning checkpoint file (see ``read_checkpoint``).
 
     The hyper-parameters and the state_dict are checked against each other on the meta device (no
     memory is allocated) before the model is built, so a damaged or foreign checkpoint is a
-    ``QuackError`` naming the file and the problem, never an allocation of its claimed size.
+    ``QuackError`` naming the file and the problem, never an allocation of its claimed size. Weights
+    holding a NaN or an infinity (a diverged training) are refused. With ``tokenizer_sha256`` (the
+    ``tokenizer_hash`` of the tokenizer about to be used with it), a checkpoint that records another
+    tokenizer is refused: the two do not belong together.
     """
     if Path(path).is_dir():
         path, _ = resolve_run(path)
     checkpoint = read_checkpoint(path, map_location)
+    record = trained_on(checkpoint)
+    if tokenizer_sha256 is not None and record is not None and record.get("tokenizer_sha256") != tokenizer_sha256:
+        raise QuackError(
+            f"checkpoint {path} was trained with another tokenizer (sha256 {str(record.get('tokenizer_sha256'))[:12]}) "
+            f"than the one it is used with (sha256 {tokenizer_sha256[:12]}); use the tokenizer.json of the RUN that "
+            "trained it"
+        )
     hparams = dict(checkpoint["hyper_parameters"])
     state = checkpoint["state_dict"]
     unknown = sorted(set(hparams) - MODEL_FIELDS)
@@ -172,6 +266,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Qu
             problems.append(f"{name} has shape {shape}, its hyper-parameters need {expected[name]}")
     if problems:
         raise QuackError(f"checkpoint {path} does not match its own hyper-parameters: {'; '.join(problems[:5])}")
+    broken = non_finite_weights(state)
+    if broken:
+        raise QuackError(
+            f"checkpoint {path} holds non-finite weights ({', '.join(broken[:3])}): its training diverged; "
+            "use an earlier checkpoint or train again with a lower --learning-rate"
+        )
     model: QuackAutoEncoder | None = None
     if all(not torch.is_floating_point(state[n]) or state[n].dtype == torch.float32 for n in expected):
         # the skeleton takes the loaded tensors themselves: no random initialisation to overwrite

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
+import math
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from quackae.atomic import atomic_file, write_atomic
-from quackae.errors import QuackError, unpickling_reason
+from quackae.checkpoints import AtomicCheckpointIO, load_torch_file
+from quackae.classifierdir import CHECKPOINT, check_out, commit, file_sha256, read_classifier, staging_for
+from quackae.divergence import FiniteGuard, NonFiniteTraining
+from quackae.errors import QuackError
 from quackae.probes import (
     bag_of_tokens,
     classification_report,
@@ -80,8 +84,9 @@ class LatentClassifier(pl.LightningModule):
         self.register_buffer("class_weights", weights)
 
     def set_standardisation(self, features: np.ndarray) -> None:
-        self.mean.copy_(torch.from_numpy(features.mean(axis=0)))
-        self.std.copy_(torch.from_numpy(features.std(axis=0) + 1e-6))
+        # in float64: the squares of large encodings overflow float32
+        self.mean.copy_(torch.from_numpy(features.mean(axis=0, dtype=np.float64)))
+        self.std.copy_(torch.from_numpy(features.std(axis=0, dtype=np.float64) + 1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encodings (N, H) -> logits (N, C)."""
@@ -163,6 +168,11 @@ class ClassifyConfig(TrainerFlags):
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
+        for name in ("dropout", "lr", "weight_decay", "val_fraction", "test_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must not be negative, got {self.weight_decay}")
         if self.max_epochs < 1 or self.patience < 1:
             raise ValueError("--max-epochs and --patience must be at least 1")
         if any(h <= 0 for h in self.hidden_sizes):
@@ -189,9 +199,23 @@ def _labels_of(metadata: list[dict[str, Any]], field_name: str, unlabeled: str |
 
 
 def classify(config: ClassifyConfig) -> dict[str, Any]:
-    """Run ``quackae classify`` (train, pick the best on validation, test) or, with ``--predict``, apply one."""
+    """Run ``quackae classify`` (train, pick the best on validation, test) or, with ``--predict``, apply one.
+
+    The classifier folder is written whole in a staging folder beside ``--out`` and then takes its place
+    (see ``quackae.classifierdir``): a stopped classify leaves the previous one as it was.
+    """
     if config.predict:
         return predict_with(config)
+    out = Path(config.out)
+    check_out(out)
+    staging = staging_for(out)
+    try:
+        return _classify_into(config, staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once committed
+
+
+def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str, Any]:
     from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
     started = time.time()
@@ -236,11 +260,9 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         data = TensorDataset(torch.from_numpy(l_x[mask]), torch.from_numpy(l_y[mask]))
         return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers)
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = ModelCheckpoint(
-        dirpath=out / "checkpoints",
-        filename="best",
+        dirpath=staging / CHECKPOINT.parent,
+        filename=CHECKPOINT.stem,
         monitor="val_loss",
         mode="min",
         save_top_k=1,
@@ -250,16 +272,27 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         max_epochs=config.max_epochs,
         logger=False,
         enable_model_summary=False,
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=config.patience)],
-        default_root_dir=str(out),
+        callbacks=[
+            FiniteGuard(every=10, monitor="val_loss"),
+            checkpoint,
+            EarlyStopping(monitor="val_loss", patience=config.patience),
+        ],
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=str(staging),
         log_every_n_steps=1,
         **config.trainer_kwargs(),
     )
-    trainer.fit(model, loader(parts["train"], True), loader(parts["val"], False))
+    try:
+        trainer.fit(model, loader(parts["train"], True), loader(parts["val"], False))
+    except NonFiniteTraining as error:
+        raise QuackError(
+            f"the classifier's {error}; lower --lr (it is {config.lr}) or look for extreme values in the "
+            f"encodings of {config.store}"
+        ) from None
     if not trainer.is_global_zero:
         return {}
-    best = LatentClassifier.load_from_checkpoint(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-    best.eval()
+    best_file = staging / CHECKPOINT
+    best = _classifier_from(load_torch_file(best_file, "classifier checkpoint"), best_file)
     with torch.no_grad():
         probabilities = F.softmax(best(torch.from_numpy(matrix)), dim=-1).numpy()  # (N, C)
     predicted = probabilities.argmax(axis=1)
@@ -278,27 +311,8 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
 
     probe_predicted, probe_decay = probe(l_x)
     baseline_probe = classification_report(l_y[parts["test"]], probe_predicted, classes)
-    baseline_bag: dict[str, Any]
     labelled_metadata = [m for m, label in zip(metadata, labels, strict=True) if label is not None]
-    tokens, source = store_token_sequences(config.store, l_ids, labelled_metadata)
-    if tokens is not None and len(tokens[0]) * tokens[1] > MAX_BAG_CELLS:
-        tokens, source = (
-            None,
-            f"{len(tokens[0])} items x {tokens[1]} tokens is over the dense probe's {MAX_BAG_CELLS} cells",
-        )
-    if tokens is None:
-        log.warning("no bag-of-tokens baseline: %s", source)
-        baseline_bag = {"accuracy": None, "macro_f1": None, "source": source}
-    else:
-        bag = np.log1p(bag_of_tokens(tokens[0], tokens[1]))  # (N, V)
-        bag_probe, bag_decay = probe(bag)
-        bag_report = classification_report(l_y[parts["test"]], bag_probe, classes)
-        baseline_bag = {
-            "accuracy": bag_report["accuracy"],
-            "macro_f1": bag_report["macro_f1"],
-            "weight_decay": bag_decay,
-            "source": source,
-        }
+    baseline_bag = _bag_baseline(config.store, l_ids, labelled_metadata, probe, l_y[parts["test"]], classes)
     report = {
         "store": config.store,
         "label_field": config.label_field,
@@ -323,22 +337,30 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
             },
             "bag_of_tokens_probe": baseline_bag,
         },
-        "checkpoint": str(out / "checkpoints" / "best.ckpt"),
+        "checkpoint": str(out / CHECKPOINT),
         "config": asdict(config),
         "seconds": round(time.time() - started, 1),
     }
     split_names = np.full(len(ids), "unlabelled", dtype=object)
     split_names[np.flatnonzero(labelled)] = np.asarray(["train", "val", "test"], dtype=object)[split]
-    _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, split_names)
-    with atomic_file(out / "confusion.png", "wb") as handle:
+    _write_predictions(staging / "predictions.parquet", ids, labels, predicted, probabilities, classes, split_names)
+    with atomic_file(staging / "confusion.png", "wb") as handle:
         save_png(confusion_image(report["confusion_matrix"], classes), handle)
-    write_atomic(out / "classes.json", json.dumps({"label_field": config.label_field, "classes": classes}) + "\n")
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")  # last: the classifier is complete
+    sha = file_sha256(best_file)  # classes.json and report.json name the checkpoint they belong to
+    report["checkpoint_sha256"] = sha
+    names = {"label_field": config.label_field, "classes": classes, "checkpoint_sha256": sha}
+    write_atomic(staging / "classes.json", json.dumps(names) + "\n")
+    write_atomic(staging / "report.json", json.dumps(report, indent=2) + "\n")
+    commit(staging, out)  # the whole classifier takes --out's place at once
     line = (
         f"test accuracy {report['accuracy']:.3f} (macro-F1 {report['macro_f1']:.3f}) on "
         f"{report['items']['test']} items; majority class {report['baselines']['majority_class']['accuracy']:.3f}, "
         f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}, bag-of-tokens probe "
-        + ("n/a" if baseline_bag["accuracy"] is None else f"{baseline_bag['accuracy']:.3f}")
+        + (
+            f"skipped ({baseline_bag['source']})"
+            if baseline_bag["accuracy"] is None
+            else f"{baseline_bag['accuracy']:.3f}"
+        )
     )
     return {
         "out": str(out),
@@ -349,6 +371,26 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         "bag_of_tokens_accuracy": baseline_bag["accuracy"],
         "lines": [line],
     }
+
+
+def _bag_baseline(
+    store: str, ids: np.ndarray, metadata: list[dict[str, Any]], probe: Any, test_y: np.ndarray, classes: list[str]
+) -> dict[str, Any]:
+    """The linear probe on bags of tokens of the labelled items ``ids``; its figures are None, with the
+    reason under ``source``, when their tokens cannot be had as the encoder saw them."""
+    tokens, source = store_token_sequences(store, ids, metadata)
+    if tokens is not None and len(tokens[0]) * tokens[1] > MAX_BAG_CELLS:
+        tokens, source = (
+            None,
+            f"{len(tokens[0])} items x {tokens[1]} tokens is over the dense probe's {MAX_BAG_CELLS} cells",
+        )
+    if tokens is None:
+        log.warning("no bag-of-tokens baseline: %s", source)
+        return {"accuracy": None, "macro_f1": None, "source": source}
+    bag = np.log1p(bag_of_tokens(tokens[0], tokens[1]))  # (N, V)
+    predicted, decay = probe(bag)
+    report = classification_report(test_y, predicted, classes)
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "weight_decay": decay, "source": source}
 
 
 def _write_predictions(
@@ -381,18 +423,21 @@ def _write_predictions(
 
 def predict_with(config: ClassifyConfig) -> dict[str, Any]:
     """Apply the classifier in ``config.predict`` to ``config.store``; writes ``OUT/predictions.parquet``."""
-    directory = Path(config.predict)
-    checkpoint, classes_file = directory / "checkpoints" / "best.ckpt", directory / "classes.json"
-    if not checkpoint.is_file() or not classes_file.is_file():
+    directory, out = Path(config.predict), Path(config.out)
+    if out.resolve() == directory.resolve():
         raise QuackError(
-            f"{directory} is not a classifier directory (no checkpoints/best.ckpt and classes.json); "
-            "train one with quackae classify"
+            f"--out {out} is the classifier folder --predict reads, whose predictions belong to its training; "
+            "choose another --out"
         )
-    classes = json.loads(classes_file.read_text())["classes"]
-    try:
-        model = LatentClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=True).eval()
-    except pickle.UnpicklingError as error:
-        raise QuackError(f"checkpoint {checkpoint} cannot be loaded safely: {unpickling_reason(error)}") from None
+    if out.exists() and not out.is_dir():
+        raise QuackError(f"--out {out} is a file; give the predictions a directory")
+    hparams, state, classes = read_classifier(directory)
+    model = _classifier_from({"hyper_parameters": hparams, "state_dict": state}, directory / CHECKPOINT)
+    if model.hparams.num_classes != len(classes):
+        raise QuackError(
+            f"the classifier in {directory} has {model.hparams.num_classes} outputs and its classes.json "
+            f"{len(classes)} classes; train it again"
+        )
     ids, matrix, metadata = load_encodings(config.store)
     if matrix.shape[1] != model.hparams.input_size:
         raise QuackError(
@@ -404,7 +449,6 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
     with torch.no_grad():
         probabilities = F.softmax(model(torch.from_numpy(matrix)), dim=-1).numpy()
     predicted = probabilities.argmax(axis=1)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, None)
     counts = Counter(classes[k] for k in predicted)
@@ -412,3 +456,16 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
         f"{c} {n}" for c, n in counts.most_common()
     )
     return {"out": str(out), "items": len(ids), "lines": [line]}
+
+
+def _classifier_from(checkpoint: dict[str, Any], file: Path) -> LatentClassifier:
+    """A ``LatentClassifier`` in eval mode from a checkpoint's hyper-parameters and weights, each mismatch one
+    ``QuackError`` naming ``file``."""
+    hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
+    try:
+        model = LatentClassifier(**hparams)
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise QuackError(f"classifier checkpoint {file} does not match its own hyper-parameters: {reason}") from None
+    return model.eval()

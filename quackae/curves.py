@@ -1,22 +1,23 @@
 """Training curves: ``RUN/curves.png``, training and validation loss and token accuracy against step.
 
 ``train`` draws it when it ends, and ``quackae plot RUN`` on demand. The figures come from
-``RUN/metrics.csv`` (Lightning's CSV logger): ``train_loss_step`` and ``train_token_acc_step``
-every logging interval, ``val_loss`` and ``val_token_acc`` after each validation round. Drawn
-with pillow only.
+``RUN/metrics.csv`` (Lightning's CSV logger, joined by ``runlogs.merge_metrics``): ``train_loss_step``
+and ``train_token_acc_step`` every logging interval, ``val_loss`` and ``val_token_acc`` after each
+validation round. Drawn with pillow only.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from quackae.atomic import atomic_file
 from quackae.errors import QuackError
 from quackae.render import PAD, font, save_png, text_size, vertical_text
+from quackae.runlogs import MERGED_FIX, read_metrics_csv
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,29 @@ Series = list[tuple[float, float]]
 
 
 def read_metrics(file: str | Path) -> dict[str, Series]:
-    """``{column: [(step, value), ...]}`` of every numeric column of a Lightning ``metrics.csv``."""
+    """``{column: [(step, value), ...]}`` of every numeric column of a Lightning ``metrics.csv``.
+
+    A file that is not one (not a regular file, not UTF-8, not CSV, no step column) is a ``QuackError``
+    naming it; rows without a step and values that are not finite numbers are left out.
+    """
     series: dict[str, Series] = {}
-    with Path(file).open(newline="") as handle:
-        for row in csv.DictReader(handle):
+    _, rows = read_metrics_csv(Path(file), MERGED_FIX)
+    for row in rows:
+        try:
+            step = float(row.get("step") or "nan")
+        except ValueError:
+            continue
+        if not math.isfinite(step):
+            continue
+        for name, text in row.items():
+            if name in ("step", "epoch") or not text:
+                continue
             try:
-                step = float(row.get("step") or "nan")
+                value = float(text)
             except ValueError:
                 continue
-            if math.isnan(step):
-                continue
-            for name, text in row.items():
-                if name in ("step", "epoch") or not text:
-                    continue
-                try:
-                    value = float(text)
-                except ValueError:
-                    continue
-                if math.isfinite(value):
-                    series.setdefault(name, []).append((step, value))
+            if math.isfinite(value):
+                series.setdefault(name, []).append((step, value))
     return series
 
 
@@ -151,14 +156,14 @@ def write_curves(run: str | Path, out: str | Path | None = None) -> Path:
     """
     run = Path(run)
     metrics_file = run / "metrics.csv"
-    if not metrics_file.is_file():
+    if not metrics_file.exists() and not metrics_file.is_symlink():
         raise QuackError(f"{run} has no metrics.csv; pass a RUN directory written by quackae train")
     target = Path(out) if out else run / "curves.png"
+    if target.is_dir():
+        raise QuackError(f"--out {target} is a directory; give the PNG a file name")
     image = curves_image(read_metrics(metrics_file))
-    staging = target.with_name(f".{target.name}.tmp")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with staging.open("wb") as handle:
+    with atomic_file(target, "wb") as handle:
         save_png(image, handle)
-    staging.replace(target)
     log.info("training curves drawn in %s", target)
     return target

@@ -9,7 +9,6 @@ Shape glossary: N texts, B batch size, T tokens, S decoder steps, H encoding siz
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from quackae.errors import QuackError
 
@@ -25,21 +23,36 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_info(run: Path) -> dict[str, Any]:
-    """``prepare.json`` of the data a run was trained on, when it can still be found; else ``{}``."""
+    """``prepare.json`` of the data a run was trained on, when it can still be found; else ``{}``.
+
+    Found through the run's ``config.yaml`` (its ``data`` path); a damaged ``config.yaml`` or
+    ``prepare.json`` is a ``QuackError`` naming it.
+    """
+    from quackae.files import read_json
+    from quackae.safeyaml import read_yaml
+
     candidates = [run / "prepare.json"]
     config_file = run / "config.yaml"
-    if config_file.is_file():
-        try:
-            config = yaml.safe_load(config_file.read_text()) or {}
-        except yaml.YAMLError:
-            config = {}
-        data = (config.get("data") or {}).get("path") or (config.get("train") or {}).get("data")
+    if config_file.exists() or config_file.is_symlink():
+        config = read_yaml(config_file, "run config", "it is written by quackae train")
+        data = _nested(config, "data", "path") or _nested(config, "train", "data")
         if data:
             candidates += [Path(data) / "prepare.json", run.parent / Path(data).name / "prepare.json"]
     for file in candidates:
-        if file.is_file():
-            return json.loads(file.read_text())
+        if file.exists() or file.is_symlink():
+            info = read_json(file, "prepare summary", "run quackae prepare again or pass max_length")
+            config = info.get("config")
+            if config is not None and not isinstance(config, dict):
+                raise QuackError(f"prepare summary {file} has a config that is not a JSON object; pass max_length")
+            return info
     return {}
+
+
+def _nested(mapping: dict[str, Any], section: str, key: str) -> str | None:
+    """``mapping[section][key]`` when both levels are there and the value is a string."""
+    part = mapping.get(section)
+    value = part.get(key) if isinstance(part, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def default_max_length() -> int:
@@ -91,12 +104,14 @@ class QuackEncoder:
         """
         from quackae.checkpoints import load_model
         from quackae.runtime import resolve_run
-        from quackae.tokenizer import load_tokenizer
+        from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
         checkpoint, tokenizer_file = resolve_run(run)
         if max_length is None:
             info = _prepare_info(tokenizer_file.parent)
             max_length = (info.get("config") or {}).get("max_length")
+            if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
+                raise QuackError(f"the prepare.json of {run} has max_length {max_length!r}, not a whole number")
             if max_length is None:
                 max_length = default_max_length()
                 log.warning(
@@ -106,11 +121,12 @@ class QuackEncoder:
                     max_length,
                 )
         device = torch.device(device) if device is not None else _default_device()
+        tokenizer = load_tokenizer(tokenizer_file)
         try:
-            model = load_model(str(checkpoint), map_location=device)
+            model = load_model(str(checkpoint), map_location=device, tokenizer_sha256=tokenizer_hash(tokenizer))
         except ValueError as error:
             raise QuackError(str(error)) from None
-        return cls(model, load_tokenizer(tokenizer_file), int(max_length), device)
+        return cls(model, tokenizer, int(max_length), device)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:

@@ -8,6 +8,7 @@ tests, benchmarks and pipeline files. No torch import here, so the command line 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +105,13 @@ def model_problems(values: Any, as_flags: bool = False) -> list[str]:
         return "--" + name.replace("_", "-") if as_flags else name
 
     v = values
-    problems = []
+    problems = [
+        f"{flag(f.name)} must be a finite number, got {getattr(v, f.name)}"
+        for f in dataclasses.fields(ModelFlags)
+        if isinstance(getattr(v, f.name), float) and not math.isfinite(getattr(v, f.name))
+    ]
+    if problems:
+        return problems  # the range checks below cannot judge a NaN
     vocabulary = getattr(v, "num_embeddings", None)
     if vocabulary is not None and vocabulary < 2:
         problems.append(f"num_embeddings must be at least 2, got {vocabulary}")

@@ -14,14 +14,16 @@ import dataclasses
 import json
 import logging
 import time
+import types
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from quackae.atomic import write_atomic
 from quackae.errors import QuackError, StrictError
+from quackae.safeyaml import read_yaml
 from quackae.stages import PIPELINE_STAGES
 
 log = logging.getLogger(__name__)
@@ -59,32 +61,45 @@ def _resolve(value: Any, root: Path) -> Any:
 def load_pipeline(
     file: str | Path, root: str | None = None, accelerator: str | None = None
 ) -> tuple[Path, list[tuple[str, Any, Any]]]:
-    """Parse and check a pipeline file: ``(root, [(stage name, config, function)])``."""
+    """Parse and check a pipeline file: ``(root, [(stage name, config, function)])``.
+
+    The file is read through ``safeyaml.read_yaml`` (aliases bounded, no cycles); every value must have
+    its flag's type (a whole number for ``batch_size``, a string for a path or ``max_time``, ...), and
+    every problem of every stage is named with the stage's number in the file.
+    """
     path = Path(file)
-    if not path.is_file():
-        raise QuackError(f"pipeline file {path} does not exist")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise QuackError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
+    spec = read_yaml(path, "pipeline file", "see pipelines/demo.yaml for the format")
+    if not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise QuackError(f"{path} needs a non-empty 'stages' list")
-    base = Path(root or spec.get("root") or "storage")
-    problems, plan = [], []
+    unknown_keys = sorted(str(key) for key in spec if key not in ("root", "stages"))
+    if unknown_keys:
+        raise QuackError(f"{path}: unknown top-level keys {', '.join(unknown_keys)} (known: root, stages)")
+    chosen = root if root is not None else spec.get("root")
+    if chosen is not None and not isinstance(chosen, str):
+        raise QuackError(f"{path}: root must be one folder name (a string), got {_describe(chosen)}")
+    base = Path(chosen or "storage")
+    problems, plan, outs = [], [], {}
     for number, stage in enumerate(spec["stages"], start=1):
         if not isinstance(stage, dict) or "stage" not in stage:
             problems.append(f"stage {number}: a mapping with a 'stage' key is needed")
             continue
         name = stage["stage"]
-        if name not in PIPELINE_STAGES:
+        if not isinstance(name, str) or name not in PIPELINE_STAGES:
             problems.append(f"stage {number}: unknown stage {name!r} (known: {', '.join(PIPELINE_STAGES)})")
             continue
+        if isinstance(stage.get("out"), str):
+            outs[number] = _resolve(stage["out"], base)  # what it writes, even if its other flags are wrong
         config_cls, function = PIPELINE_STAGES[name].load()
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
         values = {k: v for k, v in stage.items() if k != "stage"}
-        unknown = sorted(set(values) - set(fields))
+        unknown = sorted(str(k) for k in values if k not in fields)
         if unknown:
             problems.append(f"stage {number} ({name}): unknown keys {', '.join(unknown)} (known: {', '.join(fields)})")
+            continue
+        hints = typing.get_type_hints(config_cls)
+        wrong = [problem for key, value in values.items() if (problem := _type_problem(key, hints[key], value))]
+        if wrong:
+            problems.extend(f"stage {number} ({name}): {problem}" for problem in wrong)
             continue
         if accelerator and "accelerator" in fields:
             values["accelerator"] = accelerator
@@ -94,20 +109,66 @@ def load_pipeline(
             elif isinstance(value, list):
                 values[key] = tuple(value)
         try:
-            plan.append((name, config_cls(**values), function))
+            plan.append((number, name, config_cls(**values), function))
         except (TypeError, ValueError) as error:
             problems.append(f"stage {number} ({name}): {error}")
-    problems.extend(_missing_inputs(plan))
+    problems.extend(_missing_inputs(plan, outs))
     if problems:
         raise QuackError(f"{path}: " + "; ".join(problems))
-    return base, plan
+    return base, [(name, config, function) for _, name, config, function in plan]
 
 
-def _missing_inputs(plan: list[tuple[str, Any, Any]]) -> list[str]:
+def _describe(value: Any) -> str:
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "a mapping"}
+    kind = "nothing (null)" if value is None else kinds.get(type(value), type(value).__name__)
+    return kind if value is None or isinstance(value, (list, dict)) else f"{kind} ({value!r})"
+
+
+def _type_problem(key: str, hint: Any, value: Any) -> str | None:
+    """None when a pipeline file's ``value`` fits the config field's type ``hint``, else what is wrong."""
+    if _fits(hint, value):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1 else hint
+    wanted = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(base)
+    if typing.get_origin(base) is tuple:
+        wanted = f"a list of {_TYPE_WORDS.get(typing.get_args(base)[0], 'values')}"
+    if base is not hint:
+        wanted = f"{wanted} or null"
+    quote = ""
+    if base is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        quote = " (quote it: YAML reads 1:00:00 as a number of seconds)" if key == "max_time" else " (quote it)"
+    return f"{key} must be {wanted}, got {_describe(value)}{quote}"
+
+
+_TYPE_WORDS = {int: "whole numbers", str: "strings", float: "numbers"}
+
+
+def _fits(hint: Any, value: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        return (item is str and isinstance(value, str)) or (
+            isinstance(value, list) and all(_fits(item, v) for v in value)
+        )
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _missing_inputs(plan: list[tuple[int, str, Any, Any]], outs: dict[int, str]) -> list[str]:
     """Paths stages read that neither exist now nor are written by an earlier stage (its ``out``)."""
     problems: list[str] = []
-    written: list[Path] = []
-    for number, (name, config, _) in enumerate(plan, start=1):
+    for number, name, config, _ in plan:
+        written = [Path(out) for earlier, out in outs.items() if earlier < number]
         for f in dataclasses.fields(config):
             if not f.metadata.get("path") or f.name == "out":
                 continue
@@ -121,14 +182,14 @@ def _missing_inputs(plan: list[tuple[str, Any, Any]]) -> list[str]:
                     problems.append(
                         f"stage {number} ({name}): {f.name} {wanted} does not exist and no earlier stage writes it"
                     )
-        if getattr(config, "out", None):
-            written.append(Path(config.out))
     return problems
 
 
 def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
     """Run every stage of a pipeline file in order; returns each stage's summary."""
     root, plan = load_pipeline(config.pipeline, config.root, config.accelerator)
+    if root.exists() and not root.is_dir():
+        raise QuackError(f"the pipeline's root {root} is a file; give it a folder")
     root.mkdir(parents=True, exist_ok=True)
     estimate = estimate_line(plan)
     if estimate:
@@ -144,7 +205,7 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
         if summary.get("exit_code"):
             raise StrictError(f"stage {name} failed: {summary['lines'][-1]}")
         results.append({"stage": name, "seconds": round(time.time() - started, 1), **_brief(name, summary)})
-    (root / "pipeline.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_atomic(root / "pipeline.json", json.dumps(results, indent=2, default=str) + "\n")
     _print_results(root, results)
     print_written([root], pipeline_started)
     return results

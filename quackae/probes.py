@@ -11,7 +11,6 @@ Shape glossary: N items, F features, C classes, V vocabulary.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quackae.errors import QuackError
 from quackae.selection import id_hash
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,9 @@ def linear_probe(
 ) -> np.ndarray:
     """Softmax regression on standardised features (full-batch L-BFGS); returns test predictions."""
     torch.manual_seed(seed)
-    mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
-    x = torch.from_numpy((train_x - mean) / std)
+    # standardised in float64: the sum and the squares of large features overflow float32
+    mean, std = train_x.mean(axis=0, dtype=np.float64), train_x.std(axis=0, dtype=np.float64) + 1e-6
+    x = torch.from_numpy(((train_x - mean) / std).astype(np.float32))
     y = torch.from_numpy(train_y)
     layer = nn.Linear(x.size(1), classes)
     optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
@@ -102,7 +103,7 @@ def linear_probe(
 
     optimizer.step(closure)
     with torch.no_grad():
-        return layer(torch.from_numpy((test_x - mean) / std)).argmax(-1).numpy()
+        return layer(torch.from_numpy(((test_x - mean) / std).astype(np.float32))).argmax(-1).numpy()
 
 
 # The probe's L2 weight decay grid; ``tuned_linear_probe`` picks one on validation for each feature set.
@@ -150,30 +151,70 @@ def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[di
     """Token ids of each item ``ids`` of a store, as the run's tokenizer gives them: ``(lists, vocab size)``
     and where they came from, or ``(None, why not)``.
 
-    Reads the prepared dataset the store's ``manifest.json`` names (``dataset``: the exact ids the
-    encoder saw); when that is gone, tokenizes the items' ``text`` metadata with the manifest's
-    ``tokenizer``. An exported Parquet file carries no manifest, so it gets ``None``.
+    The tokenizer the store's ``manifest.json`` names must still be the one it records (``tokenizer_sha256``).
+    The prepared dataset it names (``dataset``: the exact ids the encoder saw) is used only while its
+    fingerprint is the store's ``dataset_fingerprint`` (a prepare into that folder since then replaced it);
+    otherwise the items' ``text`` metadata is tokenized. An exported Parquet file carries no manifest, so it
+    gets ``None``. Nothing here raises for a folder or file that is gone or damaged: the reason is returned.
     """
+    from quackae.files import read_json
+
     manifest_file = Path(source) / "manifest.json"
     if not manifest_file.is_file():
         return None, f"{source} has no manifest.json naming the run's tokenizer"
-    manifest = json.loads(manifest_file.read_text())
-    dataset_dir, tokenizer_file = manifest.get("dataset"), manifest.get("tokenizer")
-    vocab = None
-    if tokenizer_file and Path(tokenizer_file).is_file():
-        from quackae.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(tokenizer_file)
-        vocab = tokenizer.get_vocab_size()
-    if dataset_dir and (Path(dataset_dir) / "dataset").exists() and vocab is not None:
-        import datasets
-
-        table = datasets.load_from_disk(str(Path(dataset_dir) / "dataset")).select_columns(["id", "input_ids"])
-        columns = table.to_dict()
-        position = {int(i): k for k, i in enumerate(columns["id"])}
-        if all(int(i) in position for i in ids):
-            return ([columns["input_ids"][position[int(i)]] for i in ids], vocab), f"{dataset_dir}/dataset input_ids"
-    if vocab is not None and all(isinstance(m.get("text"), str) for m in metadata):
+    try:
+        manifest = read_json(manifest_file, "store manifest")
+        tokenizer, vocab = _store_tokenizer(manifest, manifest_file)
+    except QuackError as error:
+        return None, str(error)
+    dataset_dir, why = manifest.get("dataset"), ""
+    if isinstance(dataset_dir, str) and (Path(dataset_dir) / "dataset").exists():
+        found, why = _dataset_tokens(Path(dataset_dir), manifest.get("dataset_fingerprint"), ids, vocab)
+        if found is not None:
+            return (found, vocab), f"{dataset_dir}/dataset input_ids"
+    if all(isinstance(m.get("text"), str) for m in metadata):
         encoded = tokenizer.encode_batch([m["text"] for m in metadata], add_special_tokens=False)
-        return ([e.ids for e in encoded], vocab), f"text metadata tokenized with {tokenizer_file}"
-    return None, f"neither the prepared dataset nor item texts and the tokenizer named in {manifest_file} are readable"
+        return ([e.ids for e in encoded], vocab), f"text metadata tokenized with {manifest.get('tokenizer')}" + (
+            f" ({why})" if why else ""
+        )
+    return None, why or f"the prepared dataset {manifest_file} names is gone and the items have no text"
+
+
+def _store_tokenizer(manifest: dict[str, Any], manifest_file: Path) -> tuple[Any, int]:
+    """``(tokenizer, vocabulary size)`` the manifest names, checked against the hash it records."""
+    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+
+    file = manifest.get("tokenizer")
+    if not isinstance(file, str) or not Path(file).is_file():
+        raise QuackError(f"the tokenizer {manifest_file} names ({file}) is gone")
+    tokenizer = load_tokenizer(file)
+    if manifest.get("tokenizer_sha256") != tokenizer_hash(tokenizer):
+        raise QuackError(f"the tokenizer {file} is no longer the one the store was encoded with")
+    return tokenizer, tokenizer.get_vocab_size()
+
+
+def _dataset_tokens(
+    directory: Path, fingerprint: Any, ids: np.ndarray, vocab: int
+) -> tuple[list[list[int]] | None, str]:
+    """The ``input_ids`` of items ``ids`` in a prepared folder whose dataset has ``fingerprint``, else why not."""
+    import datasets
+
+    from quackae.provenance import dataset_fingerprint
+
+    try:
+        dataset = datasets.load_from_disk(str(directory / "dataset"))
+        if fingerprint is None:
+            return None, f"the store records no fingerprint of the prepared data in {directory} to check it by"
+        if dataset_fingerprint(dataset) != fingerprint:
+            return None, f"the prepared data in {directory} changed since the store was encoded"
+        columns = dataset.select_columns(["id", "input_ids"]).to_dict()
+    except Exception as error:  # noqa: BLE001 - a damaged dataset is a reason to skip, whatever datasets raises
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        return None, f"the prepared data in {directory} cannot be read ({reason})"
+    position = {int(i): k for k, i in enumerate(columns["id"])}
+    if not all(int(i) in position for i in ids):
+        return None, f"the prepared data in {directory} lacks some of the store's ids"
+    rows = [columns["input_ids"][position[int(i)]] for i in ids]
+    if any(t < 0 or t >= vocab for row in rows for t in row):
+        return None, f"the prepared data in {directory} holds token ids outside the tokenizer's vocabulary"
+    return rows, ""

@@ -1,6 +1,7 @@
 """Reading corpus files into rows, and deciding which rows ``quackae prepare`` can use.
 
-Each reader appends a file's records to ``Rows`` with the file and physical line each came from;
+Each reader appends a file's records to ``Rows`` with the file and physical line each came from
+(every input is opened through ``open_input``: a regular file, never a FIFO left blocking);
 ``validate`` then keeps a row once or rejects it with its reason (empty or non-text text, missing,
 non-decimal, out-of-range or duplicate id). Nothing here writes: ``prepare`` turns the kept rows
 into a dataset.
@@ -12,14 +13,17 @@ import csv
 import json
 import logging
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from quackae.errors import QuackError
+from quackae.files import regular_file
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +69,56 @@ class Rows:
         self.count += n
 
 
+def open_input(path: Path, mode: str = "r", **kwargs: Any) -> IO[Any]:
+    """An input file opened for reading, which must be a regular file: opened without blocking first, so a FIFO
+    or a device in its place is one ``QuackError`` naming it instead of a read that never ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        regular_file(path, "input file")  # says what it is: missing, a link loop ...
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            regular_file(path, "input file")
+        os.set_blocking(fd, True)
+        return open(fd, mode, closefd=True, **kwargs)  # noqa: SIM115 - the caller closes it
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def format_of(path: Path, forced: str | None) -> str:
+    """The input format: ``forced``, else the extension's; a ``.json`` file holds one array, or JSON lines."""
     if forced:
         return forced
     fmt = _EXTENSIONS.get(path.suffix.lower())
     if fmt is None:
         raise QuackError(f"cannot tell the format of {path} from its extension; pass --format ({', '.join(FORMATS)})")
-    if fmt == "json":
-        with path.open("rb") as handle:
-            head = handle.read(4096)
-        if not head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"["):
-            fmt = "jsonl"  # JSON lines in a .json file
+    if fmt == "json" and _first_character(path) != b"[":
+        fmt = "jsonl"  # JSON lines in a .json file
     return fmt
+
+
+def _first_character(path: Path) -> bytes:
+    """The first byte after a byte-order mark and any whitespace (b"" for a file of none), however much
+    whitespace comes first."""
+    with open_input(path, "rb") as handle:
+        head = handle.read(3)
+        rest = head.removeprefix(b"\xef\xbb\xbf")
+        while True:
+            stripped = rest.lstrip()
+            if stripped:
+                return stripped[:1]
+            rest = handle.read(1 << 16)
+            if not rest:
+                return b""
 
 
 def read_jsonl(path: Path, file_index: int, rows: Rows) -> None:
     records: dict[str, list[Any]] = {}
     where = []
     n = 0
-    with path.open("r", encoding="utf-8-sig", errors="strict") as handle:
+    with open_input(path, "r", encoding="utf-8-sig", errors="strict") as handle:
         try:
             for line_number, line in enumerate(handle, start=1):
                 if not line.strip():
@@ -114,7 +149,10 @@ def read_jsonl(path: Path, file_index: int, rows: Rows) -> None:
 def _read_json_array(path: Path, file_index: int, rows: Rows) -> None:
     """A ``.json`` file holding one array of objects; row numbers are 1-based positions in the array."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        with open_input(path, "r", encoding="utf-8-sig", errors="strict") as handle:
+            records = json.loads(handle.read())
+    except RecursionError:
+        raise QuackError(f"cannot read {path} as json: it is nested too deeply") from None
     except UnicodeDecodeError as error:
         raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     except json.JSONDecodeError as error:
@@ -140,7 +178,7 @@ def _read_json_array(path: Path, file_index: int, rows: Rows) -> None:
 def _read_txt(path: Path, file_index: int, rows: Rows) -> None:
     """One text per line (line breaks dropped), a UTF-8 byte-order mark allowed."""
     try:
-        with path.open("r", encoding="utf-8-sig", errors="strict", newline=None) as handle:
+        with open_input(path, "r", encoding="utf-8-sig", errors="strict", newline=None) as handle:
             texts = [line.rstrip("\n") for line in handle]
     except UnicodeDecodeError as error:
         raise QuackError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
@@ -150,7 +188,7 @@ def _read_txt(path: Path, file_index: int, rows: Rows) -> None:
 def _csv_record_lines(path: Path) -> list[int] | None:
     """The physical line each CSV record after the header starts on (quoted fields may span lines)."""
     try:
-        with path.open("r", encoding="utf-8-sig", errors="strict", newline="") as handle:
+        with open_input(path, "r", encoding="utf-8-sig", errors="strict", newline="") as handle:
             reader = csv.reader(handle)
             lines, previous = [], 0
             for record in reader:
@@ -170,7 +208,9 @@ def read_with_datasets(path: Path, fmt: str, file_index: int, rows: Rows, cache_
     if fmt == "txt":
         return _read_txt(path, file_index, rows)
     builder = {"csv": "csv", "parquet": "parquet"}[fmt]
-    kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
+    regular_file(path, "input file")  # datasets opens it itself: a FIFO would block it
+    # A value is what the file says: only an empty CSV field is missing, not the texts NA, null, None or nan.
+    kwargs: dict[str, Any] = {"keep_default_na": False, "na_values": [""]} if builder == "csv" else {}
     try:
         table = datasets.load_dataset(
             builder, data_files=str(path), split="train", cache_dir=cache_dir, keep_in_memory=True, **kwargs

@@ -59,6 +59,7 @@ class TrainerFlags:
         devices: Any = str(self.devices).strip()
         if re.fullmatch(r"-?\d+", devices):
             devices = int(devices)
+        self.check_cpu_ranks(devices)
         return {
             "accelerator": self.accelerator,
             "devices": devices,
@@ -66,6 +67,33 @@ class TrainerFlags:
             "strategy": self.strategy,
             "precision": self.precision or default_precision(self.accelerator),
         }
+
+    def check_cpu_ranks(self, devices: Any) -> None:
+        """Refuse more processes on the CPU than this process may run on cores: each rank is a whole copy of the
+        model and its data, so 99 ranks on 2 cores take minutes and tens of GB to do what one does."""
+        import torch
+
+        if not isinstance(devices, int) or devices <= 1:
+            return
+        name = self.accelerator.lower()
+        gpu = torch.cuda.is_available() or bool(
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        )
+        if name != "cpu" and (name != "auto" or gpu):
+            return
+        cores = usable_cores()
+        if devices > cores:
+            raise QuackError(
+                f"--devices {devices} would start {devices} processes on the CPU, which has {cores} cores for this "
+                f"process; use at most --devices {cores} (or 1: one process already uses every core)"
+            )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def progress_bar(min_interval_s: float = 0.5) -> Any:
@@ -118,24 +146,33 @@ def default_precision(accelerator: str) -> str:
 
 
 def resolve_run(model: str | Path) -> tuple[Path, Path]:
-    """``(checkpoint, tokenizer.json)`` of a RUN directory (best, else last) or a ``.ckpt`` file."""
+    """``(checkpoint, tokenizer.json)`` of a RUN directory (best, else last) or a ``.ckpt`` file.
+
+    Both must be regular files (a FIFO, a directory or a link loop in their place is a ``QuackError``
+    naming it); a checkpoint's RUN is the folder above its ``checkpoints/`` folder.
+    """
+    import os
+
+    from quackae.files import regular_file
+
     path = Path(model)
     if path.is_dir():
         for name in ("best.ckpt", "last.ckpt"):
-            if (path / "checkpoints" / name).is_file():
-                checkpoint = path / "checkpoints" / name
+            if os.path.lexists(path / "checkpoints" / name):
+                checkpoint = regular_file(path / "checkpoints" / name, "checkpoint", "train the run again")
                 break
         else:
             raise QuackError(f"{path} holds no checkpoints/best.ckpt or last.ckpt; pass a RUN from quackae train")
         run = path
-    elif path.is_file():
-        checkpoint, run = path, path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    elif os.path.lexists(path):
+        checkpoint = regular_file(path, "model", "pass a RUN directory or a .ckpt file")
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     else:
         raise QuackError(f"model {path} does not exist; pass a RUN directory or a .ckpt file")
     tokenizer = run / "tokenizer.json"
-    if not tokenizer.is_file():
+    if not os.path.lexists(tokenizer):
         raise QuackError(f"no tokenizer.json beside the model ({tokenizer}); quackae train copies it into the RUN")
-    return checkpoint, tokenizer
+    return checkpoint, regular_file(tokenizer, "tokenizer file", "quackae train copies it into the RUN")
 
 
 # glibc's mallopt parameters; the values keep the model's per-step temporaries (up to a few MB) in the process

@@ -8,27 +8,32 @@ GPUs and many nodes work the Lightning way through ``--accelerator/--devices/--n
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import os
+import math
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping
+from tokenizers import Tokenizer
 
 from quackae.atomic import remove_temporaries, write_atomic
-from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, read_checkpoint
+from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
+from quackae.divergence import FiniteGuard, NonFiniteTraining
 from quackae.errors import QuackError
+from quackae.files import read_bytes, regular_file
 from quackae.modelconfig import ModelFlags, model_problems
+from quackae.provenance import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
+from quackae.runlock import RunLock
+from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runtime import TrainerFlags, settled_heap
+from quackae.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,9 @@ class TrainConfig(TrainerFlags, ModelFlags):
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
+        for name in ("val_check_interval", "gradient_clip", "val_fraction", "test_fraction"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         problems = model_problems(self, as_flags=True)
         if problems:
             raise ValueError("; ".join(problems))
@@ -93,31 +101,23 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run ``quackae train``; returns the figures also written to ``RUN/summary.json``.
 
     A RUN continues with ``--resume RUN/checkpoints/last.ckpt`` into the same RUN: the best
-    checkpoint's record, the metrics history and the step count carry on. Checkpoints are written
-    atomically. The summary records why training stopped (``stop_reason``); a run that stopped
-    before its first validation has no best checkpoint and says so.
+    checkpoint's record, the metrics history and the step count carry on. One training at a time
+    holds a RUN (``RunLock``; the ranks of one DDP job share it), and a RUN trains on one prepared
+    dataset: ``RUN/run.json`` and every checkpoint record its tokenizer and fingerprint, and a train
+    or resume on other data is refused. Checkpoints are written atomically and only while the model is
+    finite: training that goes non-finite stops at once (``NonFiniteTraining``). The summary records
+    why training stopped (``stop_reason``); a run that stopped before its first validation has no best
+    checkpoint and says so.
     """
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import CSVLogger
-
     from quackae.data import TokenizedDataModule
-    from quackae.model import QuackAutoEncoder
     from quackae.tokenizer import special_ids
 
-    started = time.time()
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise QuackError(f"--out {out} is a file; give the run a directory")
     resume = Path(config.resume) if config.resume else None
-    if resume is not None and not resume.is_file():
-        raise QuackError(f"--resume checkpoint {resume} does not exist")
-    checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")) and resume is None:
-        raise QuackError(
-            f"{out} already holds checkpoints; choose another --out or continue with "
-            f"--resume {checkpoints / 'last.ckpt'}"
-        )
+    if resume is not None:
+        regular_file(resume, "--resume checkpoint", "pass RUN/checkpoints/last.ckpt of the run to continue")
     trainer_kwargs = config.trainer_kwargs()
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = TokenizedDataModule(
@@ -144,9 +144,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "eos_id": ids.eos,
         "mask_id": ids.unk,
     }
+    record = data_record(datamodule.dataset, tokenizer, config.data)
     start_step = 0
     if resume is not None:
         saved_checkpoint = read_checkpoint(resume)
+        check_resume(resume, saved_checkpoint, record, config.data)
+        broken = non_finite_weights(saved_checkpoint["state_dict"])
+        if broken:
+            raise QuackError(
+                f"--resume {resume} holds non-finite weights ({', '.join(broken[:3])}); resume an earlier checkpoint"
+            )
         start_step = int(saved_checkpoint.get("global_step", 0))
         saved = dict(saved_checkpoint["hyper_parameters"])
         del saved_checkpoint
@@ -159,14 +166,60 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if changed:
             log.warning("resuming with the checkpoint's model settings, not the flags: %s", changed)
         hparams = saved
-    model = QuackAutoEncoder(**hparams)
+    lock = RunLock.take(out)
+    try:
+        if lock.leader:
+            _claim(out, config, record, resume)
+        return _fit(config, datamodule, hparams, record, resume, start_step, lock, trainer_kwargs)
+    finally:
+        lock.release()
 
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(config.data) / "tokenizer.json", out / "tokenizer.json")
+
+def _claim(out: Path, config: TrainConfig, record: dict[str, Any], resume: Path | None) -> None:
+    """Holding the lock: check that RUN may take this training, then record what it trains on."""
+    checkpoints = out / "checkpoints"
+    check_run(out, record, config.data)
+    if checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")) and resume is None:
+        raise QuackError(
+            f"{out} already holds checkpoints; choose another --out or continue with "
+            f"--resume {checkpoints / 'last.ckpt'}"
+        )
+    merge_metrics(out)  # reads and checks the history of earlier starts before any training
+    if read_run_record(out) is None:
+        write_run_record(out, record)
+    source = Path(config.data) / "tokenizer.json"
+    tokenizer = read_bytes(source, "tokenizer file", "run quackae prepare again")
+    if tokenizer_hash(Tokenizer.from_str(tokenizer.decode("utf-8"))) != record["tokenizer_sha256"]:
+        raise QuackError(f"{source} changed while this train started (a prepare into it?); start the train again")
+    target = out / "tokenizer.json"
+    if not target.is_file() or target.read_bytes() != tokenizer:
+        write_atomic(target, tokenizer)
     removed = remove_temporaries(checkpoints)
     if removed:
         log.info("removed %d partial checkpoint files a stopped run left in %s", removed, checkpoints)
-    attempt = _new_attempt(out, start_step, resume)
+
+
+def _fit(
+    config: TrainConfig,
+    datamodule: Any,
+    hparams: dict[str, Any],
+    record: dict[str, Any],
+    resume: Path | None,
+    start_step: int,
+    lock: RunLock,
+    trainer_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """Train into a locked RUN, then evaluate and write the summary."""
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
+
+    from quackae.model import QuackAutoEncoder
+
+    started = time.time()
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    model = QuackAutoEncoder(**hparams)
+    attempt = new_attempt(out, start_step, resume) if lock.leader else latest_attempt(out)
     checkpoint = BestCheckpoint(
         dirpath=checkpoints,
         filename="best",
@@ -178,7 +231,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         enable_version_counter=False,
     )
     early = EarlyStopping(monitor="val_loss", mode="min", patience=config.patience, strict=False)
-    record = SaveLast(checkpoints / "last.ckpt")
+    record_last = SaveLast(checkpoints / "last.ckpt")
+    guard = FiniteGuard(every=config.log_every_n_steps)
     # Each start of the run logs into its own folder, so nothing earlier is overwritten; metrics.csv joins them.
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="logs", version=attempt.name)]
     try:
@@ -201,7 +255,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         gradient_clip_val=config.gradient_clip or None,
         logger=loggers,
         default_root_dir=str(out),
-        callbacks=[checkpoint, record, early, LearningRateMonitor(logging_interval="step")],
+        callbacks=[guard, RecordTrainedOn(record), checkpoint, record_last, early, LearningRateMonitor("step")],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=config.log_every_n_steps,
         use_distributed_sampler=False,
@@ -224,6 +278,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_atomic(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     interrupted = False
+    diverged: NonFiniteTraining | None = None
     try:
         with settled_heap():  # the loop's per-step objects would otherwise set off full collections
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
@@ -232,7 +287,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if not trainer.interrupted:
             raise
         interrupted = True
+    except NonFiniteTraining as error:
+        diverged = error
     if not trainer.is_global_zero:
+        if diverged is not None:
+            raise diverged
         return {}
     merge_metrics(out)
     reason, why = _stop_reason(trainer, early, interrupted, config)
@@ -247,11 +306,15 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "last_checkpoint": str(last) if last.is_file() else None,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
-        "validations": record.validations,
+        "validations": record_last.validations,
         "best_val_loss": float(checkpoint.best_model_score) if has_best else None,
         "test_items": len(datamodule.splits["test"]),
     }
-    lines = [f"training stopped: {why} at step {trainer.global_step} ({record.validations} validations in this start)"]
+    if diverged is not None:
+        raise _stopped_non_finite(diverged, summary, out, hparams, started)
+    lines = [
+        f"training stopped: {why} at step {trainer.global_step} ({record_last.validations} validations in this start)"
+    ]
     if not has_best:
         lines.append(
             f"no validation ran before the stop, so there is no best checkpoint; held-out figures come from "
@@ -285,6 +348,25 @@ def train(config: TrainConfig) -> dict[str, Any]:
     return {**summary, "lines": lines}
 
 
+def _stopped_non_finite(
+    error: NonFiniteTraining, summary: dict[str, Any], out: Path, hparams: dict[str, Any], started: float
+) -> QuackError:
+    """Record a diverged training in ``RUN/summary.json``; the one-line error the command ends with."""
+    kept = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
+    summary.update(stop_reason="non_finite", stop_detail=str(error), non_finite_step=error.step)
+    summary["seconds"] = round(time.time() - started, 1)
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    where = (
+        f"the checkpoints written before it are kept ({', '.join(kept)} in {out / 'checkpoints'})"
+        if kept
+        else "no checkpoint was written before it"
+    )
+    return QuackError(
+        f"{error}; training stopped there and {where}; lower --learning-rate (it is "
+        f"{hparams.get('learning_rate')}) or clip gradients harder with --gradient-clip"
+    )
+
+
 def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfig) -> tuple[str, str]:
     """``(reason, what happened)``: interrupted, early_stopping, max_time, max_steps, max_epochs or other."""
     from pytorch_lightning.callbacks import Timer
@@ -303,71 +385,6 @@ def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfi
     if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs", f"--max-epochs {trainer.max_epochs} reached"
     return "other", "training ended"
-
-
-def _attempts(logs: Path) -> list[tuple[int, Path]]:
-    """``(number, RUN/logs/attempt-N)`` of every start of the run so far, in order."""
-    found = {}
-    for path in logs.glob("attempt-*"):
-        number = path.name.removeprefix("attempt-").removesuffix(".json")
-        if number.isdigit():
-            found[int(number)] = logs / f"attempt-{number}"
-    return sorted(found.items())
-
-
-def _new_attempt(out: Path, start_step: int, resume: Path | None) -> Path:
-    """``RUN/logs/attempt-N`` for this start of the run (the CSV logger creates it), with the step it
-    starts at recorded in ``attempt-N.json`` beside it.
-
-    A ``metrics.csv`` written straight into RUN by an older quackae becomes ``attempt-0``.
-    """
-    logs = out / "logs"
-    legacy = out / "metrics.csv"
-    if legacy.is_file() and not logs.is_dir():
-        (logs / "attempt-0").mkdir(parents=True)
-        os.replace(legacy, logs / "attempt-0" / "metrics.csv")
-        write_atomic(logs / "attempt-0.json", json.dumps({"start_step": 0}) + "\n")
-    logs.mkdir(parents=True, exist_ok=True)
-    number = max((n for n, _ in _attempts(logs)), default=0) + 1
-    record = {"start_step": start_step, "resume": str(resume) if resume else None}
-    write_atomic(logs / f"attempt-{number}.json", json.dumps(record) + "\n")
-    return logs / f"attempt-{number}"
-
-
-def merge_metrics(out: Path) -> Path | None:
-    """Join every start's ``metrics.csv`` into ``RUN/metrics.csv``, in step order.
-
-    Rows an earlier start logged at or after the step the next start resumed from were undone by that
-    resume (the steps ran again), so they are left out: each step appears once, as it finally ran.
-    """
-    attempts = [path for _, path in _attempts(out / "logs")]
-    starts = []
-    for attempt in attempts:
-        info = attempt.with_name(attempt.name + ".json")
-        starts.append(int(json.loads(info.read_text()).get("start_step", 0)) if info.is_file() else 0)
-    fields: list[str] = []
-    rows: list[dict[str, str]] = []
-    for index, attempt in enumerate(attempts):
-        file = attempt / "metrics.csv"
-        if not file.is_file():
-            continue
-        cutoff = min(starts[index + 1 :], default=None)
-        with file.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            fields.extend(name for name in reader.fieldnames or [] if name not in fields)
-            for row in reader:
-                step = row.get("step") or ""
-                if cutoff is not None and step.isdigit() and int(step) >= cutoff:
-                    continue
-                rows.append(row)
-    if not rows:
-        return None
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(out / "metrics.csv", buffer.getvalue())
-    return out / "metrics.csv"
 
 
 @torch.no_grad()

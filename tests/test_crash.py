@@ -124,8 +124,8 @@ def test_train_killed_then_resumed_into_the_same_run(tmp_path):
     write_corpus(tmp_path / "c.jsonl", 60, "duck goose swan heron crane apple pear plum saw drill".split())
     prepare(PrepareConfig(inputs=(str(tmp_path / "c.jsonl"),), out=str(tmp_path / "p"), vocab_size=300))
     run = tmp_path / "run"
-    process = quackae("train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "400", "--max-epochs", "-1", *TINY,
-                      "--val-check-interval", "2", "--log-every-n-steps", "1")  # fmt: skip
+    process = quackae("train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "400", "--max-epochs", "-1",
+                      *TINY, "--val-check-interval", "2", "--log-every-n-steps", "1")  # fmt: skip
     last = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while not last.is_file() and time.time() < deadline and process.poll() is None:
