@@ -189,7 +189,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     checkpoint, tokenizer_file = resolve_run(config.model)
     with _sha256_meanwhile(checkpoint) as checkpoint_sha256:
         dataset, data_tokenizer, model_tokenizer, model_hash = _open_inputs(config, checkpoint, tokenizer_file)
-        model = load_model(str(checkpoint))
+        model = load_model(str(checkpoint), tokenizer_sha256=model_hash)  # refuses another run's tokenizer
         checkpoint_digest = checkpoint_sha256()
     store = Path(config.out)
     selection = {

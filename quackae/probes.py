@@ -197,12 +197,11 @@ def _dataset_tokens(
     directory: Path, fingerprint: Any, ids: np.ndarray, vocab: int
 ) -> tuple[list[list[int]] | None, str]:
     """The ``input_ids`` of items ``ids`` in a prepared folder whose dataset has ``fingerprint``, else why not."""
-    import datasets
-
+    from quackae.prepared import load_prepared
     from quackae.provenance import dataset_fingerprint
 
     try:
-        dataset = datasets.load_from_disk(str(directory / "dataset"))
+        dataset, _, _ = load_prepared(directory)
         if fingerprint is None:
             return None, f"the store records no fingerprint of the prepared data in {directory} to check it by"
         if dataset_fingerprint(dataset) != fingerprint:

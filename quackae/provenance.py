@@ -29,8 +29,12 @@ KEYS = {"tokenizer_sha256": "another tokenizer", "dataset_fingerprint": "another
 
 
 def dataset_fingerprint(dataset: Any) -> str:
-    """The prepared dataset's fingerprint, as a store records it: the one place train and classify take it."""
-    from quackae.storejob import dataset_fingerprint as fingerprint
+    """The prepared dataset's fingerprint, as a store records it: the one place train and classify take it
+    (the one ``load_prepared`` read from the folder's marker, else computed from the rows)."""
+    recorded = getattr(dataset, "fingerprint", None)
+    if recorded:
+        return str(recorded)
+    from quackae.prepared import dataset_fingerprint as fingerprint
 
     return fingerprint(dataset)
 

@@ -191,12 +191,28 @@ def test_the_marker_is_checked_against_the_tokenizer(tmp_path, damage, capsys):
     assert len(err) == 1 and message in err[0] and "prepare" in err[0]
 
 
-def test_encode_never_commits_a_non_finite_encoding(tiny, tmp_path):
+def test_encode_never_commits_a_non_finite_encoding(tiny, tmp_path, monkeypatch):
+    # a checkpoint whose weights went non-finite is refused before any item
     run = _run(tmp_path, tiny / "p", nan=True)
-    with pytest.raises(QuackError, match=r"the model .*last\.ckpt gave a non-finite encoding .* for id \d+"):
+    with pytest.raises(QuackError, match=r"last\.ckpt holds non-finite weights"):
         _encode(tiny / "p", run, tmp_path / "s")
     assert shard_files(tmp_path / "s") == []
-    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["complete"] is False
+    # finite weights that still give a non-finite encoding (here: the third batch): nothing of that batch, nor of
+    # its shard, is committed, and the store is not marked complete
+    real, calls = QuackAutoEncoder.forward, []
+
+    def forward(self, x):
+        encoding, states = real(self, x)
+        calls.append(len(x))
+        return (encoding * float("nan") if len(calls) == 3 else encoding), states
+
+    monkeypatch.setattr(QuackAutoEncoder, "forward", forward)
+    with pytest.raises(QuackError, match=r"the model .*last\.ckpt gave a non-finite encoding .* for id \d+"):
+        _encode(tiny / "p", tiny / "run", tmp_path / "s2", shard_size=8)
+    stored = EncodingStore(tmp_path / "s2") if (tmp_path / "s2" / "shards").is_dir() else None
+    assert stored is None or len(stored) <= 16  # at most the two finite batches before it, each its own shard
+    assert stored is None or np.isfinite(stored.to_numpy()[1]).all()
+    assert json.loads((tmp_path / "s2" / "manifest.json").read_text())["complete"] is False
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,7 @@ from quackae.encoder import QuackEncoder
 from quackae.errors import QuackError
 from quackae.model import QuackAutoEncoder
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import load_prepared
-from quackae.storejob import dataset_fingerprint
+from quackae.prepared import dataset_fingerprint, load_prepared
 from quackae.tokenizer import tokenizer_hash
 from quackae.train import TrainConfig, train
 
@@ -138,7 +137,9 @@ def test_a_run_records_what_it_trains_on(data, tmp_path):
     out = tmp_path / "R"
     run(data / "a", out, val_check_interval=2)
     dataset, tokenizer, _ = load_prepared(data / "a")
-    expected = {"tokenizer_sha256": tokenizer_hash(tokenizer), "dataset_fingerprint": dataset_fingerprint(dataset)}
+    # the fingerprint prepare recorded, which is the one computed afresh from the rows
+    assert dataset.fingerprint == dataset_fingerprint(dataset.data)
+    expected = {"tokenizer_sha256": tokenizer_hash(tokenizer), "dataset_fingerprint": dataset.fingerprint}
     record = json.loads((out / "run.json").read_text())
     assert {k: record[k] for k in expected} == expected and record["data"] == str((data / "a").resolve())
     for name in ("best.ckpt", "last.ckpt"):
@@ -199,6 +200,12 @@ def test_a_checkpoint_beside_another_runs_tokenizer_is_refused(data, tmp_path):
         QuackEncoder.from_run(out, device="cpu")
     with pytest.raises(QuackError, match="was trained with another tokenizer"):
         load_model(out, tokenizer_sha256="0" * 64)
+    # encode, given data tokenized like the swapped-in tokenizer, refuses the RUN rather than encoding garbage
+    from quackae.encode import EncodeConfig, encode
+
+    with pytest.raises(QuackError, match="was trained with another tokenizer"):
+        encode(EncodeConfig(data=str(data / "c"), model=str(out), out=str(tmp_path / "S"), accelerator="cpu"))
+    assert not list((tmp_path / "S" / "shards").glob("*.arrow")) if (tmp_path / "S").exists() else True
 
 
 # ------------------------------------------------------------------------------------------------ non-finite
@@ -230,6 +237,12 @@ def test_a_non_finite_step_stops_training_and_keeps_the_checkpoints_written_befo
         return loss * float("nan") if self.trainer.global_step >= 4 else loss
 
     monkeypatch.setattr(QuackAutoEncoder, "training_step", poisoned)
+    import gc
+
+    import tqdm
+
+    gc.collect()
+    before = set(tqdm.tqdm._instances)  # bars other tests' objects may still hold
     out = tmp_path / "R"
     with pytest.raises(QuackError, match="non-finite at step 4 \\(the training loss was not finite\\).*kept \\("):
         run(data / "a", out, max_steps=20, max_epochs=-1, val_check_interval=2, log_every_n_steps=3)
@@ -237,9 +250,7 @@ def test_a_non_finite_step_stops_training_and_keeps_the_checkpoints_written_befo
         assert torch.load(out / "checkpoints" / name, weights_only=True)["global_step"] <= 4, name
         load_model(out / "checkpoints" / name)  # finite: it loads
     assert json.loads((out / "summary.json").read_text())["non_finite_step"] == 4
-    import tqdm
-
-    assert not tqdm.tqdm._instances, "the stopped training left its progress bars (and their thread) open"
+    assert not set(tqdm.tqdm._instances) - before, "the stopped training left its progress bars (and their thread) open"
 
 
 class _Trainer:

@@ -138,11 +138,17 @@ def test_settled_heap_across_threads_unfreezes_when_the_last_block_closes():
     assert seen["inside after the first left"] > 0  # still settled for the block that is still open
     assert gc.get_freeze_count() == 0
     gc.freeze()  # a heap frozen by someone else is theirs to unfreeze
+    calls = []
     try:
-        frozen = gc.get_freeze_count()
-        with settled_heap():
-            pass
-        assert gc.get_freeze_count() == frozen
+        real_freeze, real_unfreeze = gc.freeze, gc.unfreeze
+        gc.freeze, gc.unfreeze = (lambda: calls.append("freeze")), (lambda: calls.append("unfreeze"))
+        try:
+            with settled_heap():
+                pass
+        finally:
+            gc.freeze, gc.unfreeze = real_freeze, real_unfreeze
+        # counted by calls, not by gc.get_freeze_count(), which falls whenever another thread frees a frozen object
+        assert calls == [] and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
 
