@@ -8,9 +8,13 @@ from quackae.cli import main
 from quackae.probes import classification_report, stratified_split
 from quackae.writer import AutoencoderWriter
 
+# what encode writes into a store before its first item (a store without it is not one classify reads)
+HEADER = {"checkpoint_sha256": "0" * 64, "tokenizer_sha256": "1" * 64, "dataset_fingerprint": "f", "text": False}
+
 
 def write_store(path, matrix, metas):
-    writer = AutoencoderWriter(storage_path=path)
+    header = {**HEADER, "layout": "shards", "encoding_size": matrix.shape[1], "selection": {}}
+    writer = AutoencoderWriter(storage_path=path, manifest=header)
     writer.write_batch(metas, matrix)
     writer.flush()
     writer.write_manifest()

@@ -1,0 +1,89 @@
+"""What makes the units of a store belong together: the provenance a manifest, every shard and every item carry.
+
+A store's ``manifest.json`` is written before the first item and names the checkpoint, tokenizer and
+dataset the encodings came from, the layout, the encoding size, the text setting and the selection;
+each shard carries the same in its schema metadata and each ``.npz`` item in its ``provenance`` member.
+A unit whose provenance differs from the manifest's was made by something else and never counts.
+``manifest_problem`` is the one rule for what a valid manifest is: a JSON object of this format with
+every provenance key, each of the right kind (so ``{}`` or a manifest with the keys taken out is none).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+LAYOUTS = ("shards", "files")
+FORMAT = "quackae-store-2"
+# What must match for a rerun to add to a store: anything else would mix encodings.
+PROVENANCE_KEYS = (
+    "checkpoint_sha256",
+    "tokenizer_sha256",
+    "dataset_fingerprint",
+    "layout",
+    "encoding_size",
+    "text",
+    "selection",
+)
+DESCRIPTIONS = {
+    "checkpoint_sha256": "another model",
+    "tokenizer_sha256": "another tokenizer",
+    "dataset_fingerprint": "another dataset",
+    "layout": "another layout",
+    "encoding_size": "another encoding size",
+    "text": "another --text setting",
+    "selection": "another selection (--filtered/--evaluate/--label-field/--reduction-threshold)",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def provenance_of(header: dict[str, Any]) -> dict[str, Any]:
+    """The provenance keys of a manifest or header (what every unit carries and is compared on)."""
+    return {key: header[key] for key in PROVENANCE_KEYS if key in header}
+
+
+def differing(unit: dict[str, Any] | None, manifest: dict[str, Any]) -> list[str]:
+    """The provenance keys on which a unit's provenance (None: it carries none) differs from ``manifest``."""
+    unit = unit or {}
+    return [key for key in PROVENANCE_KEYS if key not in unit or unit[key] != manifest.get(key)]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def provenance_problem(provenance: dict[str, Any]) -> str | None:
+    """Why ``provenance`` is not a complete quackae provenance (a key missing or of the wrong kind), else None."""
+    missing = [key for key in PROVENANCE_KEYS if key not in provenance]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key in ("checkpoint_sha256", "tokenizer_sha256"):
+        if not isinstance(provenance[key], str) or not _SHA256.fullmatch(provenance[key]):
+            return f"{key} {provenance[key]!r} is not a sha256"
+    if not isinstance(provenance["dataset_fingerprint"], str) or not provenance["dataset_fingerprint"]:
+        return f"dataset_fingerprint {provenance['dataset_fingerprint']!r} is not a fingerprint"
+    if provenance["layout"] not in LAYOUTS:
+        return f"layout {provenance['layout']!r} is none of {', '.join(LAYOUTS)}"
+    if not _is_int(provenance["encoding_size"]) or provenance["encoding_size"] < 1:
+        return f"encoding_size {provenance['encoding_size']!r} is not a positive integer"
+    if not isinstance(provenance["text"], bool):
+        return f"text {provenance['text']!r} is not true or false"
+    if not isinstance(provenance["selection"], dict):
+        return f"selection {provenance['selection']!r} is not an object"
+    return None
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """Why ``manifest`` (a JSON object) is not a valid store manifest, else None."""
+    if manifest.get("format") != FORMAT:
+        return f"its format is {manifest.get('format')!r}, not {FORMAT!r}"
+    problem = provenance_problem(manifest)
+    if problem is not None:
+        return problem
+    if not isinstance(manifest.get("complete"), bool):
+        return f"complete {manifest.get('complete')!r} is not true or false"
+    if manifest["complete"] and (not _is_int(manifest.get("items")) or manifest["items"] < 0):
+        return f"it is marked complete but its item count {manifest.get('items')!r} is not a count"
+    if "job" in manifest and not isinstance(manifest["job"], str):
+        return f"job {manifest['job']!r} is not a job id"
+    return None
