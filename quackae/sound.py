@@ -178,6 +178,6 @@ def stored_ids_checked(
             bad.extend((path, "it stands where quackae writes") for path in item_entries(store).blocking)
         _quarantine_all(store, bad)
     chunks = [c for c in chunks if len(c)]
-    if not chunks:
-        return np.empty(0, dtype=np.int64)
-    return np.unique(np.concatenate(chunks))
+    if len(chunks) < 2:
+        return chunks[0] if chunks else np.empty(0, dtype=np.int64)
+    return np.sort(np.concatenate(chunks))  # sorted, disjoint runs (a unit repeating an id was set aside)
