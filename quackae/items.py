@@ -123,6 +123,20 @@ def provenance_member(header: dict[str, Any] | None) -> bytes | None:
     return json.dumps(provenance, sort_keys=True).encode("ascii") if provenance else None
 
 
+_PROVENANCE: dict[bytes, tuple[bytes, bytes, int]] = {}
+
+
+def _provenance_npy(provenance: bytes) -> tuple[bytes, bytes, int]:
+    """The ``provenance`` member (name, data, crc): the same for every item of a job, so built once."""
+    member = _PROVENANCE.get(provenance)
+    if member is None:
+        data = _cached_header(np.dtype(f"S{len(provenance)}"), ()) + provenance
+        if len(_PROVENANCE) > 16:
+            _PROVENANCE.clear()
+        member = _PROVENANCE[provenance] = (b"provenance.npy", data, zlib.crc32(data))
+    return member
+
+
 def npz_bytes(encoding: np.ndarray, metadata_json: str, provenance: bytes | None = None) -> bytes:
     """The bytes of an uncompressed ``.npz`` with ``encoding``, ``metadata`` and (when given) ``provenance``
     (``provenance_member``'s bytes), as ``numpy.savez`` would store them.
@@ -140,10 +154,10 @@ def npz_bytes(encoding: np.ndarray, metadata_json: str, provenance: bytes | None
         ),
     ]
     if provenance is not None:
-        members.append((b"provenance.npy", _cached_header(np.dtype(f"S{len(provenance)}"), ()) + provenance))
+        members.append(_provenance_npy(provenance))
     local, central, offset = [], [], 0
-    for name, data in members:
-        crc = zlib.crc32(data)
+    for name, data, *known in members:
+        crc = known[0] if known else zlib.crc32(data)
         size = len(data)
         header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0)
         local.append(header + name + data)

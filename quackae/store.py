@@ -162,7 +162,12 @@ class EncodingStore:
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (N,) int64, encodings (N, H) float32)`` in id order, with bulk column reads."""
         if self.layout == "files":
-            return self._ids.copy(), self._items()[0].copy()
+            if self._loaded is not None:
+                return self._ids.copy(), self._loaded[0].copy()
+            matrix = _empty_matrix(len(self._ids), self.encoding_size or 0)  # (N, H)
+            for position, index in enumerate(self._ids.tolist()):
+                matrix[position] = self._encoding(index, matrix.shape[1])
+            return self._ids.copy(), matrix
         size = self.encoding_size or 0
         matrix = _empty_matrix(len(self._ids), size)  # (N, H)
         grouped = np.argsort(self._shard, kind="stable")  # output positions grouped by shard, in id order
@@ -194,14 +199,18 @@ class EncodingStore:
             metadata, provenance = [], []
             for position, index in enumerate(self._ids.tolist()):
                 item = load_item(self._files[index])
-                if item.encoding.shape != (size,):
-                    path = self._files[index]
-                    raise QuackError(f"stored item {path} has {item.encoding.shape[0]} values, not {size}")
-                matrix[position] = item.encoding
+                matrix[position] = self._encoding(index, size, item)
                 metadata.append(item.metadata)
                 provenance.append(item.provenance)
             self._loaded = (matrix, metadata, provenance)
         return self._loaded
+
+    def _encoding(self, index: int, size: int, item: Any = None) -> np.ndarray:
+        """Files layout: item ``index``'s encoding, refused in one line unless it has ``size`` values."""
+        encoding = (item or load_item(self._files[index])).encoding
+        if encoding.shape != (size,):
+            raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
+        return encoding
 
     def _units(self) -> Iterator[tuple[Path, Any, np.ndarray, np.ndarray]]:
         """``(file, provenance, ids (n,), encodings (n, H))`` of every shard, or of every item (n = 1)."""

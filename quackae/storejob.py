@@ -3,10 +3,12 @@
 The job's leader (global rank 0) takes an exclusive ``fcntl.flock`` on ``STORE/.lock`` for the whole
 job and writes its job id into it. Other ranks of the same job (children Lightning launched, which
 inherit ``QUACKAE_ENCODE_JOB``, or ranks torchrun/SLURM started, which derive the same id from the
-launcher's job id) join without locking once the manifest names their job. Holding the lock, the
-leader checks provenance against ``manifest.json``, empties the store on ``--overwrite``, deletes
-staging left by dead jobs (no live job can own it: they would hold the lock), moves corrupt units
-to ``STORE/.quarantine/`` and writes the provenance header (``"complete": false``) before any item.
+launcher's job id) join without locking once the manifest names their job. Before the lock, an
+``--out`` that overlaps the inputs or holds what quackae does not write is refused (``quackae.ownership``).
+Holding the lock, the leader checks the manifest is a valid one with the same provenance, empties the
+store on ``--overwrite`` (only a store), deletes staging left by dead jobs (no live job can own it: they
+would hold the lock) and writes the provenance header (``"complete": false``) before any item; which
+units count and which are quarantined is ``quackae.sound``'s.
 """
 
 from __future__ import annotations
