@@ -83,7 +83,8 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
     if not isinstance(manifest.get("complete"), bool):
         return f"complete {manifest.get('complete')!r} is not true or false"
     if manifest["complete"] and (not _is_int(manifest.get("items")) or manifest["items"] < 0):
-        return f"it is marked complete but its item count {manifest.get('items')!r} is not a count"
-    if "job" in manifest and not isinstance(manifest["job"], str):
-        return f"job {manifest['job']!r} is not a job id"
+        return f"items {manifest.get('items')!r} is not a count of items, and it is marked complete"
+    for key in ("job", "checkpoint", "tokenizer", "dataset"):  # names readers follow (classify's baselines)
+        if key in manifest and not isinstance(manifest[key], str):
+            return f"{key} {manifest[key]!r} is not a string"
     return None

@@ -135,6 +135,37 @@ def test_an_empty_manifest_is_no_manifest(made, tmp_path, capsys, layout):
     assert code == 2 and len(lines) == 1 and "not a valid store manifest" in lines[0], lines
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("format", "quackae-store-1"),
+        ("checkpoint_sha256", "garbage"),
+        ("tokenizer_sha256", None),
+        ("dataset_fingerprint", ""),
+        ("layout", "pickles"),
+        ("encoding_size", True),
+        ("encoding_size", -16),
+        ("text", "yes"),
+        ("selection", [1, 2]),
+        ("complete", "true"),
+        ("items", 1.5),
+        ("dataset", [1, 2]),
+        ("tokenizer", {"a": 1}),
+        ("job", 7),
+    ],
+)
+def test_a_manifest_value_of_the_wrong_kind_makes_it_no_manifest(made, tmp_path, capsys, key, value):
+    out = _copy(made, "shards", tmp_path / "s")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest[key] = value
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("export", "classify"):
+        code, lines = _cli(capsys, command, str(out), "--out", str(tmp_path / "x.parquet"))
+        assert code == 2 and len(lines) == 1 and "not a valid manifest" in lines[0] and key in lines[0], lines
+    assert _cli(capsys, "verify", str(out))[0] == 1
+    assert _encode_cli(capsys, made, out)[0] == 2
+
+
 @pytest.mark.parametrize("layout", ["shards", "files"])
 def test_a_forged_manifest_mixes_no_models(made, tmp_path, capsys, layout):
     """Units of model 1 under a manifest claiming model 2: each unit's own provenance decides, so a rerun with
