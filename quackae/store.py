@@ -212,24 +212,27 @@ class EncodingStore:
             raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
         return encoding
 
-    def _units(self) -> Iterator[tuple[Path, Any, np.ndarray, np.ndarray]]:
-        """``(file, provenance, ids (n,), encodings (n, H))`` of every shard, or of every item (n = 1)."""
+    def _units(self) -> Iterator[tuple[Path, Any, np.ndarray, np.ndarray, Any]]:
+        """``(file, provenance, ids (n,), encodings (n, H), the id an item's metadata names)`` of every shard (the
+        last is None), or of every item (n = 1)."""
         if self.layout == "shards":
             for number, (path, table) in enumerate(self._tables):
-                yield path, shard_provenance(table, path), table.column("id").to_numpy(), self._matrix(number)
+                yield path, shard_provenance(table, path), table.column("id").to_numpy(), self._matrix(number), None
             return
-        matrix, _, provenance = self._items()
+        matrix, metadata, provenance = self._items()
         for position, index in enumerate(self._ids.tolist()):
             rows = slice(position, position + 1)
-            yield self._files[index], provenance[position], self._ids[rows], matrix[rows]
+            named = metadata[position].get("id")
+            yield self._files[index], provenance[position], self._ids[rows], matrix[rows], named
 
     def check_usable(self) -> None:
         """Refuse, in one line naming the store and the fix, a store that a reader of the whole store for a
         downstream result (``quackae export``, ``quackae classify``) must not use: one that is not complete (no
         valid manifest marked complete whose count is what the store holds) or not sound (an id stored twice, a
-        unit of other provenance than the manifest's or with an encoding that is not finite). This is the one
-        rule; ``EncodingStore(path)`` alone still opens partial stores (with a warning), as reading while an
-        encode runs is legitimate. Reads every encoding (once: the files layout keeps what it read)."""
+        unit of other provenance than the manifest's or with an encoding that is not finite, an item at another
+        id's path). This is the one rule; ``EncodingStore(path)`` alone still opens partial stores (with a
+        warning), as reading while an encode runs is legitimate. Reads every encoding (once: the files layout
+        keeps what it read)."""
         where = f"store {self.path}"
         again = f"encode it again with quackae encode --out {self.path} --overwrite"
         redo = f"rerun quackae encode --out {self.path} to quarantine and redo it"
@@ -252,7 +255,9 @@ class EncodingStore:
                 f"{where} is incomplete: its manifest counts {self.manifest['items']} items and it holds {len(self)} "
                 f"(quackae verify {self.path} lists what is wrong); rerun quackae encode --out {self.path} to repair it"
             )
-        for path, provenance, ids, matrix in self._units():
+        for path, provenance, ids, matrix, named in self._units():
+            if named is not None and named != ids[0]:
+                raise QuackError(f"{where} is not sound: {path} holds the item of id {named!r}, not {ids[0]}; {redo}")
             keys = differing(provenance, self.manifest)
             if keys:
                 made = f"was made with {DESCRIPTIONS[keys[0]]}" if provenance else "carries no provenance"

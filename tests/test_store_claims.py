@@ -329,6 +329,8 @@ def test_a_bad_entry_at_an_item_path_is_redone_by_the_next_rerun(made, tmp_path,
         victim.unlink()
         victim.mkdir() if damage == "a directory" else os.mkfifo(victim)
     assert _cli(capsys, "verify", str(out))[0] == 1
+    code, lines = _cli(capsys, "export", str(out), "--out", str(tmp_path / "e.parquet"))
+    assert code == 2 and len(lines) == 1 and str(victim) in lines[0], lines
     for _ in range(2):  # the first rerun repairs it, the second finds nothing to do
         code, lines = _encode_cli(capsys, made, out, "--layout", "files")
         assert code == 0, lines
