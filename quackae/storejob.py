@@ -31,6 +31,7 @@ import numpy as np
 
 from quackae.atomic import write_atomic
 from quackae.errors import QuackError
+from quackae.items import unit_kind
 from quackae.layout import (
     LOCK,
     MANIFEST,
@@ -210,6 +211,9 @@ class StoreJob:
 def _open_lock(path: Path) -> int:
     """The lock file, opened for the lock and the holder's job id: created if missing, never followed through a
     link (truncating it would empty the link's target) and refused, in one line, when it is not a regular file."""
+    kind = unit_kind(path)
+    if kind not in (None, "missing"):
+        raise QuackError(f"lock file {path} is {kind}, not a file; remove it")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     except OSError as error:

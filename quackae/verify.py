@@ -128,7 +128,8 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
     for name in (STAGING, SHARDS, QUARANTINE):
         kind = unit_kind(store / name)
         if kind not in ("missing", "a directory"):
-            problems.append(f"{store / name}: is {kind or 'a file'}, not a folder (encode refuses the store so)")
+            what = kind or "a file"
+            problems.append(f"{store / name}: is {what}, not a folder (encode refuses the store until it is removed)")
     staging = store / STAGING
     left = sum(len(files) for _, _, files in os.walk(staging)) if unit_kind(staging) == "a directory" else 0
     if left:

@@ -269,7 +269,7 @@ def test_a_crafted_manifest_is_one_line_naming_it(made, tmp_path, capsys, craft)
     assert code == 2 and len(lines) == 1 and str(manifest) in lines[0], lines
 
 
-@pytest.mark.parametrize("craft", ["FIFO", "directory", "symlink loop", "symlink to a file"])
+@pytest.mark.parametrize("craft", ["FIFO", "directory", "symlink loop", "socket", "symlink to a file"])
 def test_the_lock_file_of_another_kind_is_one_line(made, tmp_path, capsys, craft):
     out = _copy(made, "shards", tmp_path / "s")
     lock = out / ".lock"
