@@ -207,6 +207,29 @@ class Item(NamedTuple):
     provenance: dict[str, Any] | None  # None: the item carries none (written before items carried it)
 
 
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+
+
+def _npy_header(raw: bytes, name: str, path: Path) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran order, dtype, where the data starts)`` of a ``.npy`` member's bytes. Every item of a store
+    repeats a few headers, so each distinct one is parsed once (numpy parses it with ``ast``: 60 us a member)."""
+    size = {b"\x01\x00": 2, b"\x02\x00": 4}.get(raw[6:8])
+    if not raw.startswith(b"\x93NUMPY") or size is None or len(raw) < 8 + size:
+        raise CorruptUnit(path, f"its {name} is not a .npy array of version 1 or 2", "stored item")
+    start = 8 + size + int.from_bytes(raw[8 : 8 + size], "little")
+    header = raw[:start]
+    parsed = _NPY_HEADERS.get(header)
+    if parsed is None:
+        buffer = io.BytesIO(header)
+        version = np.lib.format.read_magic(buffer)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        parsed = reader(buffer)
+        if len(_NPY_HEADERS) > 4096:
+            _NPY_HEADERS.clear()
+        _NPY_HEADERS[header] = parsed
+    return (*parsed, start)
+
+
 def _member(archive: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
     """One ``.npy`` member, read only as far as its header declares and refused if it declares more than it holds."""
     try:
@@ -217,20 +240,13 @@ def _member(archive: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
         raise CorruptUnit(path, f"its {name} declares {info.file_size:,} bytes", "stored item")
     with archive.open(info) as handle:
         raw = handle.read(MAX_UNIT + 1)
-    buffer = io.BytesIO(raw)
-    version = np.lib.format.read_magic(buffer)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
-    else:
-        raise CorruptUnit(path, f"its {name} has .npy version {version}", "stored item")
+    shape, fortran, dtype, start = _npy_header(raw, name, path)
     if dtype.hasobject:
         raise CorruptUnit(path, f"its {name} holds Python objects, which are never loaded", "stored item")
     count = math.prod(shape)  # Python integers: a crafted shape cannot wrap around
-    if count * dtype.itemsize != len(raw) - buffer.tell():
+    if count * dtype.itemsize != len(raw) - start:
         raise CorruptUnit(path, f"its {name} declares {shape} values but holds another amount", "stored item")
-    array = np.frombuffer(raw, dtype=dtype, count=count, offset=buffer.tell())
+    array = np.frombuffer(raw, dtype=dtype, count=count, offset=start)
     return array.reshape(shape, order="F" if fortran else "C")
 
 
