@@ -31,7 +31,7 @@ from quackae.layout import (
     shard_matrix,
     shard_provenance,
 )
-from quackae.provenance import DESCRIPTIONS, differing, manifest_problem
+from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
 from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
@@ -254,6 +254,11 @@ class EncodingStore:
             raise QuackError(
                 f"{where} is incomplete: its manifest counts {self.manifest['items']} items and it holds {len(self)} "
                 f"(quackae verify {self.path} lists what is wrong); rerun quackae encode --out {self.path} to repair it"
+            )
+        if "ids_sha256" in self.manifest and ids_digest(self._ids) != self.manifest["ids_sha256"]:
+            raise QuackError(
+                f"{where} is not sound: the ids it holds are not those its manifest counted (a unit was replaced); "
+                f"rerun quackae encode --out {self.path} to set aside what does not belong and redo it"
             )
         for path, provenance, ids, matrix, named in self._units():
             if named is not None and named != ids[0]:

@@ -44,7 +44,7 @@ from quackae.layout import (
     shard_files,
 )
 from quackae.ownership import check_out_folder, overwrite_problem
-from quackae.provenance import DESCRIPTIONS, differing, manifest_problem
+from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
 from quackae.sound import quarantine, stored_ids_checked
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class StoreJob:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest.pop("items", None)
+        manifest.pop("ids_sha256", None)
         write_manifest(store, manifest, self.staging(0))
 
     def staging(self, rank: int) -> Path:
@@ -246,9 +247,9 @@ def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None
 def complete_manifest(
     store: Path, layout: str, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
 ) -> dict[str, Any]:
-    """Mark ``store`` complete: ``manifest.json`` with the item count, the encoding size (``size``, else what the
-    manifest or ``fields`` say), ``fields`` (provenance) over what it held, and ``selection`` unless one of those
-    names it; returns it."""
+    """Mark ``store`` complete: ``manifest.json`` with the item count and digest of the ids (``ids_sha256``), the
+    encoding size (``size``, else what the manifest or ``fields`` say), ``fields`` (provenance) over what it held,
+    and ``selection`` unless one of those names it; returns it."""
     previous = read_manifest(store) or {}
     ids = stored_ids_checked(store, layout, None, None, move=False)
     manifest = {
@@ -259,6 +260,7 @@ def complete_manifest(
         "encoding_size": size or previous.get("encoding_size") or fields.get("encoding_size"),
         **fields,
         "items": int(len(ids)),
+        "ids_sha256": ids_digest(ids),
         "complete": True,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

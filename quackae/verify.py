@@ -32,7 +32,7 @@ from quackae.layout import (
     shard_provenance,
 )
 from quackae.ownership import foreign_entries
-from quackae.provenance import differing, manifest_problem
+from quackae.provenance import differing, ids_digest, manifest_problem
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,11 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
     left = sum(len(files) for _, _, files in os.walk(staging)) if unit_kind(staging) == "a directory" else 0
     if left:
         problems.append(f"{staging}: {left} files left in staging (a stopped encode; a rerun removes them)")
-    if manifest is not None and manifest["complete"] and manifest["items"] != len(unique):
-        problems.append(f"{store / MANIFEST}: says {manifest['items']} items, the store holds {len(unique)}")
+    if manifest is not None and manifest["complete"]:
+        if manifest["items"] != len(unique):
+            problems.append(f"{store / MANIFEST}: says {manifest['items']} items, the store holds {len(unique)}")
+        elif manifest.get("ids_sha256") not in (None, ids_digest(unique)):
+            problems.append(f"{store / MANIFEST}: the store holds other ids than it counted (a unit was replaced)")
     result: dict[str, Any] = {"store": str(store), "layout": layout, "units": len(paths), "items": len(unique)}
     if expected is not None:
         for path, ids in held:

@@ -152,6 +152,7 @@ def test_an_empty_manifest_is_no_manifest(made, tmp_path, capsys, layout):
         ("dataset", [1, 2]),
         ("tokenizer", {"a": 1}),
         ("job", 7),
+        ("ids_sha256", "abc"),
     ],
 )
 def test_a_manifest_value_of_the_wrong_kind_makes_it_no_manifest(made, tmp_path, capsys, key, value):
@@ -337,6 +338,30 @@ def test_a_bad_entry_at_an_item_path_is_redone_by_the_next_rerun(made, tmp_path,
     assert _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))[0] == 0
     reference = EncodingStore(made / "ref-files")
     assert np.array_equal(EncodingStore(out)[4][0], reference[4][0])
+
+
+@pytest.mark.parametrize("layout", ["shards", "files"])
+def test_a_unit_whose_ids_were_replaced_is_found_without_the_data(made, tmp_path, capsys, layout):
+    """The count unchanged, one stored id swapped for one the dataset lacks: the manifest's digest of the ids
+    finds it (verify, export, classify), and a rerun sets the unit aside and encodes the missing id."""
+    out = _copy(made, layout, tmp_path / "s")
+    if layout == "shards":
+        victim = shard_files(out)[0]
+        table = _read_table(victim)
+        ids = table.column("id").to_numpy().copy()
+        ids[-1] = 1_000_000  # still sorted, no longer in the dataset
+        _write_table(victim, table.set_column(0, "id", pa.array(ids)))
+    else:
+        victim = out / item_path(1_000_000, "npz")
+        victim.parent.mkdir(parents=True)
+        (out / item_path(4, "npz")).rename(victim)
+    code, lines = _cli(capsys, "verify", str(out))
+    assert code == 1 and any("other ids than it counted" in line for line in lines), lines
+    for command in ("export", "classify"):
+        code, lines = _cli(capsys, command, str(out), "--out", str(tmp_path / "x.parquet"))
+        assert code == 2 and len(lines) == 1 and "not those its manifest counted" in lines[0], lines
+    assert _encode_cli(capsys, made, out, "--layout", layout)[0] == 0
+    assert _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))[0] == 0
 
 
 @pytest.mark.parametrize("layout", ["shards", "files"])
