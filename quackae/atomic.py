@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
 import shutil
 import threading
@@ -52,6 +53,28 @@ def fsync_tree(root: str | Path) -> None:
 def temporary_name(path: Path) -> Path:
     """The hidden name ``path`` is written under before its rename: unique per process and thread."""
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{TEMPORARY_SUFFIX}")
+
+
+def remove_stale_temporaries(path: str | Path) -> int:
+    """Delete the temporary files of ``path`` (``temporary_name``'s) whose writing process no longer runs on this
+    machine (it was killed); returns how many went. Those of a live writer stay."""
+    target = Path(path)
+    prefix = f".{target.name}."
+    removed = 0
+    for candidate in target.parent.glob(f"{glob.escape(prefix)}*{TEMPORARY_SUFFIX}"):
+        pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)].split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (or another user's process): its writer may still be writing
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @contextmanager

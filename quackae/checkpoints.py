@@ -36,7 +36,7 @@ from quackae.runtime import resolve_run
 log = logging.getLogger(__name__)
 
 # The key of a quackae checkpoint that records what it was trained on: ``{"tokenizer_sha256": ...,
-# "dataset_fingerprint": ..., "data": ...}`` (see ``quackae.runfolder``).
+# "dataset_fingerprint": ..., "data": ...}`` (see ``quackae.runrecord``).
 TRAINED_ON = "quackae_trained_on"
 
 

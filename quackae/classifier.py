@@ -119,27 +119,11 @@ class LatentClassifier(pl.LightningModule):
 
 # ---------------------------------------------------------------------------------------------- data
 def load_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """``(ids (N,), encodings (N, H), metadata list)`` from an ``EncodingStore`` folder or an exported Parquet."""
-    path = Path(source)
-    if path.suffix == ".parquet":
-        if not path.is_file():
-            raise QuackError(f"Parquet file {path} does not exist")
-        import pyarrow.parquet as pq
+    """``(ids (N,), encodings (N, H), metadata list)`` from a complete, sound ``EncodingStore`` folder or an exported
+    Parquet file; anything else is refused in one line (``quackae.store.read_encodings``)."""
+    from quackae.store import read_encodings
 
-        table = pq.read_table(path)
-        if "encoding" not in table.column_names or "id" not in table.column_names:
-            raise QuackError(f"{path} has no id/encoding columns; make it with quackae export")
-        ids = np.asarray(table.column("id").to_pylist(), dtype=np.int64)
-        matrix = np.asarray(table.column("encoding").to_pylist(), dtype=np.float32)
-        rest = [c for c in table.column_names if c not in ("encoding",)]
-        metadata = table.select(rest).to_pylist()
-        return ids, matrix, metadata
-    from quackae.store import EncodingStore
-
-    store = EncodingStore(path)
-    if not len(store):
-        raise QuackError(f"store {path} holds no items")
-    return store.load_all()
+    return read_encodings(source)
 
 
 # ---------------------------------------------------------------------------------------------- the stage

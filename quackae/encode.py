@@ -219,11 +219,11 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     }
     job = StoreJob.start(store, header, config.overwrite)
     try:
-        existing = stored_ids_checked(
-            store, config.layout, header["encoding_size"], header if config.layout == "shards" else None, job.leader
-        )
         wanted = selected_rows(dataset, selection)
         ids = np.asarray(dataset.data.column("id").to_numpy())
+        existing = stored_ids_checked(
+            store, config.layout, header["encoding_size"], header, job.leader, expected=np.unique(ids[wanted])
+        )
         todo = wanted[~np.isin(ids[wanted], existing)]
         log.info(
             "%d items to encode (%d already stored, %d not selected)",

@@ -3,29 +3,38 @@
 ``shards`` (the default): ``STORE/shards/*.arrow``, each one complete Arrow IPC file (Feather v2,
 uncompressed) with ``id`` int64, ``encoding`` ``fixed_size_list<float32>[H]`` and the metadata
 columns with their Arrow types; the store's provenance is in every shard's schema metadata.
-``files``: one ``.npz`` per item at ``STORE/item_path(id, "npz")`` holding ``encoding`` (float32,
-(H,)) and ``metadata`` (a 0-d unicode array with a JSON string).
+``files``: one ``.npz`` per item at ``STORE/item_path(id, "npz")`` (``quackae.items``).
 
 A unit (shard or item) is written under ``STORE/.staging/{job}/``, flushed, and renamed into place;
 a shard is fsynced and so is its folder after the rename. Nothing here pickles; reading never
-executes code. Glossary: N items, H encoding size.
+executes code, never opens what is not a regular file and never trusts a size a file declares.
+Glossary: N items, H encoding size.
 """
 
 from __future__ import annotations
 
-import io
 import json
+import mmap
 import os
-import struct
-import zlib
-from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir, write_atomic
+from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir
 from quackae.errors import QuackError
+from quackae.files import read_json
+from quackae.items import (  # noqa: F401  (the files layout, re-exported for the writer)
+    CorruptUnit,
+    item_files,
+    item_path,
+    npz_bytes,
+    open_unit,
+    read_item,
+    unit_kind,
+    write_items,
+)
+from quackae.provenance import LAYOUTS  # noqa: F401
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"
@@ -34,155 +43,21 @@ QUARANTINE = ".quarantine"  # corrupt shards or items an encode moved aside
 LOCK = ".lock"
 SHARD_SUFFIX = ".arrow"
 PROVENANCE_KEY = b"quackae"
-LAYOUTS = ("shards", "files")
 
 
-def item_path(index: int, suffix: str = "png", dir_only: bool = False, is_collection: bool = False) -> str:
-    """Relative path of item ``index``: ``f"{index // 100000}/{index % 100000 // 1000}/{index}.{suffix}"``.
-
-    At most 1000 items share a folder. With ``is_collection`` the item gets a folder of its own
-    (``.../{index}/{index}.{suffix}``); ``dir_only`` returns only the enclosing folder. Raises
-    ``ValueError`` for a negative or non-integer index.
-    """
-    if isinstance(index, bool) or not isinstance(index, Integral) or index < 0:
-        raise ValueError(f"item index must be a non-negative integer, got {index!r}")
-    index = int(index)
-    folder = f"{index // 100000}/{index % 100000 // 1000}"
-    if is_collection:
-        folder = f"{folder}/{index}"
-    if dir_only:
-        return folder
-    return f"{folder}/{index}.{suffix}"
-
-
-def check_no_symlinks(store: Path) -> None:
-    """Refuse a store whose staging, shard or quarantine folder is a symbolic link: units are renamed
-    between them, and a rename across file systems is not atomic (nor is deleting through a link safe)."""
+def check_store_folders(store: Path) -> None:
+    """Refuse a store whose staging, shard or quarantine folder is a symbolic link or not a folder at all: units
+    are renamed between them, and a rename across file systems is not atomic (nor is deleting through a link safe)."""
     for name in (STAGING, SHARDS, QUARANTINE):
-        if (store / name).is_symlink():
+        kind = unit_kind(store / name)
+        if kind == "a symbolic link":
             raise QuackError(
                 f"{store / name} is a symbolic link; quackae keeps {name} inside the store itself, remove the link"
             )
-
-
-# ---------------------------------------------------------------------------------------------- npz items
-_DOS_DATE = (1 << 5) | 1  # 1980-01-01, a fixed timestamp keeps identical items byte-identical
-_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-
-
-def _cached_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
-    key = (dtype.str, shape)
-    header = _HEADERS.get(key)
-    if header is None:
-        buffer = io.BytesIO()
-        np.lib.format.write_array_header_1_0(
-            buffer, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-        )
-        header = _HEADERS[key] = buffer.getvalue()
-    return header
-
-
-def npz_bytes(encoding: np.ndarray, metadata_json: str) -> bytes:
-    """The bytes of an uncompressed ``.npz`` with ``encoding`` and ``metadata`` (as ``numpy.savez`` would store).
-
-    Built directly (zip local headers, data, central directory) instead of through ``zipfile``:
-    the files layout's hot path. ``tests/test_writer.py`` checks it against ``numpy.savez``.
-    """
-    encoding = np.ascontiguousarray(encoding, dtype=np.float32)
-    text = metadata_json.encode("utf-32-le")
-    members = (
-        (b"encoding.npy", _cached_header(encoding.dtype, encoding.shape) + encoding.tobytes()),
-        (
-            b"metadata.npy",
-            _cached_header(np.dtype(f"<U{max(len(text) // 4, 1)}"), ()) + (text if text else b"\0\0\0\0"),
-        ),
-    )
-    local, central, offset = [], [], 0
-    for name, data in members:
-        crc = zlib.crc32(data)
-        size = len(data)
-        header = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0)
-        local.append(header + name + data)
-        fields = (0x02014B50, 20, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0, 0, 0, 0, 0o600 << 16, offset)
-        central.append(struct.pack("<IHHHHHHIIIHHHHHII", *fields) + name)
-        offset += len(header) + len(name) + size
-    directory = b"".join(central)
-    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(members), len(members), len(directory), offset, 0)
-    return b"".join(local) + directory + end
-
-
-def write_items(
-    store: Path,
-    ids: np.ndarray,
-    matrix: np.ndarray,
-    metadata: list[dict[str, Any]],
-    texts: Any,
-    text: bool,
-    staging: Path,
-    folders: set[str],
-) -> int:
-    """Write one ``.npz`` per row at ``item_path(id, "npz")`` (files layout), each atomically through ``staging``;
-    ``texts`` (a string array) adds each row's text, ``text=False`` drops any; ``folders`` remembers the folders
-    made so far. Returns how many items were written."""
-    rows = texts.to_pylist() if texts is not None else None
-    for row, meta in enumerate(metadata):
-        index = int(ids[row])
-        folder = f"{store}/{item_path(index, dir_only=True)}"
-        if folder not in folders:
-            os.makedirs(folder, exist_ok=True)
-            folders.add(folder)
-        if rows is not None:
-            meta = {**meta, "text": rows[row]}
-        elif not text and "text" in meta:
-            meta = {k: v for k, v in meta.items() if k != "text"}
-        payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str))
-        write_atomic(f"{folder}/{index}.npz", payload, staging, durable=False)
-    return len(metadata)
-
-
-def read_item(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """``(encoding float32 (H,), metadata dict)`` of one ``.npz`` item; ``QuackError`` naming the file if corrupt."""
-    if not os.path.isfile(path):
-        raise QuackError(f"stored item {path} is missing; rerun quackae encode to write it")
-    try:
-        with np.load(path, allow_pickle=False) as item:
-            encoding = item["encoding"].astype(np.float32, copy=False)
-            metadata = json.loads(str(item["metadata"]))
-    except (OSError, ValueError, KeyError, EOFError, zlib.error) as error:
-        raise QuackError(f"stored item {path} is corrupt ({error}); rerun quackae encode to replace it") from None
-    except Exception as error:  # zipfile.BadZipFile and other parse errors of a damaged file
-        raise QuackError(f"stored item {path} is corrupt ({error}); rerun quackae encode to replace it") from None
-    if encoding.ndim != 1 or not isinstance(metadata, dict):
-        raise QuackError(f"stored item {path} is corrupt (unexpected contents); rerun quackae encode to replace it")
-    return encoding, metadata
-
-
-def item_files(store: Path, suffix: str = "npz") -> list[tuple[int, Path]]:
-    """``(id, path)`` of every item file at its canonical ``item_path`` in id order.
-
-    A name that is not the id's own address (``01.npz``, ``1.npz`` in the wrong folder) never
-    counts, so each id maps to one file.
-    """
-    found = []
-    if not store.is_dir():
-        return found
-    end = f".{suffix}"
-    for top in sorted(store.iterdir()):
-        if not top.is_dir() or top.name.startswith(".") or top.name == SHARDS or not top.name.isdigit():
-            continue
-        for folder, _, files in os.walk(top):
-            relative = Path(folder).relative_to(store).as_posix()
-            for name in files:
-                if not name.endswith(end) or name.startswith("."):
-                    continue
-                stem = name[: -len(end)]
-                if not (stem.isascii() and stem.isdigit()) or str(int(stem)) != stem:
-                    continue
-                index = int(stem)
-                if item_path(index, dir_only=True) == relative:
-                    found.append((index, Path(folder) / name))
-    found.sort()
-    return found
+        if kind not in ("missing", "a directory"):
+            raise QuackError(
+                f"{store / name} is {kind or 'a file'}, not a folder; quackae keeps its {name} folder there, remove it"
+            )
 
 
 # ---------------------------------------------------------------------------------------------- shards
@@ -266,29 +141,37 @@ def write_shard(table: Any, staging: Path, shards: Path, name: str) -> Path:
     return final
 
 
-def _corrupt(path: Path, reason: str, what: str = "shard") -> QuackError:
-    """The one-line error for a damaged unit; ``reason`` alone is kept for the quarantine message."""
-    error = QuackError(f"{what} {path} is corrupt ({reason}); rerun quackae encode to quarantine and redo it")
-    error.reason = reason  # type: ignore[attr-defined]
-    return error
-
-
 def open_shard(path: Path) -> Any:
-    """The memory-mapped Arrow table of one shard; ``QuackError`` naming the file if it does not parse."""
+    """The memory-mapped Arrow table of one shard; ``CorruptUnit`` naming the file if it is not a regular file,
+    does not parse, declares more rows than its buffers hold, or lacks a non-null ``id`` int64 and ``encoding``
+    ``fixed_size_list<float32>`` column. What is not a regular file is never opened for reading."""
     import pyarrow as pa
 
+    fd, _ = open_unit(path)
     try:
-        with pa.memory_map(str(path)) as source:
-            table = pa.ipc.open_file(source).read_all()
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as error:
+        raise CorruptUnit(path, str(error)) from None
+    finally:
+        os.close(fd)
+    try:
+        table = pa.ipc.open_file(pa.py_buffer(mapped)).read_all()
+        table.validate(full=True)  # buffers hold what the rows declare, offsets stay in bounds (~0.3 ms a shard)
     except (pa.ArrowException, OSError, ValueError) as error:
-        raise _corrupt(path, str(error)) from None
+        raise CorruptUnit(path, (str(error).splitlines() or ["unreadable"])[0]) from None
     names = table.column_names
-    if "id" not in names or "encoding" not in names:
-        raise _corrupt(path, "no id/encoding column")
-    if not pa.types.is_int64(table.schema.field("id").type) or not pa.types.is_fixed_size_list(
-        table.schema.field("encoding").type
+    if "id" not in names or "encoding" not in names or len(set(names)) != len(names):
+        raise CorruptUnit(path, "no id/encoding column, or a column name twice")
+    encoding = table.schema.field("encoding").type
+    if (
+        not pa.types.is_int64(table.schema.field("id").type)
+        or not pa.types.is_fixed_size_list(encoding)
+        or not pa.types.is_float32(encoding.value_type)
+        or encoding.list_size < 1
     ):
-        raise _corrupt(path, "unexpected column types")
+        raise CorruptUnit(path, "unexpected column types")
+    if table.column("id").null_count or table.column("encoding").null_count:
+        raise CorruptUnit(path, "null ids or encodings")
     return table
 
 
@@ -305,34 +188,42 @@ def shard_matrix(table: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, size), dtype=np.float32)
 
 
-def shard_provenance(table: Any) -> dict[str, Any] | None:
-    metadata = table.schema.metadata or {}
-    raw = metadata.get(PROVENANCE_KEY)
-    return json.loads(raw) if raw else None
+def shard_provenance(table: Any, path: Path) -> dict[str, Any] | None:
+    """The provenance in a shard's schema metadata, None when it carries none; ``CorruptUnit`` when it is not
+    a JSON object."""
+    raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
+    if raw is None:
+        return None
+    try:
+        provenance = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise CorruptUnit(path, "its provenance is not JSON") from None
+    if not isinstance(provenance, dict):
+        raise CorruptUnit(path, "its provenance is not a JSON object")
+    return provenance
+
+
+def all_finite(matrix: np.ndarray) -> bool:
+    """Whether every value of ``matrix`` is finite (no NaN, no infinity)."""
+    return bool(np.isfinite(matrix).all())
 
 
 def shard_files(store: Path) -> list[Path]:
+    """Every entry of ``STORE/shards/`` named like a shard, whatever it is (a reader refuses what is not a file)."""
     folder = store / SHARDS
-    if not folder.is_dir():
+    if not folder.is_dir() or folder.is_symlink():
         return []
     return sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."))
 
 
 def read_manifest(store: Path) -> dict[str, Any] | None:
-    """``STORE/manifest.json`` as a dict, None when absent; ``QuackError`` when it is not a quackae manifest."""
+    """``STORE/manifest.json`` as a JSON object, None when there is none; ``QuackError`` naming it when it cannot
+    be read as one (a directory, FIFO, link loop, empty, cut short, not JSON, not an object). Whether it is a
+    valid manifest is ``quackae.provenance.manifest_problem``'s to say."""
     path = store / MANIFEST
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise QuackError(f"{path} is not a quackae manifest ({error}); use --overwrite or another store") from None
-    if not isinstance(manifest, dict):
-        raise QuackError(
-            f"{path} is not a quackae manifest (a JSON {type(manifest).__name__}, not an object); "
-            "use --overwrite or another store"
-        )
-    return manifest
+    return read_json(path, "store manifest", "pass --overwrite to replace the store or choose another one")
 
 
 def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:

@@ -198,7 +198,7 @@ def _dataset_tokens(
 ) -> tuple[list[list[int]] | None, str]:
     """The ``input_ids`` of items ``ids`` in a prepared folder whose dataset has ``fingerprint``, else why not."""
     from quackae.prepared import load_prepared
-    from quackae.provenance import dataset_fingerprint
+    from quackae.runrecord import dataset_fingerprint
 
     try:
         dataset, _, _ = load_prepared(directory)

@@ -1,126 +1,102 @@
-"""What a RUN was trained on, recorded where it is needed and checked before it is mixed with other data.
+"""What makes the units of a store belong together: the provenance a manifest, every shard and every item carry.
 
-The record is the sha256 of the tokenizer (``tokenizer_hash``, as a store's ``tokenizer_sha256``), the
-prepared dataset's fingerprint (as a store's ``dataset_fingerprint``) and the prepared folder's path.
-``quackae train`` writes it into ``RUN/run.json`` before anything else and into every checkpoint
-(``checkpoints.TRAINED_ON``), so a train into a RUN of other data, a resume from a checkpoint of
-other data, and a checkpoint beside another run's tokenizer are each refused in one line.
+A store's ``manifest.json`` is written before the first item and names the checkpoint, tokenizer and
+dataset the encodings came from, the layout, the encoding size, the text setting and the selection;
+each shard carries the same in its schema metadata and each ``.npz`` item in its ``provenance`` member.
+A unit whose provenance differs from the manifest's was made by something else and never counts.
+``manifest_problem`` is the one rule for what a valid manifest is: a JSON object of this format with
+every provenance key, each of the right kind (so ``{}`` or a manifest with the keys taken out is none).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-from pathlib import Path
+import hashlib
+import re
 from typing import Any
 
-from pytorch_lightning.callbacks import Callback
+import numpy as np
 
-from quackae.atomic import write_atomic
-from quackae.checkpoints import TRAINED_ON, trained_on
-from quackae.errors import QuackError
-from quackae.files import read_json
-
-log = logging.getLogger(__name__)
-
-RUN_RECORD = "run.json"
-KEYS = {"tokenizer_sha256": "another tokenizer", "dataset_fingerprint": "another dataset"}
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """The prepared dataset's fingerprint, as a store records it: the one place train and classify take it
-    (the one ``load_prepared`` read from the folder's marker, else computed from the rows)."""
-    recorded = getattr(dataset, "fingerprint", None)
-    if recorded:
-        return str(recorded)
-    from quackae.prepared import dataset_fingerprint as fingerprint
-
-    return fingerprint(dataset)
-
-
-def data_record(dataset: Any, tokenizer: Any, data: str | Path) -> dict[str, Any]:
-    """``{"tokenizer_sha256", "dataset_fingerprint", "data"}`` of a prepared folder's dataset and tokenizer."""
-    from quackae.tokenizer import tokenizer_hash
-
-    return {
-        "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
-        "data": str(Path(data).resolve()),
-    }
+LAYOUTS = ("shards", "files")
+FORMAT = "quackae-store-2"
+# What must match for a rerun to add to a store: anything else would mix encodings.
+PROVENANCE_KEYS = (
+    "checkpoint_sha256",
+    "tokenizer_sha256",
+    "dataset_fingerprint",
+    "layout",
+    "encoding_size",
+    "text",
+    "selection",
+)
+DESCRIPTIONS = {
+    "checkpoint_sha256": "another model",
+    "tokenizer_sha256": "another tokenizer",
+    "dataset_fingerprint": "another dataset",
+    "layout": "another layout",
+    "encoding_size": "another encoding size",
+    "text": "another --text setting",
+    "selection": "another selection (--filtered/--evaluate/--label-field/--reduction-threshold)",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    """What differs between two records, in words ("another tokenizer", ...)."""
-    return [words for key, words in KEYS.items() if saved.get(key) != record.get(key)]
+def ids_digest(sorted_ids: np.ndarray) -> str:
+    """sha256 of a store's sorted ids (little-endian int64): the manifest's ``ids_sha256``, so that a unit whose
+    ids were replaced by others, the count unchanged, is found without the prepared data (8 MB a million ids)."""
+    return hashlib.sha256(np.ascontiguousarray(sorted_ids, dtype="<i8").tobytes()).hexdigest()
 
 
-def read_run_record(run: Path) -> dict[str, Any] | None:
-    """``RUN/run.json``, None when the RUN has none (a new RUN, or one an older quackae wrote)."""
-    file = run / RUN_RECORD
-    if not file.exists() and not file.is_symlink():
-        return None
-    return read_json(file, "run record", "it is written by quackae train; choose another --out")
+def provenance_of(header: dict[str, Any]) -> dict[str, Any]:
+    """The provenance keys of a manifest or header (what every unit carries and is compared on)."""
+    return {key: header[key] for key in PROVENANCE_KEYS if key in header}
 
 
-def write_run_record(run: Path, record: dict[str, Any]) -> None:
-    write_atomic(
-        run / RUN_RECORD,
-        json.dumps({**record, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2) + "\n",
-    )
+def differing(unit: dict[str, Any] | None, manifest: dict[str, Any]) -> list[str]:
+    """The provenance keys on which a unit's provenance (None: it carries none) differs from ``manifest``."""
+    unit = unit or {}
+    return [key for key in PROVENANCE_KEYS if key not in unit or unit[key] != manifest.get(key)]
 
 
-def check_run(run: Path, record: dict[str, Any], data: str) -> None:
-    """Refuse to train ``record``'s data into a RUN that records other data (or, written by an older
-    quackae, holds checkpoints beside another tokenizer)."""
-    saved = read_run_record(run)
-    if saved is None:
-        tokenizer = run / "tokenizer.json"
-        if any((run / "checkpoints").glob("*.ckpt")) and tokenizer.is_file():
-            if _tokenizer_sha256(tokenizer) != record["tokenizer_sha256"]:
-                raise QuackError(
-                    f"{run} was trained with another tokenizer ({tokenizer}) than the one of {data}; "
-                    "choose another --out"
-                )
-        return
-    changed = differences(saved, record)
-    if changed:
-        raise QuackError(
-            f"{run} trains on other data ({' and '.join(changed)}: it was started on {saved.get('data')}), "
-            f"not on {data}; choose another --out"
-        )
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_resume(resume: Path, checkpoint: dict[str, Any], record: dict[str, Any], data: str) -> None:
-    """Refuse to continue a checkpoint on other data than it was trained on."""
-    saved = trained_on(checkpoint)
-    if saved is None:  # written before checkpoints carried the record: the tokenizer beside it tells
-        run = resume.parent.parent if resume.parent.name == "checkpoints" else resume.parent
-        tokenizer = run / "tokenizer.json"
-        if not tokenizer.is_file():
-            log.warning("cannot tell which data --resume %s was trained on; continuing on %s", resume, data)
-            return
-        saved = {"tokenizer_sha256": _tokenizer_sha256(tokenizer), "dataset_fingerprint": record["dataset_fingerprint"]}
-    changed = differences(saved, record)
-    if changed:
-        where = f" ({saved['data']})" if saved.get("data") else ""
-        raise QuackError(
-            f"--resume {resume} was trained on other data{where}: {' and '.join(changed)} than {data}; resume "
-            "on the data it was trained on, or start a new run"
-        )
+def provenance_problem(provenance: dict[str, Any]) -> str | None:
+    """Why ``provenance`` is not a complete quackae provenance (a key missing or of the wrong kind), else None."""
+    missing = [key for key in PROVENANCE_KEYS if key not in provenance]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for key in ("checkpoint_sha256", "tokenizer_sha256"):
+        if not isinstance(provenance[key], str) or not _SHA256.fullmatch(provenance[key]):
+            return f"{key} {provenance[key]!r} is not a sha256"
+    if not isinstance(provenance["dataset_fingerprint"], str) or not provenance["dataset_fingerprint"]:
+        return f"dataset_fingerprint {provenance['dataset_fingerprint']!r} is not a fingerprint"
+    if provenance["layout"] not in LAYOUTS:
+        return f"layout {provenance['layout']!r} is none of {', '.join(LAYOUTS)}"
+    if not _is_int(provenance["encoding_size"]) or provenance["encoding_size"] < 1:
+        return f"encoding_size {provenance['encoding_size']!r} is not a positive integer"
+    if not isinstance(provenance["text"], bool):
+        return f"text {provenance['text']!r} is not true or false"
+    if not isinstance(provenance["selection"], dict):
+        return f"selection {provenance['selection']!r} is not an object"
+    return None
 
 
-def _tokenizer_sha256(file: Path) -> str:
-    from quackae.tokenizer import load_tokenizer, tokenizer_hash
-
-    return tokenizer_hash(load_tokenizer(file))
-
-
-class RecordTrainedOn(Callback):
-    """Writes the run's record into every checkpoint under ``checkpoints.TRAINED_ON``."""
-
-    def __init__(self, record: dict[str, Any]) -> None:
-        self.record = dict(record)
-
-    def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TRAINED_ON] = dict(self.record)
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """Why ``manifest`` (a JSON object) is not a valid store manifest, else None."""
+    if manifest.get("format") != FORMAT:
+        return f"its format is {manifest.get('format')!r}, not {FORMAT!r}"
+    problem = provenance_problem(manifest)
+    if problem is not None:
+        return problem
+    if not isinstance(manifest.get("complete"), bool):
+        return f"complete {manifest.get('complete')!r} is not true or false"
+    if manifest["complete"] and (not _is_int(manifest.get("items")) or manifest["items"] < 0):
+        return f"items {manifest.get('items')!r} is not a count of items, and it is marked complete"
+    digest = manifest.get("ids_sha256", "0" * 64)  # stores completed before the digest was kept lack it
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        return f"ids_sha256 {digest!r} is not a sha256"
+    for key in ("job", "checkpoint", "tokenizer", "dataset"):  # names readers follow (classify's baselines)
+        if key in manifest and not isinstance(manifest[key], str):
+            return f"{key} {manifest[key]!r} is not a string"
+    return None

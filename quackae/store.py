@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 
 from quackae.atomic import atomic_file
 from quackae.errors import QuackError
+from quackae.files import regular_file
+from quackae.items import load_item
 from quackae.layout import (
     MANIFEST,
     item_files,
@@ -26,12 +29,14 @@ from quackae.layout import (
     read_manifest,
     shard_files,
     shard_matrix,
+    shard_provenance,
 )
+from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
 from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EncodingStore", "read_item"]
+__all__ = ["EncodingStore", "read_encodings", "read_item"]
 
 
 class EncodingStore:
@@ -50,15 +55,25 @@ class EncodingStore:
         self.manifest: dict[str, Any] = read_manifest(self.path) or {}
         self.layout = layout_of(self.path, self.manifest)
         self._tables: list[Any] = []
+        self._repeated = 0
+        self._loaded: tuple[np.ndarray, list[dict[str, Any]], list[Any]] | None = None  # files layout, read once
         if self.layout == "shards":
             self._open_shards()
         else:
             found = item_files(self.path)
             self._ids = np.asarray([i for i, _ in found], dtype=np.int64)
             self._files = {i: p for i, p in found}
-        if not (self.path / MANIFEST).is_file():
+        if not os.path.lexists(self.path / MANIFEST):
             log.warning(
                 "%s has no %s (a stopped encode?); reading the %d items it holds", self.path, MANIFEST, len(self._ids)
+            )
+        elif manifest_problem(self.manifest) is not None:
+            log.warning(
+                "%s: %s is not a valid store manifest (%s); reading the %d items it holds",
+                self.path,
+                MANIFEST,
+                manifest_problem(self.manifest),
+                len(self._ids),
             )
         elif self.manifest.get("complete") is False:
             log.warning("%s is incomplete (an encode is running or stopped); it holds %d items", self.path, len(self))
@@ -74,7 +89,8 @@ class EncodingStore:
             row.append(np.arange(len(column), dtype=np.int64))
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         unique, first = np.unique(all_ids, return_index=True)
-        if len(unique) != len(all_ids):
+        self._repeated = len(all_ids) - len(unique)
+        if self._repeated:
             log.warning(
                 "%s stores %d ids more than once; reading the first copy (quackae verify lists them)",
                 self.path,
@@ -114,6 +130,8 @@ class EncodingStore:
         return table
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"store ids are integers, and {index!r} is a {type(index).__name__}; use store[int(id)]")
         position = self._position(index)
         if position < 0:
             raise KeyError(f"id {index} is not in the store {self.path}")
@@ -134,23 +152,24 @@ class EncodingStore:
 
     @property
     def encoding_size(self) -> int | None:
-        if self.manifest.get("encoding_size"):
-            return int(self.manifest["encoding_size"])
+        size = self.manifest.get("encoding_size")
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
         if self._tables:
             return int(self._tables[0][1].schema.field("encoding").type.list_size)
         return int(self[int(self._ids[0])][0].shape[0]) if len(self._ids) else None
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """``(ids (N,) int64, encodings (N, H) float32)`` in id order, with bulk column reads."""
+        if self.layout == "files":
+            if self._loaded is not None:
+                return self._ids.copy(), self._loaded[0].copy()
+            matrix = _empty_matrix(len(self._ids), self.encoding_size or 0)  # (N, H)
+            for position, index in enumerate(self._ids.tolist()):
+                matrix[position] = self._encoding(index, matrix.shape[1])
+            return self._ids.copy(), matrix
         size = self.encoding_size or 0
         matrix = _empty_matrix(len(self._ids), size)  # (N, H)
-        if self.layout == "files":
-            for position, index in enumerate(self._ids.tolist()):
-                encoding = read_item(self._files[index])[0]
-                if encoding.shape != (size,):
-                    raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
-                matrix[position] = encoding
-            return self._ids.copy(), matrix
         grouped = np.argsort(self._shard, kind="stable")  # output positions grouped by shard, in id order
         bounds = np.searchsorted(self._shard[grouped], np.arange(len(self._tables) + 1))
         for shard in range(len(self._tables)):
@@ -172,6 +191,89 @@ class EncodingStore:
                 matrix[positions] = source[rows]  # a shard with repeated ids: only the first copies count
         return self._ids.copy(), matrix
 
+    def _items(self) -> tuple[np.ndarray, list[dict[str, Any]], list[Any]]:
+        """Files layout: ``(encodings (N, H), metadata, provenance)`` of every item in id order, each file read once."""
+        if self._loaded is None:
+            size = self.encoding_size or 0
+            matrix = _empty_matrix(len(self._ids), size)  # (N, H)
+            metadata, provenance = [], []
+            for position, index in enumerate(self._ids.tolist()):
+                item = load_item(self._files[index])
+                matrix[position] = self._encoding(index, size, item)
+                metadata.append(item.metadata)
+                provenance.append(item.provenance)
+            self._loaded = (matrix, metadata, provenance)
+        return self._loaded
+
+    def _encoding(self, index: int, size: int, item: Any = None) -> np.ndarray:
+        """Files layout: item ``index``'s encoding, refused in one line unless it has ``size`` values."""
+        encoding = (item or load_item(self._files[index])).encoding
+        if encoding.shape != (size,):
+            raise QuackError(f"stored item {self._files[index]} has {encoding.shape[0]} values, not {size}")
+        return encoding
+
+    def _units(self) -> Iterator[tuple[Path, Any, np.ndarray, np.ndarray, Any]]:
+        """``(file, provenance, ids (n,), encodings (n, H), the id an item's metadata names)`` of every shard (the
+        last is None), or of every item (n = 1)."""
+        if self.layout == "shards":
+            for number, (path, table) in enumerate(self._tables):
+                yield path, shard_provenance(table, path), table.column("id").to_numpy(), self._matrix(number), None
+            return
+        matrix, metadata, provenance = self._items()
+        for position, index in enumerate(self._ids.tolist()):
+            rows = slice(position, position + 1)
+            named = metadata[position].get("id")
+            yield self._files[index], provenance[position], self._ids[rows], matrix[rows], named
+
+    def check_usable(self) -> None:
+        """Refuse, in one line naming the store and the fix, a store that a reader of the whole store for a
+        downstream result (``quackae export``, ``quackae classify``) must not use: one that is not complete (no
+        valid manifest marked complete whose count is what the store holds) or not sound (an id stored twice, a
+        unit of other provenance than the manifest's or with an encoding that is not finite, an item at another
+        id's path). This is the one rule; ``EncodingStore(path)`` alone still opens partial stores (with a
+        warning), as reading while an encode runs is legitimate. Reads every encoding (once: the files layout
+        keeps what it read)."""
+        where = f"store {self.path}"
+        again = f"encode it again with quackae encode --out {self.path} --overwrite"
+        redo = f"rerun quackae encode --out {self.path} to quarantine and redo it"
+        if not os.path.lexists(self.path / MANIFEST):
+            if not len(self):
+                raise QuackError(f"{where} holds no items; nothing to export or classify (run quackae encode first)")
+            raise QuackError(f"{where} has no {MANIFEST}, so what made its items is unknown; {again}")
+        problem = manifest_problem(self.manifest)
+        if problem is not None:
+            raise QuackError(f"{where} is not usable: its {MANIFEST} is not a valid manifest ({problem}); {again}")
+        if not self.manifest["complete"]:
+            raise QuackError(
+                f"{where} is incomplete (an encode is running or was stopped; {len(self)} items so far); "
+                f"rerun quackae encode --out {self.path} to finish it"
+            )
+        if self._repeated:
+            raise QuackError(f"{where} is not sound: {self._repeated} ids are stored more than once; {redo}")
+        if self.manifest["items"] != len(self):
+            raise QuackError(
+                f"{where} is incomplete: its manifest counts {self.manifest['items']} items and it holds {len(self)} "
+                f"(quackae verify {self.path} lists what is wrong); rerun quackae encode --out {self.path} to repair it"
+            )
+        if "ids_sha256" in self.manifest and ids_digest(self._ids) != self.manifest["ids_sha256"]:
+            raise QuackError(
+                f"{where} is not sound: the ids it holds are not those its manifest counted (a unit was replaced); "
+                f"rerun quackae encode --out {self.path} to set aside what does not belong and redo it"
+            )
+        for path, provenance, ids, matrix, named in self._units():
+            if named is not None and named != ids[0]:
+                raise QuackError(f"{where} is not sound: {path} holds the item of id {named!r}, not {ids[0]}; {redo}")
+            keys = differing(provenance, self.manifest)
+            if keys:
+                made = f"was made with {DESCRIPTIONS[keys[0]]}" if provenance else "carries no provenance"
+                raise QuackError(f"{where} is not sound: {path} {made} ({keys[0]}), not what its manifest says; {redo}")
+            bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+            if len(bad):
+                raise QuackError(
+                    f"{where} is not sound: {path} holds {len(bad)} encodings that are not finite (id {ids[bad[0]]}); "
+                    f"{redo}"
+                )
+
     def to_arrow(self) -> Any:
         """One Arrow table in id order: ``id``, ``encoding`` (fixed_size_list<float32>[H]), the metadata columns
         with the types the shards hold (files layout: inferred over all items, never from one row)."""
@@ -186,8 +288,7 @@ class EncodingStore:
             return table.take(pa.array(offsets[self._shard] + self._row))
         from quackae.layout import shard_table
 
-        ids, matrix = self.to_numpy()
-        metadata = [read_item(self._files[i])[1] for i in ids.tolist()]
+        ids, (matrix, metadata, _) = self._ids, self._items()
         names = list(dict.fromkeys(k for meta in metadata for k in meta if k not in ("id", "encoding")))
         columns = pa.table({name: _arrow_column(name, [m.get(name) for m in metadata]) for name in names})
         return shard_table(ids, matrix, columns if names else None, None)
@@ -230,6 +331,56 @@ class EncodingStore:
         return _TorchView(self, label_field, classes)
 
 
+def read_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """``(ids (N,), encodings (N, H), metadata list)`` of a store that passes ``check_usable`` or of a Parquet file
+    ``quackae export`` wrote; anything else is refused in one line naming it (what ``quackae classify`` reads)."""
+    path = Path(source)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    store = EncodingStore(path)
+    store.check_usable()
+    if not len(store):
+        raise QuackError(f"store {path} holds no items")
+    return store.load_all()
+
+
+def _read_parquet(path: Path) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """An exported Parquet file's ids, encodings and metadata, refused unless each id is a unique integer and each
+    encoding a finite float vector of one size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fix = "make it again with quackae export"
+    regular_file(path, "Parquet file", fix)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise QuackError(f"Parquet file {path} cannot be read ({reason}); {fix}") from None
+    if "encoding" not in table.column_names or "id" not in table.column_names:
+        raise QuackError(f"{path} has no id/encoding columns; make it with quackae export")
+    ids, encoding = table.column("id").combine_chunks(), table.column("encoding").combine_chunks()
+    kind = encoding.type
+    if not pa.types.is_integer(ids.type) or ids.null_count:
+        raise QuackError(f"Parquet file {path}: its id column is not integers without nulls; {fix}")
+    if not (pa.types.is_fixed_size_list(kind) or pa.types.is_list(kind)) or not pa.types.is_floating(kind.value_type):
+        raise QuackError(f"Parquet file {path}: its encoding column is {kind}, not lists of floats; {fix}")
+    values = encoding.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # (N*H,), a writable copy
+    size = len(values) // len(encoding) if len(encoding) else 0
+    lengths = encoding.value_lengths().to_numpy(zero_copy_only=False) if len(encoding) else np.empty(0)
+    if encoding.null_count or not size or (lengths != size).any():
+        raise QuackError(f"Parquet file {path}: its encodings are missing or of unequal sizes; {fix}")
+    id_array = ids.to_numpy().astype(np.int64)  # (N,)
+    if len(np.unique(id_array)) != len(id_array):
+        raise QuackError(f"Parquet file {path} holds an id more than once; {fix}")
+    matrix = values.reshape(len(encoding), size)  # (N, H)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if len(bad):
+        raise QuackError(f"Parquet file {path}: the encoding of id {id_array[bad[0]]} is not finite; {fix}")
+    metadata = table.drop_columns(["encoding"]).to_pylist()
+    return id_array, matrix, metadata
+
+
 def _empty_matrix(rows: int, size: int) -> np.ndarray:
     """An uninitialised (rows, size) float32 array; a large one is an anonymous mapping the kernel fills
     with pages in one call (``MAP_POPULATE``), which on this kind of VM makes filling it about twice as
@@ -267,7 +418,8 @@ class _TorchView:
             table = store.to_arrow()
             if label_field not in table.column_names:
                 raise QuackError(f"label field {label_field!r} is not a column of {store.path}")
-            unlabeled = (store.manifest.get("selection") or {}).get("unlabeled_value")
+            selection = store.manifest.get("selection")
+            unlabeled = selection.get("unlabeled_value") if isinstance(selection, dict) else None
             values = table.column(label_field).to_pylist()
             keep = [k for k, v in enumerate(values) if is_labelled(v, unlabeled)]
             self.ids = [self.ids[k] for k in keep]

@@ -3,20 +3,25 @@
 The job's leader (global rank 0) takes an exclusive ``fcntl.flock`` on ``STORE/.lock`` for the whole
 job and writes its job id into it. Other ranks of the same job (children Lightning launched, which
 inherit ``QUACKAE_ENCODE_JOB``, or ranks torchrun/SLURM started, which derive the same id from the
-launcher's job id) join without locking once the manifest names their job. Holding the lock, the
-leader checks provenance against ``manifest.json``, empties the store on ``--overwrite``, deletes
-staging left by dead jobs (no live job can own it: they would hold the lock), moves corrupt units
-to ``STORE/.quarantine/`` and writes the provenance header (``"complete": false``) before any item.
+launcher's job id) join without locking once the manifest names their job. Before the lock, an
+``--out`` that overlaps the inputs or holds what quackae does not write is refused (``quackae.ownership``).
+Holding the lock, the leader checks the manifest is a valid one with the same provenance, empties the
+store on ``--overwrite`` (only a store), deletes staging left by dead jobs (no live job can own it: they
+would hold the lock) and writes the provenance header (``"complete": false``) before any item; which
+units count and which are quarantined is ``quackae.sound``'s.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -26,44 +31,25 @@ import numpy as np
 
 from quackae.atomic import write_atomic
 from quackae.errors import QuackError
+from quackae.items import unit_kind
 from quackae.layout import (
     LOCK,
     MANIFEST,
-    QUARANTINE,
     SHARDS,
     STAGING,
-    check_no_symlinks,
+    check_store_folders,
     item_files,
     layout_of,
-    open_shard,
-    read_item,
     read_manifest,
     shard_files,
-    shard_provenance,
 )
+from quackae.ownership import check_out_folder, overwrite_problem
+from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
+from quackae.sound import quarantine, stored_ids_checked
 
 log = logging.getLogger(__name__)
 
 JOB_ENV = "QUACKAE_ENCODE_JOB"
-# What must match for a rerun to add to a store: anything else would mix encodings.
-PROVENANCE_KEYS = (
-    "checkpoint_sha256",
-    "tokenizer_sha256",
-    "dataset_fingerprint",
-    "layout",
-    "encoding_size",
-    "text",
-    "selection",
-)
-_WHAT = {
-    "checkpoint_sha256": "another model",
-    "tokenizer_sha256": "another tokenizer",
-    "dataset_fingerprint": "another dataset",
-    "layout": "another layout",
-    "encoding_size": "another encoding size",
-    "text": "another --text setting",
-    "selection": "another selection (--filtered/--evaluate/--label-field/--reduction-threshold)",
-}
 
 
 def _global_rank() -> int:
@@ -121,16 +107,17 @@ class StoreJob:
         job = _launcher_job() or fresh_job()
         if store.exists() and not store.is_dir():
             raise QuackError(f"--out {store} is an existing file, not a store folder; choose another --out")
+        check_out_folder(store, header)
         store.mkdir(parents=True, exist_ok=True)
-        check_no_symlinks(store)
-        fd = os.open(store / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        check_store_folders(store)
+        fd = _open_lock(store / LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            holder = re.sub(r"[^0-9A-Za-z_.-]", "?", os.pread(fd, 64, 0).decode(errors="replace").strip())
             os.close(fd)
             raise QuackError(
-                f"{store} is being written by another live encode (job {holder}); wait for it to finish "
+                f"{store} is being written by another live encode (job {holder or 'unknown'}); wait for it to finish "
                 "or choose another --out"
             ) from None
         try:
@@ -146,25 +133,38 @@ class StoreJob:
 
     def _claim(self, header: dict[str, Any], overwrite: bool) -> None:
         store = self.store
-        previous = read_manifest(store) if not overwrite else None
+        previous = None
         if overwrite:
+            problem = overwrite_problem(store)
+            if problem is not None:
+                raise QuackError(
+                    f"--overwrite empties only a store quackae encode wrote, and {store} is none: {problem}; "
+                    "choose another --out"
+                )
             removed = empty_store(store)
             if removed:
                 log.info("--overwrite: emptied %s (%d entries)", store, removed)
-        elif previous is not None:
+        else:
+            previous = read_manifest(store)
+        if previous is not None:
             held = "shards" if shard_files(store) else "files" if item_files(store) else None
             if held is not None and held != header.get("layout"):
                 raise QuackError(
                     f"{store} holds a {held} store, not {header.get('layout')}; pass --layout {held}, "
                     "--overwrite to replace it, or choose another --out"
                 )
-            for key in PROVENANCE_KEYS:
-                if key in previous and previous.get(key) != header.get(key):
-                    raise QuackError(
-                        f"{store} holds encodings made with {_WHAT[key]} ({key} {previous.get(key)!r}, now "
-                        f"{header.get(key)!r}); pass --overwrite to replace them or choose another --out"
-                    )
-        elif shard_files(store) or item_files(store):
+            problem = manifest_problem(previous)
+            if problem is not None:
+                raise QuackError(
+                    f"{store / MANIFEST} is not a valid store manifest ({problem}), so what made the store is "
+                    "unknown; pass --overwrite to replace it or choose another --out"
+                )
+            for key in differing(previous, header):
+                raise QuackError(
+                    f"{store} holds encodings made with {DESCRIPTIONS[key]} ({key} {previous.get(key)!r}, now "
+                    f"{header.get(key)!r}); pass --overwrite to replace them or choose another --out"
+                )
+        elif not overwrite and (shard_files(store) or item_files(store)):
             raise QuackError(
                 f"{store} holds items but no {MANIFEST}, so what made them is unknown; pass --overwrite to "
                 "replace them or choose another --out"
@@ -181,6 +181,7 @@ class StoreJob:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest.pop("items", None)
+        manifest.pop("ids_sha256", None)
         write_manifest(store, manifest, self.staging(0))
 
     def staging(self, rank: int) -> Path:
@@ -208,6 +209,23 @@ class StoreJob:
             self._lock_fd = None
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file, opened for the lock and the holder's job id: created if missing, never followed through a
+    link (truncating it would empty the link's target) and refused, in one line, when it is not a regular file."""
+    kind = unit_kind(path)
+    if kind not in (None, "missing"):
+        raise QuackError(f"lock file {path} is {kind}, not a file; remove it")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
+        raise QuackError(f"lock file {path} cannot be opened ({reason}); remove it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QuackError(f"lock file {path} is not a regular file; remove it")
+    return fd
+
+
 def _wait_for_header(store: Path, job: str, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
     while True:
@@ -229,9 +247,9 @@ def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None
 def complete_manifest(
     store: Path, layout: str, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
 ) -> dict[str, Any]:
-    """Mark ``store`` complete: ``manifest.json`` with the item count, the encoding size (``size``, else what the
-    manifest or ``fields`` say), ``fields`` (provenance) over what it held, and ``selection`` unless one of those
-    names it; returns it."""
+    """Mark ``store`` complete: ``manifest.json`` with the item count and digest of the ids (``ids_sha256``), the
+    encoding size (``size``, else what the manifest or ``fields`` say), ``fields`` (provenance) over what it held,
+    and ``selection`` unless one of those names it; returns it."""
     previous = read_manifest(store) or {}
     ids = stored_ids_checked(store, layout, None, None, move=False)
     manifest = {
@@ -242,6 +260,7 @@ def complete_manifest(
         "encoding_size": size or previous.get("encoding_size") or fields.get("encoding_size"),
         **fields,
         "items": int(len(ids)),
+        "ids_sha256": ids_digest(ids),
         "complete": True,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -285,86 +304,6 @@ def empty_store(store: Path) -> int:
             entry.unlink()
         removed += 1
     return removed
-
-
-def quarantine(store: Path, path: Path, reason: str) -> Path:
-    """Move a corrupt unit to ``STORE/.quarantine/`` (same file system, one rename) and say so in one line."""
-    folder = store / QUARANTINE
-    folder.mkdir(exist_ok=True)
-    target = folder / f"{int(time.time())}-{path.name}"
-    os.replace(path, target)
-    log.warning("%s is corrupt (%s): moved to %s, its items will be encoded again", path, reason, target)
-    return target
-
-
-def _repeats(sorted_ids: np.ndarray) -> bool:
-    """Whether a sorted id array holds some id twice."""
-    return len(sorted_ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any())
-
-
-def _overlaps(sorted_a: np.ndarray, sorted_b: np.ndarray) -> bool:
-    """Whether two sorted id arrays share an id (a binary search per id of the smaller one)."""
-    if not len(sorted_a) or not len(sorted_b):
-        return False
-    small, large = (sorted_a, sorted_b) if len(sorted_a) <= len(sorted_b) else (sorted_b, sorted_a)
-    found = np.searchsorted(large, small).clip(max=len(large) - 1)
-    return bool((large[found] == small).any())
-
-
-def _merge_sorted(sorted_a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
-    """The sorted union of two sorted, disjoint id arrays."""
-    merged = np.concatenate([sorted_a, sorted_b])
-    merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
-    return merged
-
-
-def stored_ids_checked(
-    store: Path, layout: str, encoding_size: int | None, provenance: dict[str, Any] | None, move: bool
-) -> np.ndarray:
-    """Sorted unique ids of the sound units in ``store``; a unit that does not parse, has another encoding
-    size or provenance is skipped and, with ``move`` (the job's leader), quarantined."""
-    chunks = []
-    if layout == "shards":
-        candidates = []  # (path, sorted ids) of the shards that parse and match, in file order
-        for path in shard_files(store):
-            try:
-                table = open_shard(path)
-                size = table.schema.field("encoding").type.list_size
-                if encoding_size is not None and size != encoding_size:
-                    raise QuackError(f"encoding size {size}, the store's is {encoding_size}")
-                stored = shard_provenance(table) or {}
-                if provenance is not None and any(stored.get(k) != provenance.get(k) for k in PROVENANCE_KEYS):
-                    raise QuackError("its provenance differs from the store's")
-                candidates.append((path, np.sort(table.column("id").to_numpy())))  # (n,)
-            except QuackError as error:
-                if move:
-                    quarantine(store, path, getattr(error, "reason", str(error)))
-        every = np.sort(np.concatenate([ids for _, ids in candidates])) if candidates else np.empty(0, np.int64)
-        if not _repeats(every):
-            return every  # no id twice anywhere: every shard counts
-        # the first shard (in file order) to hold an id keeps it; a later one repeating it is set aside
-        seen = np.empty(0, dtype=np.int64)  # sorted ids of the shards accepted so far
-        for path, ids in candidates:
-            if _repeats(ids) or _overlaps(seen, ids):
-                if move:
-                    quarantine(store, path, "it repeats ids")
-                continue
-            seen = _merge_sorted(seen, ids)
-            chunks.append(ids)
-    else:
-        for index, path in item_files(store):
-            try:
-                encoding, _ = read_item(path)
-                if encoding_size is not None and encoding.shape != (encoding_size,):
-                    raise QuackError(f"encoding shape {encoding.shape}, the store's is ({encoding_size},)")
-            except QuackError as error:
-                if move:
-                    quarantine(store, path, str(error))
-                continue
-            chunks.append(np.asarray([index], dtype=np.int64))
-    if not chunks:
-        return np.empty(0, dtype=np.int64)
-    return np.unique(np.concatenate(chunks))
 
 
 def clean_temporary(store: Path) -> int:

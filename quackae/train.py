@@ -29,9 +29,9 @@ from quackae.divergence import FiniteGuard, NonFiniteTraining
 from quackae.errors import QuackError
 from quackae.files import read_bytes, regular_file
 from quackae.modelconfig import ModelFlags, model_problems
-from quackae.provenance import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
 from quackae.runlock import RunLock
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
+from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
 from quackae.runtime import TrainerFlags, settled_heap
 from quackae.tokenizer import tokenizer_hash
 

@@ -9,7 +9,7 @@ and nothing else. Prints counts and returns, or prints each problem (file, id, w
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,18 +17,22 @@ from typing import Any
 import numpy as np
 
 from quackae.errors import QuackError
+from quackae.items import item_entries, load_item, unit_kind
 from quackae.layout import (
     MANIFEST,
+    QUARANTINE,
+    SHARDS,
     STAGING,
     item_files,
     layout_of,
     open_shard,
-    read_item,
     read_manifest,
     shard_files,
     shard_matrix,
     shard_provenance,
 )
+from quackae.ownership import foreign_entries
+from quackae.provenance import differing, ids_digest, manifest_problem
 
 log = logging.getLogger(__name__)
 
@@ -46,82 +50,103 @@ class VerifyConfig:
     )
 
 
-def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
-    """``(counts, problems)`` for ``store``; each problem names the file and, where it applies, the id."""
-    from quackae.storejob import PROVENANCE_KEYS
-
-    if not store.is_dir():
-        raise QuackError(f"encoding store {store} does not exist; run quackae encode --out {store}")
-    problems: list[str] = []
+def _manifest(store: Path, problems: list[str]) -> dict[str, Any] | None:
+    """The store's manifest when it is a valid one; else None, with what is wrong added to ``problems``."""
     try:
         manifest = read_manifest(store)
     except QuackError as error:
-        manifest = None
         problems.append(str(error))
-    if manifest is None and not problems:
+        return None
+    if manifest is None:
         problems.append(f"{store / MANIFEST}: missing (provenance unknown)")
-    manifest = manifest or {}
-    if manifest and manifest.get("complete") is not True:
+        return None
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        problems.append(f"{store / MANIFEST}: not a valid store manifest ({problem})")
+        return None
+    if not manifest["complete"]:
         problems.append(f"{store / MANIFEST}: not marked complete (an encode is running or was stopped)")
+    return manifest
+
+
+def _unit_problems(path: Path, ids: np.ndarray, matrix: np.ndarray, provenance: Any, manifest: Any) -> list[str]:
+    """What is wrong with one parsed unit holding ``ids`` (n,) and ``matrix`` (n, H) against a valid ``manifest``."""
+    problems = []
+    if manifest is not None and matrix.shape[1] != manifest["encoding_size"]:
+        problems.append(f"{path}: encodings of size {matrix.shape[1]}, the manifest says {manifest['encoding_size']}")
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    problems.extend(f"{path}: id {ids[r]}: encoding not finite" for r in bad[:MAX_LISTED])
+    if manifest is not None:
+        keys = differing(provenance, manifest)
+        if keys and provenance is None:
+            problems.append(f"{path}: carries no provenance, so what made it is unknown")
+        elif keys:
+            problems.append(f"{path}: provenance differs from the manifest ({', '.join(keys)})")
+    return problems
+
+
+def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``(counts, problems)`` for ``store``; each problem names the file and, where it applies, the id."""
+    if not store.is_dir():
+        raise QuackError(f"encoding store {store} does not exist; run quackae encode --out {store}")
+    problems: list[str] = []
+    manifest = _manifest(store, problems)
     layout = layout_of(store, manifest)
-    size = manifest.get("encoding_size")
-    ids: list[np.ndarray] = []
-    where: list[str] = []
-    units = 0
-    if layout == "shards":
-        for path in shard_files(store):
-            units += 1
-            try:
+    expected = _expected_ids(data, manifest) if data is not None else None
+    foreign = foreign_entries(store, deep=True)
+    problems.extend(f"{p}: not something quackae writes in a store" for p in foreign[:MAX_LISTED])
+    held: list[tuple[Path, np.ndarray]] = []  # (unit, its ids) of every unit that parses
+    paths = shard_files(store) if layout == "shards" else [path for _, path in item_files(store)]
+    for path in paths:
+        try:
+            if layout == "shards":
                 table = open_shard(path)
-                matrix = shard_matrix(table)  # (n, H)
-            except QuackError as error:
-                problems.append(f"{path}: does not parse ({error})")
-                continue
-            if size is not None and matrix.shape[1] != size:
-                problems.append(f"{path}: encodings of size {matrix.shape[1]}, the manifest says {size}")
-            bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-            column = table.column("id").to_numpy()
-            problems.extend(f"{path}: id {column[r]}: encoding not finite" for r in bad[:MAX_LISTED])
-            stored = shard_provenance(table) or {}
-            differs = [k for k in PROVENANCE_KEYS if k in manifest and stored.get(k) != manifest.get(k)]
-            if differs:
-                problems.append(f"{path}: provenance differs from the manifest ({', '.join(differs)})")
-            ids.append(column)
-            where.extend([path.name] * len(column))
-    else:
-        for index, path in item_files(store):
-            units += 1
-            try:
-                encoding, metadata = read_item(path)
-            except QuackError as error:
-                problems.append(f"{path}: id {index}: does not parse ({error})")
-                continue
-            if size is not None and encoding.shape != (size,):
-                problems.append(f"{path}: id {index}: encoding of shape {encoding.shape}, the manifest says ({size},)")
-            if not np.isfinite(encoding).all():
-                problems.append(f"{path}: id {index}: encoding not finite")
-            if metadata.get("id") != index:
-                problems.append(f"{path}: id {index}: its metadata says id {metadata.get('id')!r}")
-            ids.append(np.asarray([index], dtype=np.int64))
-            where.append(path.name)
-    all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
-    counts = Counter(all_ids.tolist())
-    repeated = {i: c for i, c in counts.items() if c > 1}
-    for index, count in sorted(repeated.items())[:MAX_LISTED]:
-        files = sorted({where[k] for k in np.flatnonzero(all_ids == index)})
-        problems.append(f"{store}: id {index}: stored {count} times ({', '.join(files)})")
+                provenance, matrix = shard_provenance(table, path), shard_matrix(table)  # (n, H)
+                ids = table.column("id").to_numpy()  # (n,)
+            else:
+                item = load_item(path)
+                provenance, matrix = item.provenance, item.encoding[None, :]  # (1, H)
+                ids = np.asarray([int(path.name[: -len(".npz")])], dtype=np.int64)
+                if item.metadata.get("id") != ids[0]:
+                    problems.append(f"{path}: id {ids[0]}: its metadata says id {item.metadata.get('id')!r}")
+        except QuackError as error:
+            problems.append(f"{path}: does not parse ({getattr(error, 'reason', error)})")
+            continue
+        problems.extend(_unit_problems(path, ids, matrix, provenance, manifest))
+        held.append((path, ids))
+    problems.extend(
+        f"{p}: stands where quackae writes an item folder or picture but is none (a rerun moves it aside)"
+        for p in item_entries(store).blocking[:MAX_LISTED]
+    )
+    all_ids = np.concatenate([ids for _, ids in held]) if held else np.empty(0, dtype=np.int64)
+    unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (N,) which unit holds each id
+    order = np.argsort(all_ids, kind="stable")
+    unique, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
+    for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
+        units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
+        problems.append(f"{store}: id {unique[k]}: stored {counts[k]} times ({', '.join(units)})")
+    for name in (STAGING, SHARDS, QUARANTINE):
+        kind = unit_kind(store / name)
+        if kind not in ("missing", "a directory"):
+            what = kind or "a file"
+            problems.append(f"{store / name}: is {what}, not a folder (encode refuses the store until it is removed)")
     staging = store / STAGING
-    if staging.exists():
-        left = [p for p in staging.rglob("*") if p.is_file()]
-        if left:
-            problems.append(f"{staging}: {len(left)} files left in staging (a stopped encode; a rerun removes them)")
-    if manifest.get("complete") and manifest.get("items") not in (None, len(counts)):
-        problems.append(f"{store / MANIFEST}: says {manifest.get('items')} items, the store holds {len(counts)}")
-    result: dict[str, Any] = {"store": str(store), "layout": layout, "units": units, "items": len(counts)}
-    if data is not None:
-        expected = _expected_ids(data, manifest)
-        missing = np.setdiff1d(expected, all_ids)
-        extra = np.setdiff1d(all_ids, expected)
+    left = sum(len(files) for _, _, files in os.walk(staging)) if unit_kind(staging) == "a directory" else 0
+    if left:
+        problems.append(f"{staging}: {left} files left in staging (a stopped encode; a rerun removes them)")
+    if manifest is not None and manifest["complete"]:
+        if manifest["items"] != len(unique):
+            problems.append(f"{store / MANIFEST}: says {manifest['items']} items, the store holds {len(unique)}")
+        elif manifest.get("ids_sha256") not in (None, ids_digest(unique)):
+            problems.append(f"{store / MANIFEST}: the store holds other ids than it counted (a unit was replaced)")
+    result: dict[str, Any] = {"store": str(store), "layout": layout, "units": len(paths), "items": len(unique)}
+    if expected is not None:
+        for path, ids in held:
+            outside = int((~np.isin(ids, expected)).sum())
+            if outside:
+                problems.append(f"{path}: holds {outside} ids not in {data}'s selection (a rerun moves it aside)")
+        missing = np.setdiff1d(expected, unique)
+        extra = np.setdiff1d(unique, expected)
         problems.extend(f"{store}: id {i}: missing (in {data}, not stored)" for i in missing[:MAX_LISTED].tolist())
         problems.extend(f"{store}: id {i}: stored but not in {data}'s selection" for i in extra[:MAX_LISTED].tolist())
         if len(missing) > MAX_LISTED or len(extra) > MAX_LISTED:
@@ -130,11 +155,13 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
     return result, problems
 
 
-def _expected_ids(data: str | Path, manifest: dict[str, Any]) -> np.ndarray:
+def _expected_ids(data: str | Path, manifest: dict[str, Any] | None) -> np.ndarray:
+    """The sorted ids of ``data`` that the store's selection keeps (every id when the manifest is not valid)."""
     from quackae.prepared import load_prepared, verify_fingerprint
     from quackae.selection import selected_rows
 
     dataset, _, _ = load_prepared(data)
+    manifest = manifest or {}
     fingerprint = manifest.get("dataset_fingerprint")
     if fingerprint and fingerprint != verify_fingerprint(data):
         raise QuackError(f"{data} is not the dataset this store was encoded from (its fingerprint differs)")

@@ -381,7 +381,9 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
         assert self._staging is not None
-        written = write_items(self.storage_path, ids, matrix, metadata, texts, self.text, self._staging, self._folders)
+        written = write_items(
+            self.storage_path, ids, matrix, metadata, texts, self.text, self._staging, self._folders, self.manifest
+        )
         with self._lock:
             self.written += written
 

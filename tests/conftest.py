@@ -10,6 +10,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# what encode writes into a store's manifest before its first item: stores made by hand in tests carry it too (a
+# store without it is not one that classify or export reads)
+STORE_HEADER = {"checkpoint_sha256": "0" * 64, "tokenizer_sha256": "1" * 64, "dataset_fingerprint": "f", "text": False}
+
+
+def write_hand_made_store(path, matrix, metas):
+    """A complete shards store of ``matrix`` (N, H) and per-item metadata dicts, written through the writer."""
+    from quackae.writer import AutoencoderWriter
+
+    header = {**STORE_HEADER, "layout": "shards", "encoding_size": int(matrix.shape[1]), "selection": {}}
+    writer = AutoencoderWriter(storage_path=path, manifest=header)
+    writer.write_batch(metas, matrix)
+    writer.flush()
+    writer.write_manifest()
+    return path
+
+
 def random_padded(count: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> torch.Tensor:
     """(count, max_len) right-padded random ids in [1, vocab) with lengths uniform in [min_len, max_len]."""
     generator = torch.Generator().manual_seed(seed)

@@ -2,18 +2,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_hand_made_store
 
 from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
 from quackae.probes import classification_report, stratified_split
-from quackae.writer import AutoencoderWriter
 
 
 def write_store(path, matrix, metas):
-    writer = AutoencoderWriter(storage_path=path)
-    writer.write_batch(metas, matrix)
-    writer.flush()
-    writer.write_manifest()
+    write_hand_made_store(path, matrix, metas)
     return path
 
 

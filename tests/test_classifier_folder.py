@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_hand_made_store
 
 from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
@@ -24,7 +25,6 @@ from quackae.encode import EncodeConfig, encode
 from quackae.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.train import TrainConfig, train
-from quackae.writer import AutoencoderWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--accelerator", "cpu", "--devices", "1"]
@@ -35,11 +35,7 @@ def write_store(path: Path, classes: int, count: int = 90, seed: int = 0) -> Pat
     centres = rng.standard_normal((classes, 8)) * 4
     labels = np.arange(count) % classes
     matrix = (centres[labels] + rng.standard_normal((count, 8))).astype(np.float32)
-    writer = AutoencoderWriter(storage_path=path)
-    writer.write_batch([{"id": i, "label": "abcdef"[k]} for i, k in enumerate(labels)], matrix)
-    writer.flush()
-    writer.write_manifest()
-    return path
+    return write_hand_made_store(path, matrix, [{"id": i, "label": "abcdef"[k]} for i, k in enumerate(labels)])
 
 
 def fit(store: Path, out: Path, *flags: str) -> int:
@@ -265,10 +261,7 @@ def test_finite_but_extreme_encodings_are_classified_without_overflow(tmp_path):
     matrix = (rng.standard_normal((90, 8)) * 1e38).clip(-3e38, 3e38).astype(np.float32)  # float32's range
     labels = np.arange(90) % 3
     matrix[:, 0] = labels * 1e38  # one column separates the classes
-    writer = AutoencoderWriter(storage_path=tmp_path / "s")
-    writer.write_batch([{"id": i, "label": "abc"[k]} for i, k in enumerate(labels)], matrix)
-    writer.flush()
-    writer.write_manifest()
+    write_hand_made_store(tmp_path / "s", matrix, [{"id": i, "label": "abc"[k]} for i, k in enumerate(labels)])
     summary = classify(ClassifyConfig(store=str(tmp_path / "s"), out=str(tmp_path / "c"), max_epochs=3,
                                       accelerator="cpu", devices="1"))  # fmt: skip
     assert summary["linear_probe_accuracy"] > 0.9  # standardised without overflow, the probe sees the column

@@ -251,7 +251,7 @@ def test_a_store_without_manifest_is_read_with_a_warning(tiny, tmp_path, caplog)
     [
         ("dir", ["--out", "{tmp}/d.parquet"], "is a directory; name a .parquet file"),
         ("empty", ["--out", "{tmp}/e.parquet"], "holds no items; nothing to export"),
-        ("list", ["--out", "{tmp}/e.parquet"], "not a quackae manifest .*a JSON list"),
+        ("list", ["--out", "{tmp}/e.parquet"], "store manifest .*manifest.json holds a JSON array, not a JSON object"),
     ],
 )
 def test_export_mistakes_are_one_line(tiny, tmp_path, capsys, setup, args, message):
