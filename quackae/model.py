@@ -36,6 +36,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quackae.attention import AttentionModule, AttentionScore
 from quackae.modelconfig import ModelConfig
+from quackae.recurrent import unpacked_gru
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,13 @@ class QuackAutoEncoder(pl.LightningModule):
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = x.shape
         embedded = self.drop(self.embed(x))  # (B, T, E)
-        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-        out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
+        if embedded.requires_grad and embedded.device.type == "cpu":
+            # Training on a CPU: the packed call's backward pass grows with T squared there (see unpacked_gru).
+            states, last = unpacked_gru(self.encoder, embedded, lengths.to(x.device))  # (B, T, H), (2L, B, H/2)
+        else:
+            packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+            out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
+            states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
         last = last.view(self.layers, 2, batch, self.hidden_size // 2)[-1]  # (2, B, H/2), last layer
         encoding = last.permute(1, 0, 2).reshape(batch, self.hidden_size)  # (B, H): [forward; backward]
         return encoding, states

@@ -1,0 +1,62 @@
+"""The CPU training path: the unpacked encoder, the token accuracy, clipping under bf16-mixed, bf16 against fp32,
+the precision default, and the thread policy the command gives itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_padded
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import quackae.model
+import quackae.runtime
+from quackae.model import QuackAutoEncoder
+from quackae.recurrent import unpacked_gru
+
+
+def packed_gru(gru: nn.GRU, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the packed call, states padded back with zeros."""
+    out, final = gru(pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False))
+    states, _ = pad_packed_sequence(out, batch_first=True, total_length=inputs.size(1))
+    return states, final
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_unpacked_gru_gives_the_packed_states_finals_and_gradients(layers):
+    gru = nn.GRU(6, 5, num_layers=layers, batch_first=True, bidirectional=True).double()
+    lengths = torch.tensor([7, 3, 1, 7, 5, 2])
+    inputs = torch.randn(6, 7, 6, dtype=torch.double, requires_grad=True)
+    fast = unpacked_gru(gru, inputs, lengths)
+    slow = packed_gru(gru, inputs, lengths)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert torch.equal(fast[0][1, 3:], torch.zeros_like(fast[0][1, 3:]))  # zero at pads, as pad_packed gives
+    weights = [torch.randn_like(t) for t in slow]  # a loss that uses every state and every final
+    wrt = [inputs, *gru.parameters()]
+    fast_grads = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, fast, strict=True)), wrt)
+    slow_grads = torch.autograd.grad(sum((w * t).sum() for w, t in zip(weights, slow, strict=True)), wrt)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def tiny(**kwargs) -> QuackAutoEncoder:
+    settings = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "dropout": 0.0, "word_dropout": 0.0}
+    return QuackAutoEncoder(**{**settings, **kwargs})
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_training_encodes_and_learns_as_the_packed_encoder_does(layers, monkeypatch):
+    model = tiny(layers=layers, pooling="final+mean").train()
+    x = random_padded(6, 20, 1, 9, seed=3)
+    with torch.no_grad():  # inference takes the packed path
+        expected = model(x)
+    trained = model(x)  # with gradients on a CPU: the unpacked one
+    assert trained[0].requires_grad
+    for a, b in zip(trained, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    fast = torch.autograd.grad(model.training_loss(x), list(model.parameters()))
+    monkeypatch.setattr(quackae.model, "unpacked_gru", packed_gru)
+    slow = torch.autograd.grad(model.training_loss(x), list(model.parameters()))
+    for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
