@@ -60,3 +60,22 @@ def test_training_encodes_and_learns_as_the_packed_encoder_does(layers, monkeypa
     slow = torch.autograd.grad(model.training_loss(x), list(model.parameters()))
     for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_token_accuracy_takes_the_first_of_equal_maxima_as_argmax_does(monkeypatch):
+    model = tiny().eval()
+    x = random_padded(8, 20, 2, 9, seed=4)
+    logits = []
+
+    class Ties(nn.Module):  # whole-number logits in [0, 3): every row has several equal maxima
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            out = torch.randint(0, 3, (rows.size(0), 20)).float()
+            logits.append(out)
+            return out
+
+    monkeypatch.setattr(model, "predict", Ties())
+    target, mask, lengths = model._check(x)
+    encoding, states = model._encode(target, lengths)
+    _, correct, _ = model._teacher_forced(target, encoding, states, mask, lengths)
+    time, item, _ = quackae.model._valid_positions(lengths, target.size(1))
+    assert torch.equal(correct, torch.cat(logits).argmax(dim=-1) == target[item, time])
