@@ -376,10 +376,12 @@ class QuackAutoEncoder(pl.LightningModule):
         ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
         ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
         """
-        optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay)
+        trainer = self._trainer
+        # A gradient scaler (16-mixed) must unscale before clipping, which Lightning does for unfused optimizers only.
+        scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+        optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay, fused=not scaled)
         interval, period = "epoch", self.hparams.lr_max_epochs
         if period <= 0:
-            trainer = self._trainer
             max_steps = trainer.max_steps if trainer is not None else -1
             max_epochs = trainer.max_epochs if trainer is not None else None
             if max_steps is not None and max_steps > 0:
@@ -390,6 +392,17 @@ class QuackAutoEncoder(pl.LightningModule):
             optimizer, T_max=period, eta_min=self.hparams.learning_rate_min
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip the gradients' norm here when no gradient scaler is in play (32-true, bf16-mixed): Lightning's
+        mixed-precision plugin refuses to clip for a fused optimizer even under bf16-mixed, where nothing is scaled."""
+        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and unscaled and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -426,13 +439,15 @@ class QuackAutoEncoder(pl.LightningModule):
         return out
 
 
-def adamw(parameters: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters) where this torch build has it."""
+def adamw(parameters: Any, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters) where this torch build has it and ``fused``."""
     parameters = list(parameters)
-    try:
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if fused:
+        try:
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+            pass
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
 def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

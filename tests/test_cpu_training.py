@@ -3,7 +3,10 @@ the precision default, and the thread policy the command gives itself."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import random_padded
 from torch import nn
@@ -79,3 +82,51 @@ def test_token_accuracy_takes_the_first_of_equal_maxima_as_argmax_does(monkeypat
     _, correct, _ = model._teacher_forced(target, encoding, states, mask, lengths)
     time, item, _ = quackae.model._valid_positions(lengths, target.size(1))
     assert torch.equal(correct, torch.cat(logits).argmax(dim=-1) == target[item, time])
+
+
+class _Batches(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.x
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradients_are_clipped_with_the_fused_optimizer_in_either_precision(precision, tmp_path, monkeypatch):
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        clipped.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        precision=precision,
+        gradient_clip_val=0.5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    model = tiny()
+    loader = torch.utils.data.DataLoader(_Batches(random_padded(4, 20, 2, 6, seed=5)), batch_size=None)
+    trainer.fit(model, loader)
+    assert trainer.optimizers[0].defaults["fused"]
+    assert clipped == [0.5, 0.5, 0.5]
+
+
+def test_a_gradient_scaler_gets_the_unfused_optimizer_lightning_can_unscale_before_clipping(monkeypatch):
+    model = tiny()
+    plugin = SimpleNamespace(scaler=object())  # 16-mixed on a GPU
+    monkeypatch.setattr(model, "_trainer", SimpleNamespace(precision_plugin=plugin, max_steps=5, max_epochs=None))
+    assert not model.configure_optimizers()["optimizer"].defaults["fused"]
+    plugin.scaler = None
+    assert model.configure_optimizers()["optimizer"].defaults["fused"]
