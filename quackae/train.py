@@ -118,7 +118,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             f"{out} already holds checkpoints; choose another --out or continue with "
             f"--resume {checkpoints / 'last.ckpt'}"
         )
-    trainer_kwargs = config.trainer_kwargs()
+    trainer_kwargs = config.trainer_kwargs(training=True)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = TokenizedDataModule(
         config.data,

@@ -3,19 +3,24 @@ the precision default, and the thread policy the command gives itself."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from conftest import random_padded
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import quackae.model
 import quackae.runtime
-from quackae.model import QuackAutoEncoder
+from quackae.model import QuackAutoEncoder, adamw
+from quackae.prepare import PrepareConfig, prepare
 from quackae.recurrent import unpacked_gru
+from quackae.runtime import TrainerFlags
+from quackae.train import TrainConfig, train
 
 
 def packed_gru(gru: nn.GRU, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +135,52 @@ def test_a_gradient_scaler_gets_the_unfused_optimizer_lightning_can_unscale_befo
     assert not model.configure_optimizers()["optimizer"].defaults["fused"]
     plugin.scaler = None
     assert model.configure_optimizers()["optimizer"].defaults["fused"]
+
+
+def test_bf16_autocast_training_follows_fp32():
+    x = random_padded(16, 20, 2, 10, seed=6)
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = tiny(hidden_size=32, embed_size=16).train()
+        optimizer = adamw(model.parameters(), 1e-2, 0.01)
+        curve = []
+        for _ in range(40):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+                loss = model.training_loss(x)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            curve.append(loss.item())
+        losses[bf16] = curve
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=0.01)  # the same weights: rounding only
+    assert losses[True][-1] < 0.1 * losses[True][0]  # it learns
+    start = losses[False][0]
+    for step, (low, full) in enumerate(zip(losses[True], losses[False], strict=True)):
+        assert low == pytest.approx(full, abs=0.05 * start), f"step {step}"
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_training_on_a_cpu_with_amx_defaults_to_bf16_mixed_and_nothing_else_does(amx, monkeypatch):
+    monkeypatch.setattr(quackae.runtime, "cpu_has_amx_bf16", lambda: amx)
+    flags = TrainerFlags(accelerator="cpu")
+    assert flags.trainer_kwargs(training=True)["precision"] == ("bf16-mixed" if amx else "32-true")
+    assert flags.trainer_kwargs()["precision"] == "32-true"  # encode, classify: fp32 encodings
+    assert TrainerFlags(accelerator="cpu", precision="32-true").trainer_kwargs(training=True)["precision"] == "32-true"
+
+
+def test_quackae_train_runs_in_the_default_precision_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(quackae.runtime, "cpu_has_amx_bf16", lambda: True)
+    words = ["duck", "goose", "swan", "heron"]
+    with (tmp_path / "c.jsonl").open("w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"id": i, "text": " ".join(words[: 1 + i % 4])}) + "\n")
+    prepare(PrepareConfig(inputs=(str(tmp_path / "c.jsonl"),), out=str(tmp_path / "p"), vocab_size=280))
+    config = TrainConfig(
+        data=str(tmp_path / "p"), out=str(tmp_path / "r"), embed_size=8, hidden_size=8, batch_size=8, max_steps=2
+    )
+    summary = train(config)  # gradient clipping (default 1.0) with the fused AdamW under bf16-mixed
+    assert summary["global_step"] == 2
+    resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert resolved["trainer"]["precision"] == "bf16-mixed"
