@@ -4,6 +4,9 @@ the precision default, and the thread policy the command gives itself."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +22,7 @@ import quackae.runtime
 from quackae.model import QuackAutoEncoder, adamw
 from quackae.prepare import PrepareConfig, prepare
 from quackae.recurrent import unpacked_gru
-from quackae.runtime import TrainerFlags
+from quackae.runtime import TrainerFlags, thread_settings
 from quackae.train import TrainConfig, train
 
 
@@ -184,3 +187,47 @@ def test_quackae_train_runs_in_the_default_precision_and_records_it(tmp_path, mo
     assert summary["global_step"] == 2
     resolved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert resolved["trainer"]["precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize(
+    ("environ", "cores", "load", "expected"),
+    [
+        ({}, 2, 0.3, {"OMP_WAIT_POLICY": "PASSIVE"}),  # idle: torch's own thread count
+        ({}, 2, 0.7, {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}),
+        ({}, 2, 6.0, {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}),
+        ({}, 16, 8.3, {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "8"}),
+        ({}, 1, 3.0, {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, 2, 0.0, {}),  # the user's settings win
+        ({"GOMP_SPINCOUNT": "1000"}, 2, 6.0, {"OMP_NUM_THREADS": "1"}),
+        ({"KMP_BLOCKTIME": "0", "OMP_NUM_THREADS": "2"}, 2, 6.0, {}),
+    ],
+)
+def test_thread_settings(environ, cores, load, expected):
+    assert thread_settings(environ, cores, load) == expected
+
+
+POLICY = """
+import os, sys
+os.getloadavg = lambda: (50.0, 50.0, 50.0)  # a busy machine
+if sys.argv[1] == "library":
+    import torch
+from quackae.cli import main
+try:
+    main(["train", "--max-stepz", "3"])  # a typo: the command stops at its flags, torch loaded to build them
+except SystemExit as stop:
+    code = stop.code
+import torch
+print(code, os.environ.get("OMP_WAIT_POLICY"), os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads())
+"""
+
+
+def test_the_command_sets_the_thread_policy_before_torch_starts_and_a_library_process_keeps_its_own():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.pop("KMP_BLOCKTIME", None)
+    runs = {}
+    for mode in ("command", "library"):
+        done = subprocess.run([sys.executable, "-c", POLICY, mode], env=env, capture_output=True, text=True, check=True)
+        runs[mode] = done.stdout.split()
+    busy_threads = "1" if len(os.sched_getaffinity(0)) > 1 else "None"
+    assert runs["command"] == ["2", "PASSIVE", busy_threads, "1"]
+    assert runs["library"][:3] == ["2", "None", "None"]  # torch came first: nothing changed
