@@ -199,14 +199,17 @@ def user_error(error: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from quackae.runtime import apply_thread_policy
+
+    threads = apply_thread_policy()  # before any stage imports torch
     try:
-        return _main(list(sys.argv[1:] if argv is None else argv))
+        return _main(list(sys.argv[1:] if argv is None else argv), threads)
     except KeyboardInterrupt:  # Ctrl-C while the command's modules were still loading
         print("quackae: interrupted", file=sys.stderr)
         return 130
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], threads: dict[str, str] | None = None) -> int:
     command = _command_of(argv)
     parser = build_parser(command)
     namespace = parser.parse_args(argv)
@@ -214,6 +217,9 @@ def _main(argv: list[str]) -> int:
         parser.print_help()
         return 2
     setup_logging(namespace.log_level)
+    if threads and "OMP_NUM_THREADS" in threads:
+        count = threads["OMP_NUM_THREADS"]
+        log.info("other work holds cores: %s torch thread(s) (set OMP_NUM_THREADS to choose)", count)
     from quackae.runtime import keep_freed_memory, settled_heap
 
     keep_freed_memory()

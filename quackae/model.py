@@ -36,6 +36,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from quackae.attention import AttentionModule, AttentionScore
 from quackae.modelconfig import ModelConfig
+from quackae.recurrent import unpacked_gru
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,13 @@ class QuackAutoEncoder(pl.LightningModule):
     def _encode(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, width = x.shape
         embedded = self.drop(self.embed(x))  # (B, T, E)
-        packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
-        out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
-        states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
+        if embedded.requires_grad and embedded.device.type == "cpu":
+            # Training on a CPU: the packed call's backward pass grows with T squared there (see unpacked_gru).
+            states, last = unpacked_gru(self.encoder, embedded, lengths.to(x.device))  # (B, T, H), (2L, B, H/2)
+        else:
+            packed = pack_padded_sequence(embedded, lengths, batch_first=True, enforce_sorted=False)
+            out, last = self.encoder(packed)  # last: (2L, B, H/2), in the caller's batch order
+            states, _ = pad_packed_sequence(out, batch_first=True, total_length=width)  # (B, T, H), zeros at pads
         last = last.view(self.layers, 2, batch, self.hidden_size // 2)[-1]  # (2, B, H/2), last layer
         encoding = last.permute(1, 0, 2).reshape(batch, self.hidden_size)  # (B, H): [forward; backward]
         return encoding, states
@@ -259,7 +264,8 @@ class QuackAutoEncoder(pl.LightningModule):
             logits = self.predict(rows).float()  # (n, 2H) -> (n, V)
             losses.append(F.cross_entropy(logits, goal, reduction="none"))  # (n,)
             if accuracy:
-                correct.append(logits.detach().argmax(dim=-1) == goal)  # (n,)
+                # max's indices are argmax's (the first of equal maxima) at a quarter of its cost on a CPU
+                correct.append(logits.detach().max(dim=-1).indices == goal)  # (n,)
         return torch.cat(losses), torch.cat(correct) if accuracy else None, weights
 
     def _free_running(
@@ -370,10 +376,12 @@ class QuackAutoEncoder(pl.LightningModule):
         ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
         ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
         """
-        optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay)
+        trainer = self._trainer
+        # A gradient scaler (16-mixed) must unscale before clipping, which Lightning does for unfused optimizers only.
+        scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
+        optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay, fused=not scaled)
         interval, period = "epoch", self.hparams.lr_max_epochs
         if period <= 0:
-            trainer = self._trainer
             max_steps = trainer.max_steps if trainer is not None else -1
             max_epochs = trainer.max_epochs if trainer is not None else None
             if max_steps is not None and max_steps > 0:
@@ -384,6 +392,17 @@ class QuackAutoEncoder(pl.LightningModule):
             optimizer, T_max=period, eta_min=self.hparams.learning_rate_min
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip the gradients' norm here when no gradient scaler is in play (32-true, bf16-mixed): Lightning's
+        mixed-precision plugin refuses to clip for a fused optimizer even under bf16-mixed, where nothing is scaled."""
+        unscaled = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        if gradient_clip_val and unscaled and gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -420,13 +439,15 @@ class QuackAutoEncoder(pl.LightningModule):
         return out
 
 
-def adamw(parameters: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel (one pass over all parameters) where this torch build has it."""
+def adamw(parameters: Any, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over all parameters) where this torch build has it and ``fused``."""
     parameters = list(parameters)
-    try:
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if fused:
+        try:
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+            pass
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
 
 
 def _valid_positions(lengths: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

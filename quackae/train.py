@@ -118,7 +118,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resume = Path(config.resume) if config.resume else None
     if resume is not None:
         regular_file(resume, "--resume checkpoint", "pass RUN/checkpoints/last.ckpt of the run to continue")
-    trainer_kwargs = config.trainer_kwargs()
+    trainer_kwargs = config.trainer_kwargs(training=True)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     datamodule = TokenizedDataModule(
         config.data,
