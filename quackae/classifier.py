@@ -6,8 +6,10 @@ Classes too small for all three splits are warned about and kept in training onl
 sets the classifier beside three baselines measured on the same split: the majority class, a
 linear probe (softmax regression on the same standardised encodings, its weight decay chosen on
 the validation split) and the same probe, chosen the same way, on bags of tokens (log(1 + count)
-of each token id the run's own tokenizer gives the item), which says whether the encodings beat
-counting tokens.
+of each token id the run's own tokenizer gives the item, sparse at any corpus size), which says
+whether the encodings beat counting tokens. The few-label curve sets the probe on the encodings
+beside the probe on bags of tokens when only 5, 10, 25 or 50 training items per class are labelled
+(``probes.few_label_report``): where, if anywhere, the encodings win.
 
 Shape glossary: N items, H encoding size, C classes.
 """

@@ -3,8 +3,11 @@
 ``stratified_split`` orders each class by the keyed id hash (``selection.id_hash``) and deals out
 test, validation and training items; ``classification_report`` gives accuracy, macro-F1, per-class
 figures and the confusion matrix; ``linear_probe`` is softmax regression (L-BFGS) on standardised
-features, and ``tuned_linear_probe`` picks its weight decay on the validation split (one rule for
-every feature set), run on the stored encodings and on ``bag_of_tokens`` of the same items.
+features, and ``tuned_linear_probe`` picks its weight decay on the validation split (``choose_decay``:
+one rule for every feature set), run on the stored encodings; ``tuned_sparse_probe`` is the same on
+sparse bags of tokens of the same items (``sparse``), read by ``store_tokens``. ``few_label_draw``
+deals out 5, 10, 25 or 50 training items per class in the split's keyed hash order (``hash_order``),
+and ``few_label_curve`` scores a probe over several such draws.
 
 Shape glossary: N items, F features, C classes, V vocabulary.
 """

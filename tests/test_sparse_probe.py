@@ -86,7 +86,7 @@ def test_the_sparse_probe_predicts_what_the_dense_probe_predicts(decay):
 def test_the_probe_leaves_out_columns_constant_over_training():
     rng = np.random.default_rng(0)
     labels = np.arange(90) % 3
-    x = rng.standard_normal((90, 6)).astype(np.float32) + labels[:, None]
+    x = (rng.standard_normal((90, 6)) + labels[:, None]).astype(np.float32)
     x[:60, 5] = 0.0  # never seen in training, huge on the test items
     x[60:, 5] = 50.0 * (2 - labels[60:])
     without = linear_probe(x[:60, :5], labels[:60], x[60:, :5], 3, seed=0)
