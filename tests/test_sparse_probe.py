@@ -182,3 +182,21 @@ def test_classify_reports_the_bag_at_any_size_and_the_few_label_curve(tmp_path, 
     # the draws are seeded: a second run gives the same curve
     classify(ClassifyConfig(store=str(store), out=str(tmp_path / "c2"), max_epochs=2, accelerator="cpu", devices="1"))
     assert json.loads((tmp_path / "c2/report.json").read_text())["few_label"]["encodings"] == few["encodings"]
+
+
+def test_the_few_label_curve_chooses_each_sizes_decay_once_and_sums_up_the_draws():
+    from quackae.probes import few_label_curve
+
+    ids = np.arange(200)
+    labels = ["a", "b"] * 100
+    calls = []
+
+    def probe(chosen, decay):
+        calls.append((len(chosen), decay))
+        return len(chosen) / 1000 + (0.0 if decay is None else 0.001 * len(calls)), 0.01 if decay is None else decay
+
+    figures = few_label_curve(probe, ids, labels, np.arange(150), seed=0, sizes=(5, 10), draws=3)
+    assert calls == [(10, None), (10, 0.01), (10, 0.01), (20, None), (20, 0.01), (20, 0.01)]
+    assert figures["5"]["draws"] == [0.01, 0.012, 0.013] and figures["5"]["weight_decay"] == 0.01
+    assert figures["5"]["mean"] == pytest.approx(np.mean([0.01, 0.012, 0.013]), abs=1e-4)
+    assert figures["5"]["std"] == pytest.approx(np.std([0.01, 0.012, 0.013], ddof=1), abs=1e-4)
