@@ -18,6 +18,7 @@ import torch
 from quackae.budget import now
 
 BATCH = 128  # items decoded together
+BLOCK_BATCHES = 2  # batches whose items are sorted by length together; the deadline is checked between blocks
 
 
 def sample(indices: Any, size: int, seed: int) -> np.ndarray:
@@ -27,15 +28,13 @@ def sample(indices: Any, size: int, seed: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def greedy_reconstruction(
-    checkpoint: Path, dataset: Any, items: np.ndarray, deadline: float | None, seed: int = 0
-) -> dict[str, Any]:
+def greedy_reconstruction(checkpoint: Path, dataset: Any, items: np.ndarray, deadline: float | None) -> dict[str, Any]:
     """Greedy token accuracy and exact-match rate over the rows ``items`` of ``dataset``; ``greedy_items`` says how
     many were scored.
 
-    The items are sorted by length and cut into batches of ``BATCH`` (similar lengths decode together), taken in a
-    seeded random order; after the first, no batch starts past ``deadline`` (a ``budget.now()``). Every item is
-    as likely as any other to be in the batches scored before a deadline.
+    ``items`` (a random sample) are taken in blocks of ``BLOCK_BATCHES`` batches of ``BATCH``, each block sorted
+    by length so that similar lengths decode together; after the first, no block starts past ``deadline`` (a
+    ``budget.now()``), so the items scored before a deadline are a random sample too, not a length stratum.
     """
     from quackae.checkpoints import load_model
     from quackae.data import pad_batch
@@ -44,22 +43,24 @@ def greedy_reconstruction(
     if not len(items):
         return scored
     model = load_model(str(checkpoint))
-    rows = sorted(dataset.select_columns(["input_ids"])[items.tolist()]["input_ids"], key=len)
-    batches = [rows[start : start + BATCH] for start in range(0, len(rows), BATCH)]
+    rows = dataset.select_columns(["input_ids"])[items.tolist()]["input_ids"]
+    block = BLOCK_BATCHES * BATCH
     correct = total = exact = done = 0
-    for number in np.random.default_rng(seed).permutation(len(batches)).tolist():
+    for start in range(0, len(rows), block):
         if done and deadline is not None and now() >= deadline:
             break
-        x = pad_batch(batches[number], model.pad_id)  # (B, T)
-        out = model.reconstruct(x, max_length=x.size(1))  # (B, S)
-        if out.size(1) < x.size(1):
-            out = torch.nn.functional.pad(out, (0, x.size(1) - out.size(1)), value=model.pad_id)
-        valid = x.ne(model.pad_id)
-        hits = (out[:, : x.size(1)] == x) & valid
-        correct += int(hits.sum())
-        total += int(valid.sum())
-        exact += int((hits | ~valid).all(dim=1).sum())
-        done += x.size(0)
+        ordered = sorted(rows[start : start + block], key=len)
+        for first in range(0, len(ordered), BATCH):
+            x = pad_batch(ordered[first : first + BATCH], model.pad_id)  # (B, T)
+            out = model.reconstruct(x, max_length=x.size(1))  # (B, S)
+            if out.size(1) < x.size(1):
+                out = torch.nn.functional.pad(out, (0, x.size(1) - out.size(1)), value=model.pad_id)
+            valid = x.ne(model.pad_id)
+            hits = (out[:, : x.size(1)] == x) & valid
+            correct += int(hits.sum())
+            total += int(valid.sum())
+            exact += int((hits | ~valid).all(dim=1).sum())
+        done += len(ordered)
     scored.update(greedy_items=done, greedy_token_accuracy=correct / total, greedy_exact_match=exact / done)
     return scored
 

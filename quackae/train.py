@@ -344,7 +344,7 @@ def _fit(
         return {**summary, "lines": [*lines, "no checkpoint was written: training stopped before its first step"]}
     summary["evaluated_checkpoint"] = str(evaluated)
     deadline = budget.deadline - FINISH_S if budget else None
-    summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline, config.seed))
+    summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline))
     # the keys of earlier summaries, for the same greedy figures
     summary.update(token_accuracy=summary["greedy_token_accuracy"], exact_match=summary["greedy_exact_match"])
     summary["teacher_forced_val_token_accuracy"] = teacher_forced(out, has_best)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quackae.curves import read_metrics, write_curves
+from quackae.curves import WIDTH, read_metrics, write_curves
 from quackae.errors import QuackError
 from quackae.render import (
     _colour,
@@ -125,7 +125,7 @@ def test_curves_are_written_from_metrics(tmp_path):
     path = write_curves(tmp_path)
     assert path == tmp_path / "curves.png" and not list(tmp_path.glob(".*.tmp"))
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.width == 720
+        assert image.format == "PNG" and image.width == WIDTH
         assert image.text["points"] == "train_loss_step=3,val_loss=3,train_token_acc_step=3,val_token_acc=3"
 
 

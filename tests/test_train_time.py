@@ -120,10 +120,10 @@ def test_held_out_figures_are_a_seeded_sample_and_stop_at_the_deadline(data, tmp
     items = heldout.sample(module.splits["test"], 20, seed=3)
     assert len(items) == 20 and set(items) <= set(module.splits["test"])
     assert np.array_equal(items, heldout.sample(module.splits["test"], 20, seed=3))
-    monkeypatch.setattr(heldout, "BATCH", 4)
+    monkeypatch.setattr(heldout, "BATCH", 2)
     whole = heldout.greedy_reconstruction(checkpoint, module.dataset, items, deadline=None)
     cut = heldout.greedy_reconstruction(checkpoint, module.dataset, items, deadline=-1.0)
-    assert whole["greedy_items"] == 20 and cut["greedy_items"] == 4  # one batch, then the deadline
+    assert whole["greedy_items"] == 20 and cut["greedy_items"] == 2 * heldout.BLOCK_BATCHES  # one block, then none
     # the obvious reference: each item decoded alone
     model = load_model(str(checkpoint))
     rows = module.dataset.select_columns(["input_ids"])[items.tolist()]["input_ids"]
