@@ -16,10 +16,19 @@ encoding rather than around it: ``word_dropout`` replaces decoder input tokens b
 steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
 reconstruction go step by step, as they must.
 
+Beside reconstruction (``reconstruction_weight``; at 0 the decoder does not run), a bag-of-words term
+(``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
+``-log_softmax(head(encoding))[token]``, a linear head on the ``bow_pooling`` encoding, so its gradient
+reaches the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term
+is multiplied by the item's own token count: weight 1 weighs it like one item's reconstruction, and it
+depends on the item alone. ``input_word_dropout`` deletes a share of the tokens that term's encoder
+sees (with reconstruction on, it encodes its own copy: reconstruction keeps its input).
+
 Shape glossary:
     B  batch size            T  input (encoder) width        S  decoder steps
     E  embedding size        H  hidden size (encoding size)  V  vocabulary size
     L  GRU layers            N  non-pad target tokens in a batch
+    P  width of a pooled encoding (H per part of the pooling)
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ class QuackAutoEncoder(pl.LightningModule):
         self.pad_id = config.pad_id
         self.pooling = config.pooling
         self.encoding_size = config.encoding_size
+        self.bow_pooling = config.bow_pooling or config.pooling  # fixed here: set_pooling never changes it
 
         self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=config.pad_id)
         self.drop = nn.Dropout(config.dropout)  # on embeddings and on the predictor's input; identity in eval mode
@@ -91,6 +101,9 @@ class QuackAutoEncoder(pl.LightningModule):
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, num_embeddings),
         )
+        # Made last, so the other weights start the same with the bag-of-words head on or off.
+        bow_width = len(self.bow_pooling.split("+")) * hidden_size  # P
+        self.bow = nn.Linear(bow_width, num_embeddings) if config.bow_weight > 0 else None
 
     # ------------------------------------------------------------------ input checks
     def mask_input(self, padded: torch.Tensor) -> torch.Tensor:
@@ -131,19 +144,22 @@ class QuackAutoEncoder(pl.LightningModule):
 
     def set_pooling(self, pooling: str) -> None:
         """Store ``pooling`` from now on (one of ``POOLINGS``); training is unaffected."""
-        self.config = self.config.replace(pooling=pooling)  # checks the name
+        self.config = self.config.replace(pooling=pooling, bow_pooling=self.bow_pooling)  # checks the name
         self.hparams.pooling = self.pooling = pooling
+        self.hparams.bow_pooling = self.bow_pooling  # a reloaded model keeps its head's input
         self.encoding_size = self.config.encoding_size
 
     # ------------------------------------------------------------------ encoder
-    def pool(self, final: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(
+        self, final: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, pooling: str | None = None
+    ) -> torch.Tensor:
         """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, ``mask`` (B, T) true at tokens
         (on the states' device: no host copy per batch).
 
-        Returns (B, k H) for a ``pooling`` of k parts, concatenated in the order named.
+        Returns (B, k H) for a ``pooling`` (default: the stored one) of k parts, concatenated in the order named.
         """
         pooled = []
-        for part in self.pooling.split("+"):
+        for part in (pooling or self.pooling).split("+"):
             if part == "final":
                 pooled.append(final)  # (B, H)
             elif part == "mean":
@@ -180,11 +196,14 @@ class QuackAutoEncoder(pl.LightningModule):
         return self.pool(final, states, mask), states
 
     # ------------------------------------------------------------------ noise
-    def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token deletion or masking on the encoder input; returns ``(x', mask', lengths' on CPU)``."""
-        p = self.hparams.denoise
+    def _corrupt(
+        self, x: torch.Tensor, mask: torch.Tensor, share: float | None = None, mode: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token deletion or masking of a ``share`` of the encoder input (default: ``denoise`` and ``denoise_mode``);
+        returns ``(x', mask', lengths' on CPU)``."""
+        p = self.hparams.denoise if share is None else share
         drop = (torch.rand(x.shape, device=x.device) < p) & mask  # (B, T)
-        if self.hparams.denoise_mode == "mask":
+        if (mode or self.hparams.denoise_mode) == "mask":
             noisy = x.masked_fill(drop, self.hparams.mask_id)
             return noisy, mask, mask.sum(dim=1).cpu()
         keep = mask & ~drop
@@ -299,40 +318,61 @@ class QuackAutoEncoder(pl.LightningModule):
         present = target.ne(self.pad_id).sum(dim=0).clamp(min=1)  # (S,)
         return (ce.sum(dim=0) / present).sum()
 
+    def bag_of_words(self, pooled: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per item, ``-log_softmax(head(pooled))[token]`` summed over its tokens (``mask`` (B, T)): (B,)."""
+        log_probs = F.log_softmax(self.bow(pooled).float(), dim=-1)  # (B, P) -> (B, V)
+        return -(log_probs.gather(1, target) * mask).sum(dim=1)  # (B, T) -> (B,), padding adds nothing
+
+    def _losses(
+        self, target: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, accuracy: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` (the weighted sum of the objectives) and its parts, 0-d each, of checked ids ``target`` (B, T):
+        ``token_loss``/``token_acc`` with reconstruction, ``bow_loss`` (mean over items of the per-token mean)."""
+        hp = self.hparams
+        rebuild = hp.reconstruction_weight > 0
+        own_view = self.bow is not None and self.training and hp.input_word_dropout > 0  # a copy, words deleted
+        enc_in, enc_mask, enc_lengths = target, mask, lengths
+        if own_view and not rebuild:
+            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask, hp.input_word_dropout, "delete")
+        elif self.training and hp.denoise > 0:
+            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask)
+        encoding, states = self._encode(enc_in, enc_lengths)  # (B, H), (B, T, H)
+        parts, terms = {}, []
+        if rebuild:
+            if self.training and float(torch.rand(())) >= hp.teacher_forcing_ratio:
+                output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
+                loss = self.loss_over_time(target, output)
+                wanted = target[:, : output.size(1)]  # (B, S)
+                valid = wanted.ne(self.pad_id)  # (B, S)
+                parts["token_loss"] = F.cross_entropy(output.float()[valid], wanted[valid])
+                parts["token_acc"] = (output.argmax(-1) == wanted)[valid].float().mean()
+            else:
+                ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths, accuracy)
+                loss, parts["token_loss"] = (ce * weights).sum(), ce.mean()
+                if accuracy:
+                    parts["token_acc"] = correct.float().mean()
+            terms.append(loss if hp.reconstruction_weight == 1 else hp.reconstruction_weight * loss)
+        if self.bow is not None:
+            if own_view and rebuild:
+                enc_in, enc_mask, enc_lengths = self._corrupt(target, mask, hp.input_word_dropout, "delete")
+                encoding, states = self._encode(enc_in, enc_lengths)  # (B, H), (B, T, H)
+            summed = self.bag_of_words(self.pool(encoding, states, enc_mask, self.bow_pooling), target, mask)  # (B,)
+            terms.append(hp.bow_weight * summed.mean())
+            parts["bow_loss"] = (summed / mask.sum(dim=1)).mean()
+        return {"loss": sum(terms[1:], terms[0]), **parts}
+
     def _step_loss(self, batch: Any, stage: str) -> torch.Tensor:
         x = batch[1] if isinstance(batch, (tuple, list)) else batch
         target, mask, lengths = self._check(x)
-        if self.training and self.hparams.denoise > 0:
-            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask)
-        else:
-            enc_in, enc_mask, enc_lengths = target, mask, lengths
-        encoding, states = self._encode(enc_in, enc_lengths)
-        free = self.training and float(torch.rand(())) >= self.hparams.teacher_forcing_ratio
-        if free:
-            output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
-            loss = self.loss_over_time(target, output)
-            valid = target[:, : output.size(1)].ne(self.pad_id)  # (B, S)
-            token_ce = F.cross_entropy(output.float()[valid], target[:, : output.size(1)][valid])
-            accuracy = (output.argmax(-1) == target[:, : output.size(1)])[valid].float().mean()
-        else:
-            ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths)  # (N,) each
-            loss = (ce * weights).sum()
-            token_ce = ce.mean()
-            accuracy = correct.float().mean()
-        on_step = stage == "train"
-        sync = stage != "train"
-        size = target.size(0)
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync, batch_size=size)
-        self.log(f"{stage}_token_loss", token_ce, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
-        self.log(f"{stage}_token_acc", accuracy, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
-        return loss
+        parts = self._losses(target, mask, lengths)
+        when = {"on_step": stage == "train", "on_epoch": True, "sync_dist": stage != "train"}
+        for name, value in parts.items():
+            self.log(f"{stage}_{name}", value, prog_bar=name == "loss", batch_size=target.size(0), **when)
+        return parts["loss"]
 
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch of token ids (B, T), without Lightning logging (benchmarks)."""
-        target, mask, lengths = self._check(x)
-        encoding, states = self._encode(target, lengths)
-        ce, _, weights = self._teacher_forced(target, encoding, states, mask, lengths, accuracy=False)  # (N,), (N,)
-        return (ce * weights).sum()
+        return self._losses(*self._check(x), accuracy=False)["loss"]
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
