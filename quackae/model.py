@@ -16,13 +16,13 @@ encoding rather than around it: ``word_dropout`` replaces decoder input tokens b
 steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
 reconstruction go step by step, as they must.
 
-Beside reconstruction (``reconstruction_weight``; at 0 the decoder does not run), a bag-of-words term
-(``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
+Beside reconstruction (``reconstruction_weight``; at 0 the decoder neither runs nor trains), a bag-of-words
+term (``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
 ``-log_softmax(head(encoding))[token]``, a linear head on the ``bow_pooling`` encoding, so its gradient
-reaches the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term
-is multiplied by the item's own token count: weight 1 weighs it like one item's reconstruction, and it
-depends on the item alone. ``input_word_dropout`` deletes a share of the tokens that term's encoder
-sees (with reconstruction on, it encodes its own copy: reconstruction keeps its input).
+reaches the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term is
+multiplied by the item's own token count: weight 1 weighs it like one item's reconstruction, and it depends
+on the item alone. ``input_word_dropout`` deletes a share of the tokens that term's encoder sees (with
+reconstruction on, it encodes its own copy: reconstruction keeps its input).
 
 Shape glossary:
     B  batch size            T  input (encoder) width        S  decoder steps
@@ -101,9 +101,11 @@ class QuackAutoEncoder(pl.LightningModule):
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, num_embeddings),
         )
-        # Made last, so the other weights start the same with the bag-of-words head on or off.
-        bow_width = len(self.bow_pooling.split("+")) * hidden_size  # P
+        bow_width = len(self.bow_pooling.split("+")) * hidden_size  # P; the head is made after every other weight
         self.bow = nn.Linear(bow_width, num_embeddings) if config.bow_weight > 0 else None
+        if config.reconstruction_weight == 0:  # the decoder never runs in training: DDP must not wait for its gradients
+            for part in (self.start, self.decoder, self.predict):
+                part.requires_grad_(False)
 
     # ------------------------------------------------------------------ input checks
     def mask_input(self, padded: torch.Tensor) -> torch.Tensor:
@@ -328,8 +330,7 @@ class QuackAutoEncoder(pl.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """``loss`` (the weighted sum of the objectives) and its parts, 0-d each, of checked ids ``target`` (B, T):
         ``token_loss``/``token_acc`` with reconstruction, ``bow_loss`` (mean over items of the per-token mean)."""
-        hp = self.hparams
-        rebuild = hp.reconstruction_weight > 0
+        hp, rebuild = self.hparams, self.hparams.reconstruction_weight > 0
         own_view = self.bow is not None and self.training and hp.input_word_dropout > 0  # a copy, words deleted
         enc_in, enc_mask, enc_lengths = target, mask, lengths
         if own_view and not rebuild:
@@ -362,8 +363,7 @@ class QuackAutoEncoder(pl.LightningModule):
         return {"loss": sum(terms[1:], terms[0]), **parts}
 
     def _step_loss(self, batch: Any, stage: str) -> torch.Tensor:
-        x = batch[1] if isinstance(batch, (tuple, list)) else batch
-        target, mask, lengths = self._check(x)
+        target, mask, lengths = self._check(batch[1] if isinstance(batch, (tuple, list)) else batch)
         parts = self._losses(target, mask, lengths)
         when = {"on_step": stage == "train", "on_epoch": True, "sync_dist": stage != "train"}
         for name, value in parts.items():
