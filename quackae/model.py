@@ -1,34 +1,30 @@
 """``QuackAutoEncoder``: a sequence-to-sequence autoencoder with attention.
 
-The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is
-depends on ``pooling``: ``final`` (the last layer's final forward and backward states, (B, H)),
-``mean`` (the mean of the encoder states over the item's tokens, (B, H)), ``max`` (their
-element-wise maximum over the item's tokens, (B, H)), or several joined by ``+`` and
-concatenated in that order (``final+mean``: (B, 2H)). The decoder is a GRU started from the final states (whatever
-is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
-an MLP on ``[context; decoder state]`` that predicts the next token.
+The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is depends on ``pooling``:
+``final`` (the last layer's final forward and backward states, (B, H)), ``mean`` (the mean of the encoder states over
+the item's tokens, (B, H)), ``max`` (their element-wise maximum over the item's tokens, (B, H)), or several joined by
+``+`` and concatenated in that order (``final+mean``: (B, 2H)). The decoder is a GRU started from the final states
+(whatever is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and an
+MLP on ``[context; decoder state]`` that predicts the next token.
 
-Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call
-over all steps, one batched attention, and vocabulary logits and cross-entropy only at the
-target's non-pad positions. Three training-only switches push information through the
-encoding rather than around it: ``word_dropout`` replaces decoder input tokens by the mask id
-(Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder
-steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
+Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call over all steps, one
+batched attention, and vocabulary logits and cross-entropy only at the target's non-pad positions. Three training-only
+switches push information through the encoding rather than around it: ``word_dropout`` replaces decoder input tokens
+by the mask id (Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder steps,
+and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
 reconstruction go step by step, as they must.
 
-Beside reconstruction (``reconstruction_weight``; at 0 the decoder neither runs nor trains), a bag-of-words
-term (``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
-``-log_softmax(head(encoding))[token]``, a linear head on the ``bow_pooling`` encoding, so its gradient
-reaches the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term is
-multiplied by the item's own token count: weight 1 weighs it like one item's reconstruction, and it depends
-on the item alone. ``input_word_dropout`` deletes a share of the tokens that term's encoder sees (with
-reconstruction on, it encodes its own copy: reconstruction keeps its input).
+Beside reconstruction (``reconstruction_weight``; at 0 the decoder neither runs nor trains), a bag-of-words term
+(``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
+``-log_softmax(head(encoding))[token]`` with a linear head on the ``bow_pooling`` encoding, so its gradient reaches
+the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term is multiplied by the
+item's own token count: weight 1 weighs it like one item's reconstruction, and it depends on the item alone.
+``input_word_dropout`` deletes a share of the tokens that term's encoder sees (its own copy when reconstructing).
 
 Shape glossary:
     B  batch size            T  input (encoder) width        S  decoder steps
     E  embedding size        H  hidden size (encoding size)  V  vocabulary size
-    L  GRU layers            N  non-pad target tokens in a batch
-    P  width of a pooled encoding (H per part of the pooling)
+    L  GRU layers            N  non-pad target tokens in a batch   P  a pooled encoding's width (H a part)
 """
 
 from __future__ import annotations
@@ -188,10 +184,9 @@ class QuackAutoEncoder(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids ``x`` (B, T), right-padded with the pad id.
 
-        Returns ``(encoding (B, encoding_size), states (B, T, H))``: the encoding is pooled as
-        ``pooling`` says; states at padded positions are 0. An item's encoding does not depend on
-        its padding or its batch mates. Raises ``ValueError`` for ids outside ``[0, V)``, empty
-        rows, non-integer or non-2-D input.
+        Returns ``(encoding (B, encoding_size), states (B, T, H))``: the encoding is pooled as ``pooling`` says; states
+        at padded positions are 0. An item's encoding does not depend on its padding or its batch mates. Raises
+        ``ValueError`` for ids outside ``[0, V)``, empty rows, non-integer or non-2-D input.
         """
         x, mask, lengths = self._check(x)
         final, states = self._encode(x, lengths)  # (B, H), (B, T, H)
@@ -253,12 +248,11 @@ class QuackAutoEncoder(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Whole-sequence teacher forcing; returns ``(cross-entropy (N,), correct (N,) bool, step weights (N,))``.
 
-        The N tokens are the target's non-pad positions within the decoded steps (time-major);
-        each token's step weight is 1 / (items still present at its step), so the weighted sum
-        equals ``loss_over_time`` without computing vocabulary logits at padded positions.
-        ``correct`` is None without ``accuracy`` (the argmax costs a pass over the logits).
-        Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block
-        never has to exist at once, which keeps it in cache on a CPU (about 20% faster here).
+        The N tokens are the target's non-pad positions within the decoded steps (time-major); each token's step weight
+        is 1 / (items still present at its step), so the weighted sum equals ``loss_over_time`` without computing
+        vocabulary logits at padded positions. ``correct`` is None without ``accuracy`` (the argmax costs a pass over
+        the logits). Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block never has
+        to exist at once, which keeps it in cache on a CPU (about 20% faster here).
         """
         batch = target.size(0)
         steps = self._steps(target.size(1))
@@ -291,8 +285,8 @@ class QuackAutoEncoder(pl.LightningModule):
 
     def _free_running(
         self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Decoder fed its own samples step by step; returns logits (B, S, V) for every step."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder fed its own samples step by step: ``(loss_over_time, token cross-entropy, token accuracy)``."""
         batch = target.size(0)
         hidden = self._initial_hidden(encoding)  # (L, B, H)
         token_embed = self.start.expand(batch, -1)  # (B, E)
@@ -303,7 +297,11 @@ class QuackAutoEncoder(pl.LightningModule):
             with torch.no_grad():
                 sampled = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)  # (B,)
             token_embed = self.drop(self.embed(sampled))  # (B, E)
-        return torch.stack(outputs, dim=1)  # (B, S, V)
+        output = torch.stack(outputs, dim=1)  # (B, S, V)
+        wanted = target[:, : output.size(1)]  # (B, S)
+        valid = wanted.ne(self.pad_id)  # (B, S)
+        token_ce = F.cross_entropy(output.float()[valid], wanted[valid])
+        return self.loss_over_time(target, output), token_ce, (output.argmax(-1) == wanted)[valid].float().mean()
 
     # ------------------------------------------------------------------ losses
     def loss_over_time(self, original: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -314,9 +312,8 @@ class QuackAutoEncoder(pl.LightningModule):
         """
         steps = min(original.size(1), output.size(1))
         target = original[:, :steps]  # (B, S)
-        ce = F.cross_entropy(
-            output[:, :steps].transpose(1, 2).float(), target, ignore_index=self.pad_id, reduction="none"
-        )  # (B, V, S) vs (B, S) -> (B, S), 0 at pads
+        logits = output[:, :steps].transpose(1, 2).float()  # (B, V, S)
+        ce = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="none")  # (B, S), 0 at pads
         present = target.ne(self.pad_id).sum(dim=0).clamp(min=1)  # (S,)
         return (ce.sum(dim=0) / present).sum()
 
@@ -341,12 +338,7 @@ class QuackAutoEncoder(pl.LightningModule):
         parts, terms = {}, []
         if rebuild:
             if self.training and float(torch.rand(())) >= hp.teacher_forcing_ratio:
-                output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
-                loss = self.loss_over_time(target, output)
-                wanted = target[:, : output.size(1)]  # (B, S)
-                valid = wanted.ne(self.pad_id)  # (B, S)
-                parts["token_loss"] = F.cross_entropy(output.float()[valid], wanted[valid])
-                parts["token_acc"] = (output.argmax(-1) == wanted)[valid].float().mean()
+                loss, parts["token_loss"], parts["token_acc"] = self._free_running(target, encoding, states, enc_mask)
             else:
                 ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths, accuracy)
                 loss, parts["token_loss"] = (ce * weights).sum(), ce.mean()
@@ -387,9 +379,9 @@ class QuackAutoEncoder(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
         """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, encoding_size))``, pooled as ``pooling`` says.
 
-        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for
-        ``quackae encode --png attention``) also asks for the greedy reconstruction: a third element
-        ``(attention (B, S, T), tokens (B, S), x (B, T))`` for the heat maps.
+        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for ``quackae encode --png
+        attention``) also asks for the greedy reconstruction: a third element ``(attention (B, S, T), tokens (B, S), x
+        (B, T))`` for the heat maps.
         """
         metadata, x, *request = batch
         encoding, _ = self(x)  # (B, encoding_size)
@@ -401,36 +393,25 @@ class QuackAutoEncoder(pl.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move only the token tensor of a ``(metadata, x)`` batch; the metadata (a ``pyarrow.Table`` or a
         list of dicts) stays on the host for the writer."""
-        if (
-            isinstance(batch, (tuple, list))
-            and len(batch) in (2, 3)
-            and not torch.is_tensor(batch[0])
-            and torch.is_tensor(batch[1])
-        ):
+        host_metadata = isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and not torch.is_tensor(batch[0])
+        if host_metadata and torch.is_tensor(batch[1]):
             return batch[0], batch[1].to(device, non_blocking=True), *batch[2:]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``.
-
-        ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
-        ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
-        """
+        """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``: over ``lr_max_epochs`` epochs
+        when > 0, else over the trainer's ``max_steps`` when set (stepped per optimizer step), else ``max_epochs``."""
         trainer = self._trainer
         # A gradient scaler (16-mixed) must unscale before clipping, which Lightning does for unfused optimizers only.
         scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
         optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay, fused=not scaled)
         interval, period = "epoch", self.hparams.lr_max_epochs
-        if period <= 0:
-            max_steps = trainer.max_steps if trainer is not None else -1
-            max_epochs = trainer.max_epochs if trainer is not None else None
-            if max_steps is not None and max_steps > 0:
-                interval, period = "step", max_steps
-            else:
-                period = max(1, max_epochs or 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=period, eta_min=self.hparams.learning_rate_min
-        )
+        max_steps, max_epochs = (trainer.max_steps, trainer.max_epochs) if trainer is not None else (-1, None)
+        if period <= 0 and max_steps is not None and max_steps > 0:
+            interval, period = "step", max_steps
+        elif period <= 0:
+            period = max(1, max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, period, self.hparams.learning_rate_min)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def configure_gradient_clipping(
@@ -474,9 +455,7 @@ class QuackAutoEncoder(pl.LightningModule):
                     break
             token_embed = self.embed(token)
         out = torch.stack(tokens, dim=1)  # (B, S)
-        if return_attention:
-            return out, torch.stack(attention, dim=1)  # (B, S, T)
-        return out
+        return (out, torch.stack(attention, dim=1)) if return_attention else out  # (B, S, T) attention
 
 
 def adamw(parameters: Any, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
