@@ -59,16 +59,18 @@ def losses(model: QuackAutoEncoder, x: torch.Tensor) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("pooling", "bow_pooling", "weight", "rebuild"),
+    ("pooling", "bow_pooling", "weight", "rebuild", "training"),
     [  # the reconstruction reference decodes from the stored encoding, so rows that rebuild store final states
-        ("final", None, 1.0, 1.0),
-        ("final", "mean", 2.5, 0.5),
-        ("final", "final+mean+max", 0.3, 1.0),
-        ("final+mean", None, 0.7, 0.0),
+        ("final", None, 1.0, 1.0, False),
+        ("final", "mean", 2.5, 0.5, False),
+        ("final", "final+mean+max", 0.3, 1.0, True),  # training on a CPU: the unpacked encoder
+        ("final+mean", None, 0.7, 0.0, False),
+        ("final+mean", "max", 1.3, 0.0, True),
     ],
 )
-def test_bow_loss_equals_a_per_item_reference_with_its_gradients(pooling, bow_pooling, weight, rebuild):
+def test_bow_loss_equals_a_per_item_reference_with_its_gradients(pooling, bow_pooling, weight, rebuild, training):
     model = tiny(pooling=pooling, bow_pooling=bow_pooling, bow_weight=weight, reconstruction_weight=rebuild)
+    model.train(training)  # no dropout, noise or free running in these models: training changes only the path
     assert model.bow_pooling == (bow_pooling or pooling)
     x = random_padded(7, VOCAB, 1, 10, seed=2)
     fast = losses(model, x)
@@ -234,3 +236,7 @@ def test_a_run_logs_the_bow_loss_into_metrics_and_summary(tmp_path):
     assert {"train_bow_loss_step", "train_bow_loss_epoch", "val_bow_loss"} <= set(header)
     plain = train(TrainConfig(data=str(tmp_path / "p"), out=str(tmp_path / "plain"), max_epochs=1, **common))
     assert "train_bow_loss" not in plain
+    # the bag-of-words term alone: a frozen decoder under the command's precision, optimizer and clipping
+    alone = {"reconstruction_weight": 0.0, "bow_weight": 1.0, "input_word_dropout": 0.5}
+    only = train(TrainConfig(data=str(tmp_path / "p"), out=str(tmp_path / "only"), max_epochs=2, **alone, **common))
+    assert 0 < only["train_bow_loss"] < 20 and 0 < only["val_bow_loss"] < 20 and only["global_step"] > 0
