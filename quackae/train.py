@@ -29,7 +29,7 @@ from quackae.divergence import FiniteGuard, NonFiniteTraining
 from quackae.errors import QuackError
 from quackae.files import read_bytes, regular_file
 from quackae.modelconfig import ModelFlags, model_problems
-from quackae.runlock import RunLock
+from quackae.runlock import RunLock, check_run_folder
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
 from quackae.runtime import TrainerFlags, settled_heap
@@ -113,8 +113,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from quackae.tokenizer import special_ids
 
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise QuackError(f"--out {out} is a file; give the run a directory")
+    check_run_folder(out, config.data)
     resume = Path(config.resume) if config.resume else None
     if resume is not None:
         regular_file(resume, "--resume checkpoint", "pass RUN/checkpoints/last.ckpt of the run to continue")
