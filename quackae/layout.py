@@ -226,6 +226,14 @@ def read_manifest(store: Path) -> dict[str, Any] | None:
     return read_json(path, "store manifest", "pass --overwrite to replace the store or choose another one")
 
 
+def manifest_path(store: Path, recorded: str) -> Path:
+    """A path ``STORE/manifest.json`` records: absolute as encode writes it; a relative one (an older quackae
+    wrote them relative to encode's working directory) is taken from the store's parent folder when it is there,
+    else as it stands."""
+    beside = Path(store).parent / recorded
+    return beside if not Path(recorded).is_absolute() and os.path.lexists(beside) else Path(recorded)
+
+
 def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:
     """``shards`` or ``files``: the manifest's word, else what is on disk."""
     if manifest and manifest.get("layout") in LAYOUTS:

@@ -384,3 +384,27 @@ def test_units_with_foreign_ids_never_count(made, tmp_path, capsys, layout):
     assert not foreign.exists() and len(list((out / ".quarantine").iterdir())) == 1
     assert _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))[0] == 0
     assert any(line.startswith(f"{foreign}: holds 1") for line in listed), listed  # verify named the unit
+
+
+def test_the_manifest_paths_lead_to_the_model_and_data_from_any_working_directory(made, tmp_path, monkeypatch):
+    from quackae.probes import store_token_sequences
+
+    monkeypatch.chdir(made)
+    out = tmp_path / "s"
+    _encode(Path("."), out)  # --model run1 and the data given relative to the working directory
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == str((made / "run1" / "tokenizer.json").resolve())
+    assert manifest["dataset"] == str((made / "prepared").resolve())
+    assert Path(manifest["checkpoint"]).is_absolute() and Path(manifest["checkpoint"]).samefile(
+        made / "run1" / "checkpoints" / Path(manifest["checkpoint"]).name
+    )
+    ids = np.asarray(EncodingStore(out).ids())
+    monkeypatch.chdir("/")
+    tokens, source = store_token_sequences(out, ids, [{} for _ in ids])
+    assert tokens is not None and source == f"{(made / 'prepared').resolve()}/dataset input_ids", source
+    # a manifest an older quackae wrote, its paths relative to the store's parent folder, reads the same
+    for key in ("tokenizer", "dataset", "checkpoint"):
+        manifest[key] = os.path.relpath(manifest[key], tmp_path)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    tokens_again, source = store_token_sequences(out, ids, [{} for _ in ids])
+    assert source.endswith("/dataset input_ids") and tokens_again == tokens, source
