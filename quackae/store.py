@@ -31,6 +31,7 @@ from quackae.layout import (
     shard_matrix,
     shard_provenance,
 )
+from quackae.ownership import foreign_entries
 from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
 from quackae.selection import is_labelled
 
@@ -250,6 +251,13 @@ class EncodingStore:
             )
         if self._repeated:
             raise QuackError(f"{where} is not sound: {self._repeated} ids are stored more than once; {redo}")
+        foreign = foreign_entries(self.path, deep=True)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise QuackError(
+                f"{where} is not usable: it holds {foreign[0]}{more}, which quackae does not write; "
+                "move it out of the store"
+            )
         if self.manifest["items"] != len(self):
             raise QuackError(
                 f"{where} is incomplete: its manifest counts {self.manifest['items']} items and it holds {len(self)} "

@@ -408,3 +408,27 @@ def test_the_manifest_paths_lead_to_the_model_and_data_from_any_working_director
     (out / "manifest.json").write_text(json.dumps(manifest))
     tokens_again, source = store_token_sequences(out, ids, [{} for _ in ids])
     assert source.endswith("/dataset input_ids") and tokens_again == tokens, source
+
+
+@pytest.mark.parametrize(
+    ("layout", "stray"),
+    [("shards", "shards/notes.txt"), ("files", "0/0/1.NPZ"), ("files", "0/0/notes.txt"), ("files", "0/notes")],
+)
+def test_a_file_quackae_does_not_write_is_refused_alike_by_encode_export_and_verify(
+    made, tmp_path, capsys, layout, stray
+):
+    out = _copy(made, layout, tmp_path / "s")
+    if stray == "0/0/1.NPZ":
+        (out / item_path(1, "npz")).rename(out / stray)  # a user's rename of item 1
+    else:
+        (out / stray).write_text("mine")
+    before = (out / "manifest.json").read_text()
+    code, lines = _encode_cli(capsys, made, out, "--layout", layout)
+    assert code == 2 and len(lines) == 1 and f"it holds {out / stray}, which quackae does not write" in lines[0], lines
+    assert (out / "manifest.json").read_text() == before and (out / stray).exists()
+    code, lines = _cli(capsys, "export", str(out), "--out", str(tmp_path / "x.parquet"))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"store {out} is not usable: it holds {out / stray}, which quackae does not write; move it" in lines[0]
+    assert not (tmp_path / "x.parquet").exists()
+    code, lines = _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))
+    assert code == 1 and f"{out / stray}: not something quackae writes in a store" in lines, lines
