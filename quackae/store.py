@@ -30,6 +30,7 @@ from quackae.layout import (
     shard_files,
     shard_matrix,
     shard_provenance,
+    store_folder_problem,
 )
 from quackae.ownership import foreign_entries
 from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
@@ -51,8 +52,8 @@ class EncodingStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise QuackError(f"encoding store {self.path} does not exist; run quackae encode --out {self.path}")
+        if store_folder_problem(self.path) is not None:
+            raise QuackError(store_folder_problem(self.path))
         self.manifest: dict[str, Any] = read_manifest(self.path) or {}
         self.layout = layout_of(self.path, self.manifest)
         self._tables: list[Any] = []
