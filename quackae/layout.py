@@ -223,7 +223,7 @@ def read_manifest(store: Path) -> dict[str, Any] | None:
     path = store / MANIFEST
     if not os.path.lexists(path):
         return None
-    return read_json(path, "store manifest", "pass --overwrite to replace the store or choose another one")
+    return read_json(path, "store manifest", f"replace the store with quackae encode --out {store} --overwrite")
 
 
 def store_folder_problem(store: Path) -> str | None:
