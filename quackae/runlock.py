@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quackae.atomic import TEMPORARY_SUFFIX
 from quackae.errors import QuackError
+from quackae.files import folder_kind, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ LOCK = ".lock"
 # What quackae train writes in a RUN (hparams.yaml: RUNs of an older quackae), besides hidden temporaries.
 RUN_NAMES = {LOCK, "run.json", "tokenizer.json", "checkpoints", "logs", "tensorboard", "config.yaml"}
 RUN_NAMES |= {"summary.json", "metrics.csv", "curves.png", "hparams.yaml"}
+_RUN_FOLDERS = {"checkpoints", "logs", "tensorboard"}
 
 
 def check_run_folder(run: Path, data: str | Path) -> None:
@@ -52,6 +54,11 @@ def check_run_folder(run: Path, data: str | Path) -> None:
             f"--out {run} is not a run folder: it holds {', '.join(foreign[:3])}{more}, which quackae train does "
             "not write; choose a new or empty folder for --out"
         )
+    for name in sorted((RUN_NAMES - {LOCK, "run.json"}) & set(names)):  # those two are read by lines of their own
+        kind = folder_kind(run / name) if name in _RUN_FOLDERS else kind_of(run / name)
+        if kind not in (None, "missing"):  # a dangling link is replaced like a missing file
+            wanted = "a folder" if name in _RUN_FOLDERS else "a file"
+            raise QuackError(f"{run / name} is {kind}, not {wanted}; remove it (quackae train writes it again)")
 
 
 def _global_rank() -> int:

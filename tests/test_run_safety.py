@@ -397,3 +397,24 @@ def test_a_run_folder_with_a_killed_writers_temporary_is_still_a_run_folder(tmp_
         (tmp_path / name).mkdir() if name in ("checkpoints", "logs", "tensorboard") else (tmp_path / name).touch()
     (tmp_path / ".summary.json.123.partial").write_text("")
     check_run_folder(tmp_path, tmp_path.parent / "prepared")
+
+
+@pytest.mark.parametrize(("name", "make"), [("metrics.csv", "directory"), ("summary.json", "FIFO"), ("logs", "file")])
+def test_a_run_file_of_another_kind_is_refused_before_training(data, tmp_path, capsys, name, make):
+    out = tmp_path / "R"
+    run(data / "a", out, max_steps=2, val_check_interval=2)
+    target = out / name
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    {"directory": target.mkdir, "FIFO": lambda: os.mkfifo(target), "file": lambda: target.write_text("x")}[make]()
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    assert main(["train", str(data / "a"), "--out", str(out), "--resume", str(last), "--max-steps", "4", *TINY]) == 2
+    kind, wanted = {
+        "directory": ("a directory", "a file"),
+        "FIFO": ("a FIFO", "a file"),
+        "file": ("a file", "a folder"),
+    }[make]
+    assert one_line(capsys) == (
+        f"quackae train: error: {target} is {kind}, not {wanted}; remove it (quackae train writes it again)"
+    )
+    assert last.read_bytes() == before
