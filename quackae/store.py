@@ -50,8 +50,11 @@ class EncodingStore:
     A corrupt shard or item raises a one-line ``QuackError`` naming the file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, warn: bool = True) -> None:
+        """``warn``: log that the store is partial or unsound and is read anyway (a whole-store reader that then
+        refuses it with ``check_usable`` passes False, so that one mistake is one line)."""
         self.path = Path(path)
+        self._warn = warn
         if store_folder_problem(self.path) is not None:
             raise QuackError(store_folder_problem(self.path))
         self.manifest: dict[str, Any] = read_manifest(self.path) or {}
@@ -65,11 +68,11 @@ class EncodingStore:
             found = item_files(self.path)
             self._ids = np.asarray([i for i, _ in found], dtype=np.int64)
             self._files = {i: p for i, p in found}
-        if not os.path.lexists(self.path / MANIFEST):
+        if warn and not os.path.lexists(self.path / MANIFEST):
             log.warning(
                 "%s has no %s (a stopped encode?); reading the %d items it holds", self.path, MANIFEST, len(self._ids)
             )
-        elif manifest_problem(self.manifest) is not None:
+        elif warn and manifest_problem(self.manifest) is not None:
             log.warning(
                 "%s: %s is not a valid store manifest (%s); reading the %d items it holds",
                 self.path,
@@ -77,7 +80,7 @@ class EncodingStore:
                 manifest_problem(self.manifest),
                 len(self._ids),
             )
-        elif self.manifest.get("complete") is False:
+        elif warn and self.manifest.get("complete") is False:
             log.warning("%s is incomplete (an encode is running or stopped); it holds %d items", self.path, len(self))
 
     def _open_shards(self) -> None:
@@ -92,7 +95,7 @@ class EncodingStore:
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         unique, first = np.unique(all_ids, return_index=True)
         self._repeated = len(all_ids) - len(unique)
-        if self._repeated:
+        if self._repeated and self._warn:
             log.warning(
                 "%s stores %d ids more than once; reading the first copy (quackae verify lists them)",
                 self.path,
@@ -346,7 +349,7 @@ def read_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dic
     path = Path(source)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    store = EncodingStore(path)
+    store = EncodingStore(path, warn=False)
     store.check_usable()
     if not len(store):
         raise QuackError(f"store {path} holds no items")

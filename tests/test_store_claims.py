@@ -432,3 +432,25 @@ def test_a_file_quackae_does_not_write_is_refused_alike_by_encode_export_and_ver
     assert not (tmp_path / "x.parquet").exists()
     code, lines = _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))
     assert code == 1 and f"{out / stray}: not something quackae writes in a store" in lines, lines
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "a shard copied", "incomplete"])
+def test_a_store_export_and_classify_refuse_is_refused_in_one_line_with_no_warning_first(
+    made, tmp_path, capsys, caplog, damage
+):
+    out = _copy(made, "shards", tmp_path / "s")
+    if damage == "no manifest":
+        (out / "manifest.json").unlink()
+    elif damage == "a shard copied":
+        shutil.copy(shard_files(out)[0], out / "shards" / "zz-copy.arrow")
+    else:
+        manifest = json.loads((out / "manifest.json").read_text())
+        (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    for command in ("export", "classify"):
+        caplog.clear()
+        code, lines = _cli(capsys, command, str(out), "--out", str(tmp_path / "x.parquet"))
+        assert code == 2 and len(lines) == 1 and f"error: store {out} " in lines[0], lines
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [], command
+    caplog.clear()
+    EncodingStore(out)  # a reader that opens the store anyway still hears that it is not whole
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
