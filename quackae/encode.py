@@ -207,9 +207,9 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "seed": config.seed,
     }
     header = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(checkpoint.resolve()),  # every path recorded absolute: readers run from anywhere
         "checkpoint_sha256": checkpoint_digest,
-        "tokenizer": str(tokenizer_file),
+        "tokenizer": str(tokenizer_file.resolve()),
         "tokenizer_sha256": model_hash,
         "dataset": str(Path(config.data).resolve()),
         "dataset_rows": dataset.num_rows,

@@ -195,10 +195,14 @@ class QuackEncoder:
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
+    from quackae.readers import _encodable
+
     texts = list(texts)
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"texts[{index}] is {type(text).__name__}, not a string")
+        if not text.isascii() and not _encodable(text):  # the tokenizer takes only what UTF-8 can hold
+            raise ValueError(f"texts[{index}] is not valid text (lone surrogate)")
     return texts
 
 

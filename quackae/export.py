@@ -34,7 +34,7 @@ class ExportConfig:
 
 def export(config: ExportConfig) -> dict[str, Any]:
     """Run ``quackae export``: refuses a store that is not complete and sound (``EncodingStore.check_usable``)."""
-    store = EncodingStore(config.store)
+    store = EncodingStore(config.store, warn=False)
     out = Path(config.out)
     if Path(os.path.realpath(store.path)) in Path(os.path.realpath(out)).parents:
         raise QuackError(f"--out {out} is inside the store {store.path}; write the Parquet file outside it")

@@ -47,6 +47,12 @@ def kind_of(path: str | Path) -> str | None:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def folder_kind(path: str | Path) -> str | None:
+    """None for a directory (or a link to one), else what ``path`` is instead ("missing", "a file", "a FIFO", ...)."""
+    kind = kind_of(path)
+    return None if kind == "a directory" else kind or "a file"
+
+
 def regular_file(path: str | Path, what: str = "file", fix: str = "") -> Path:
     """``path`` when it is a regular file (through links); else a ``QuackError`` saying what it is instead."""
     kind = kind_of(path)

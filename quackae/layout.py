@@ -23,7 +23,7 @@ import numpy as np
 
 from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir
 from quackae.errors import QuackError
-from quackae.files import read_json
+from quackae.files import folder_kind, read_json
 from quackae.items import (  # noqa: F401  (the files layout, re-exported for the writer)
     CorruptUnit,
     item_files,
@@ -223,7 +223,25 @@ def read_manifest(store: Path) -> dict[str, Any] | None:
     path = store / MANIFEST
     if not os.path.lexists(path):
         return None
-    return read_json(path, "store manifest", "pass --overwrite to replace the store or choose another one")
+    return read_json(path, "store manifest", f"replace the store with quackae encode --out {store} --overwrite")
+
+
+def store_folder_problem(store: Path) -> str | None:
+    """Why ``store`` cannot be read as a store folder (it is missing, a file, a FIFO, a link loop, ...), else None."""
+    kind = folder_kind(store)
+    if kind is None:
+        return None
+    if kind == "missing":
+        return f"encoding store {store} does not exist; run quackae encode --out {store}"
+    return f"encoding store {store} is {kind}, not a store folder; pass the folder quackae encode --out wrote"
+
+
+def manifest_path(store: Path, recorded: str) -> Path:
+    """A path ``STORE/manifest.json`` records: absolute as encode writes it; a relative one (an older quackae
+    wrote them relative to encode's working directory) is taken from the store's parent folder when it is there,
+    else as it stands."""
+    beside = Path(store).parent / recorded
+    return beside if not Path(recorded).is_absolute() and os.path.lexists(beside) else Path(recorded)
 
 
 def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:

@@ -90,7 +90,7 @@ def check_out_folder(store: Path, header: dict[str, Any]) -> None:
     overlap = overlap_problem(store, header)
     if overlap is not None:
         raise QuackError(f"--out {store} {overlap}; a store needs a folder of its own, choose another --out")
-    foreign = foreign_entries(store, deep=False)
+    foreign = foreign_entries(store, deep=True)
     if foreign:
         raise QuackError(
             f"--out {store} is not a store folder: {_foreign_line(foreign)}; choose a new or empty folder for --out"

@@ -40,6 +40,7 @@ import numpy as np
 
 from quackae.atomic import fsync_dir, fsync_tree, write_atomic
 from quackae.errors import QuackError, StrictError
+from quackae.files import regular_file
 from quackae.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
 from quackae.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.tokenizer import (
@@ -144,8 +145,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     for path in paths:
         if path.is_dir():
             raise QuackError(f"input {path} is a directory; give the files inside it")
-        if not path.is_file():
-            raise QuackError(f"input file {path} does not exist")
+        regular_file(path, "input file")  # a FIFO, a device or a link loop is named as what it is
     out = Path(config.out)
     _check_out(out, config.overwrite)
     import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from quackae.errors import QuackError
-from quackae.files import kind_of, read_json, regular_file
+from quackae.files import folder_kind, kind_of, read_json, regular_file
 from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,10 @@ def dataset_fingerprint(dataset: Any) -> str:
 
 
 def _check_directory(directory: Path) -> None:
-    if directory.exists() and not directory.is_dir():
-        raise QuackError(f"prepared data directory {directory} is a file; give the folder quackae prepare --out wrote")
-    if not directory.is_dir():
+    kind = folder_kind(directory)
+    if kind not in (None, "missing"):
+        raise QuackError(f"prepared data directory {directory} is {kind}, not a folder; pass what prepare --out wrote")
+    if kind == "missing":
         raise QuackError(f"prepared data directory {directory} does not exist; run quackae prepare first")
     for name in (DATASET, "tokenizer.json"):
         if not (directory / name).exists():

@@ -240,12 +240,16 @@ def store_tokens(source: str | Path, ids: np.ndarray, metadata: list[dict[str, A
     folder or file that is gone or damaged: the reason is returned.
     """
     from quackae.files import read_json
+    from quackae.layout import manifest_path
 
     manifest_file = Path(source) / "manifest.json"
     if not manifest_file.is_file():
         return None, f"{source} has no manifest.json naming the run's tokenizer"
     try:
         manifest = read_json(manifest_file, "store manifest")
+        for key in ("tokenizer", "dataset"):
+            if isinstance(manifest.get(key), str):
+                manifest[key] = str(manifest_path(Path(source), manifest[key]))
         tokenizer, vocab = _store_tokenizer(manifest, manifest_file)
     except QuackError as error:
         return None, str(error)

@@ -20,12 +20,45 @@ import time
 import uuid
 from pathlib import Path
 
+from quackae.atomic import TEMPORARY_SUFFIX
 from quackae.errors import QuackError
+from quackae.files import folder_kind, kind_of
 
 log = logging.getLogger(__name__)
 
 JOB_ENV = "QUACKAE_TRAIN_JOB"
 LOCK = ".lock"
+# What quackae train writes in a RUN (hparams.yaml: RUNs of an older quackae), besides hidden temporaries.
+RUN_NAMES = {LOCK, "run.json", "tokenizer.json", "checkpoints", "logs", "tensorboard", "config.yaml"}
+RUN_NAMES |= {"summary.json", "metrics.csv", "curves.png", "hparams.yaml"}
+_RUN_FOLDERS = {"checkpoints", "logs", "tensorboard"}
+
+
+def check_run_folder(run: Path, data: str | Path) -> None:
+    """Refuse, before anything is written there, an ``--out`` that is a file, is or is inside the prepared
+    folder ``data``, or holds entries a RUN does not (a prepared folder, a store, a classifier, anything else)."""
+    if os.path.lexists(run) and not run.is_dir():
+        raise QuackError(f"--out {run} is a file; give the run a directory")
+    out, prepared = Path(os.path.realpath(run)), Path(os.path.realpath(data))
+    if out == prepared or prepared in out.parents:
+        where = "is" if out == prepared else "is inside"
+        raise QuackError(f"--out {run} {where} the prepared data {data}; give the run a folder of its own")
+    if not run.is_dir():
+        return
+    with os.scandir(run) as entries:
+        names = [e.name for e in entries]
+    foreign = sorted(n for n in names if n not in RUN_NAMES and not (n[0] == "." and n.endswith(TEMPORARY_SUFFIX)))
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise QuackError(
+            f"--out {run} is not a run folder: it holds {', '.join(foreign[:3])}{more}, which quackae train does "
+            "not write; choose a new or empty folder for --out"
+        )
+    for name in sorted((RUN_NAMES - {LOCK, "run.json"}) & set(names)):  # those two are read by lines of their own
+        kind = folder_kind(run / name) if name in _RUN_FOLDERS else kind_of(run / name)
+        if kind not in (None, "missing"):  # a dangling link is replaced like a missing file
+            wanted = "a folder" if name in _RUN_FOLDERS else "a file"
+            raise QuackError(f"{run / name} is {kind}, not {wanted}; remove it (quackae train writes it again)")
 
 
 def _global_rank() -> int:

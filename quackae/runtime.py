@@ -40,15 +40,18 @@ class TrainerFlags:
 
     def check_trainer_flags(self) -> None:
         devices = str(self.devices).strip()
-        if not (
+        if re.fullmatch(r"0+", devices) or not (  # a bare 0 is a count of no devices; device 0 alone is "0,"
             devices == "auto"
             or re.fullmatch(r"-1|[1-9]\d*", devices)
             or re.fullmatch(r"\[?\s*\d+\s*(,\s*\d+\s*)*,?\s*\]?", devices)
         ):
             raise ValueError(
-                f"--devices must be auto, a count of at least 1 (-1: all), or a list of device indices like 0,1; "
-                f"got {self.devices!r}"
+                f"--devices must be auto, a count of at least 1 (-1: all), or a list of device indices like 0, or "
+                f"0,1; got {self.devices!r}"
             )
+        seed = getattr(self, "seed", 0)  # the commands with these flags seed numpy and torch with --seed
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"--seed must be in [0, 2**32), got {seed}")
         if self.batch_size <= 0:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.num_workers < 0:
@@ -77,7 +80,7 @@ class TrainerFlags:
         model and its data, so 99 ranks on 2 cores take minutes and tens of GB to do what one does."""
         import torch
 
-        if not isinstance(devices, int) or devices <= 1:
+        if devices == "auto" or (isinstance(devices, int) and devices <= 1):
             return
         name = self.accelerator.lower()
         gpu = torch.cuda.is_available() or bool(
@@ -85,6 +88,10 @@ class TrainerFlags:
         )
         if name != "cpu" and (name != "auto" or gpu):
             return
+        if not isinstance(devices, int):
+            raise QuackError(
+                f"--devices {devices} lists device indices, which only a GPU has; on the CPU give a count (--devices 1)"
+            )
         cores = usable_cores()
         if devices > cores:
             raise QuackError(

@@ -72,8 +72,34 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+def _check_unique_keys(root: yaml.Node, loader: yaml.SafeLoader) -> None:
+    """``_Refused`` naming the lines when a mapping anywhere under ``root`` has a key twice (YAML forbids it; a
+    loader would keep the last silently). Keys are compared as the values they stand for (``1`` and ``0x1`` are
+    one key); ``<<`` merge keys are not keys of their own."""
+    seen_nodes: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        stack.extend(_children(node))
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        first_line: dict[Any, int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            value = loader.construct_object(key)
+            line = key.start_mark.line + 1
+            if value in first_line:
+                raise _Refused(f"key {value!r} appears twice, at lines {first_line[value]} and {line} (keep one)")
+            first_line[value] = line
+
+
 def parse_yaml(text: str, name: str | Path = "<text>") -> Any:
-    """The value of one YAML document, refusing one that aliases blow up or loop (see the module docstring).
+    """The value of one YAML document, refusing one that aliases blow up or loop (see the module docstring)
+    or that has a key twice in one mapping.
 
     Raises ``_Refused`` or ``yaml.YAMLError``; ``read_yaml`` turns both into one ``QuackError``.
     """
@@ -83,6 +109,7 @@ def parse_yaml(text: str, name: str | Path = "<text>") -> Any:
         if node is None:
             return None
         expanded_size(node)
+        _check_unique_keys(node, loader)
         return loader.construct_document(node)
     finally:
         loader.dispose()

@@ -30,7 +30,9 @@ from quackae.layout import (
     shard_files,
     shard_matrix,
     shard_provenance,
+    store_folder_problem,
 )
+from quackae.ownership import foreign_entries
 from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
 from quackae.selection import is_labelled
 
@@ -48,10 +50,13 @@ class EncodingStore:
     A corrupt shard or item raises a one-line ``QuackError`` naming the file.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, warn: bool = True) -> None:
+        """``warn``: log that the store is partial or unsound and is read anyway (a whole-store reader that then
+        refuses it with ``check_usable`` passes False, so that one mistake is one line)."""
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise QuackError(f"encoding store {self.path} does not exist; run quackae encode --out {self.path}")
+        self._warn = warn
+        if store_folder_problem(self.path) is not None:
+            raise QuackError(store_folder_problem(self.path))
         self.manifest: dict[str, Any] = read_manifest(self.path) or {}
         self.layout = layout_of(self.path, self.manifest)
         self._tables: list[Any] = []
@@ -63,11 +68,11 @@ class EncodingStore:
             found = item_files(self.path)
             self._ids = np.asarray([i for i, _ in found], dtype=np.int64)
             self._files = {i: p for i, p in found}
-        if not os.path.lexists(self.path / MANIFEST):
+        if warn and not os.path.lexists(self.path / MANIFEST):
             log.warning(
                 "%s has no %s (a stopped encode?); reading the %d items it holds", self.path, MANIFEST, len(self._ids)
             )
-        elif manifest_problem(self.manifest) is not None:
+        elif warn and manifest_problem(self.manifest) is not None:
             log.warning(
                 "%s: %s is not a valid store manifest (%s); reading the %d items it holds",
                 self.path,
@@ -75,7 +80,7 @@ class EncodingStore:
                 manifest_problem(self.manifest),
                 len(self._ids),
             )
-        elif self.manifest.get("complete") is False:
+        elif warn and self.manifest.get("complete") is False:
             log.warning("%s is incomplete (an encode is running or stopped); it holds %d items", self.path, len(self))
 
     def _open_shards(self) -> None:
@@ -90,7 +95,7 @@ class EncodingStore:
         all_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
         unique, first = np.unique(all_ids, return_index=True)
         self._repeated = len(all_ids) - len(unique)
-        if self._repeated:
+        if self._repeated and self._warn:
             log.warning(
                 "%s stores %d ids more than once; reading the first copy (quackae verify lists them)",
                 self.path,
@@ -250,6 +255,13 @@ class EncodingStore:
             )
         if self._repeated:
             raise QuackError(f"{where} is not sound: {self._repeated} ids are stored more than once; {redo}")
+        foreign = foreign_entries(self.path, deep=True)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise QuackError(
+                f"{where} is not usable: it holds {foreign[0]}{more}, which quackae does not write; "
+                "move it out of the store"
+            )
         if self.manifest["items"] != len(self):
             raise QuackError(
                 f"{where} is incomplete: its manifest counts {self.manifest['items']} items and it holds {len(self)} "
@@ -337,7 +349,7 @@ def read_encodings(source: str | Path) -> tuple[np.ndarray, np.ndarray, list[dic
     path = Path(source)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    store = EncodingStore(path)
+    store = EncodingStore(path, warn=False)
     store.check_usable()
     if not len(store):
         raise QuackError(f"store {path} holds no items")

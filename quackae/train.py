@@ -29,7 +29,7 @@ from quackae.errors import QuackError
 from quackae.files import read_bytes, regular_file
 from quackae.heldout import figure_lines, greedy_reconstruction, teacher_forced
 from quackae.modelconfig import ModelFlags, model_problems
-from quackae.runlock import RunLock
+from quackae.runlock import RunLock, check_run_folder
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
 from quackae.runtime import TrainerFlags, progress_bar, settled_heap
@@ -123,8 +123,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     started = now()  # --max-time counts from here
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        raise QuackError(f"--out {out} is a file; give the run a directory")
+    check_run_folder(out, config.data)
     resume = Path(config.resume) if config.resume else None
     if resume is not None:
         regular_file(resume, "--resume checkpoint", "pass RUN/checkpoints/last.ckpt of the run to continue")

@@ -30,6 +30,7 @@ from quackae.layout import (
     shard_files,
     shard_matrix,
     shard_provenance,
+    store_folder_problem,
 )
 from quackae.ownership import foreign_entries
 from quackae.provenance import differing, ids_digest, manifest_problem
@@ -87,8 +88,8 @@ def _unit_problems(path: Path, ids: np.ndarray, matrix: np.ndarray, provenance: 
 
 def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
     """``(counts, problems)`` for ``store``; each problem names the file and, where it applies, the id."""
-    if not store.is_dir():
-        raise QuackError(f"encoding store {store} does not exist; run quackae encode --out {store}")
+    if store_folder_problem(store) is not None:
+        raise QuackError(store_folder_problem(store))
     problems: list[str] = []
     manifest = _manifest(store, problems)
     layout = layout_of(store, manifest)

@@ -80,3 +80,29 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, ca
     monkeypatch.setattr(cli, "build_parser", loading)
     assert cli.main(["encode", "data"]) == 130
     assert capsys.readouterr().err.strip().splitlines() == ["quackae: interrupted"]
+
+
+@pytest.mark.parametrize("command", ["train", "encode", "classify"])
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--seed", str(2**32)], f"--seed must be in [0, 2**32), got {2**32}"),
+        (["--devices", "0"], "--devices must be auto, a count of at least 1 (-1: all), or a list of device indices"),
+    ],
+)
+def test_a_seed_or_device_count_out_of_range_names_the_flag(tmp_path, capsys, command, flags, words):
+    inputs = {"train": [], "encode": ["--model", str(tmp_path / "m")], "classify": ["--label-field", "label"]}
+    args = [command, str(tmp_path / "in"), *inputs[command], "--out", str(tmp_path / "o"), *flags]
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"quackae {command}: error: {words}" + ("" if "seed" in words else " like 0, or 0,1; got '0'")]
+    assert not (tmp_path / "o").exists()
+
+
+def test_device_indices_on_the_cpu_name_the_flag():
+    from quackae.errors import QuackError
+    from quackae.train import TrainConfig
+
+    with pytest.raises(QuackError, match=r"^--devices 0, lists device indices, which only a GPU has; on the CPU give"):
+        TrainConfig(devices="0,", accelerator="cpu").trainer_kwargs()

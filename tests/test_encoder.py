@@ -133,3 +133,11 @@ def test_train_draws_its_curves(run):
 
     with Image.open(run / "run" / "curves.png") as image:
         assert image.format == "PNG" and image.width == WIDTH
+
+
+def test_a_text_with_a_lone_surrogate_is_named_as_prepare_names_it(run):
+    encoder = QuackEncoder.from_run(run / "run", device="cpu")
+    for call in (encoder.encode, encoder.reconstruct, encoder.tokenize):
+        with pytest.raises(ValueError, match=r"^texts\[1\] is not valid text \(lone surrogate\)$"):
+            call(["duck pond", "bad \ud800 text"])
+    assert encoder.tokenize(["caf\u00e9 \U0001f986"])[0]  # other text outside ASCII is fine

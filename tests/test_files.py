@@ -70,3 +70,32 @@ def test_expected_types(tmp_path):
     with pytest.raises(QuackError, match="not a JSON object or array"):
         file.write_text('"x"')
         read_json(file, expect=(dict, list))
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a symbolic-link loop", "a file"])
+def test_an_input_of_another_kind_is_named_as_what_it_is_not_as_missing(tmp_path, capsys, kind):
+    from quackae import EncodingStore
+    from quackae.cli import main
+
+    path = tmp_path / "thing"
+    if kind == "a FIFO":
+        os.mkfifo(path)
+    elif kind == "a symbolic-link loop":
+        os.symlink(tmp_path / "other", path)
+        os.symlink(path, tmp_path / "other")
+    else:
+        path.write_text("{}\n")
+    commands = [
+        (["verify", str(path)], f"encoding store {path} is {kind}, not a store folder; pass the folder"),
+        (["export", str(path), "--out", str(tmp_path / "x.parquet")], f"encoding store {path} is {kind}, not a"),
+        (["train", str(path), "--out", str(tmp_path / "r")], f"prepared data directory {path} is {kind}, not a folder"),
+    ]
+    if kind != "a file":
+        command = ["prepare", str(path), "--format", "jsonl", "--out", str(tmp_path / "p")]
+        commands.append((command, f"input file {path} is {kind}, not a file"))
+    for args, words in commands:
+        assert main(args) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and words in err[0], (args, err)
+    with pytest.raises(QuackError, match=f"encoding store {path} is {kind}, not a store folder"):
+        EncodingStore(path)

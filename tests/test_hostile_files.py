@@ -132,6 +132,15 @@ PIPELINES = [
     ),
     ("root: o\nstage: corpus\nstages: [{stage: corpus}]\n", r"unknown top-level keys stage \(known: root, stages\)"),
     ("root: o\nstages:\n  - !!python/object/apply:os.system [ls]\n", r"p.yaml is not valid YAML at line 3"),
+    (
+        "root: o\nstages:\n  - stage: corpus\n    out: c.jsonl\nroot: elsewhere\n",
+        r"pipeline file .*p.yaml is refused: key 'root' appears twice, at lines 1 and 5 \(keep one\); see",
+    ),
+    (
+        "root: o\nstages:\n  - stage: corpus\n    out: c.jsonl\n    rows: 5\n    out: /etc/c.jsonl\n",
+        r"pipeline file .*p.yaml is refused: key 'out' appears twice, at lines 4 and 6",
+    ),
+    ("root: o\nstages: [{stage: corpus, out: a, 'out': b}]\n", r"p.yaml is refused: key 'out' appears twice"),
     ("- stage: corpus\n", r"pipeline file .*p.yaml holds a list, not a mapping"),
     ("", r"pipeline file .*p.yaml holds nothing, not a mapping"),
     (b"root: \xff\n", r"pipeline file .*p.yaml is not UTF-8 text"),
@@ -155,6 +164,12 @@ def test_pipeline_files(tmp_path, capsys, monkeypatch, content, message):
     assert code == 2 and len(err) == 1, err
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_a_merge_key_may_set_what_a_mapping_then_overrides():
+    from quackae.safeyaml import parse_yaml
+
+    assert parse_yaml("b: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")["d"] == {"x": 3, "y": 2}
 
 
 # ---------------------------------------------------------------------------------------------- RUN folders

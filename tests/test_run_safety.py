@@ -360,3 +360,61 @@ def test_a_rank_joins_only_the_live_leader_of_its_own_job(tmp_path, monkeypatch)
     created = tmp_path / "new"
     RunLock.take(created).release()
     assert not created.exists(), "a start that wrote nothing leaves no folder"
+
+
+@pytest.mark.parametrize("kind", ["the prepared folder", "inside it", "a store", "a classifier", "a folder of notes"])
+def test_train_refuses_an_out_of_another_kind_before_writing_anything(data, tmp_path, capsys, kind):
+    from conftest import write_hand_made_store
+
+    prepared = tmp_path / "a"
+    shutil.copytree(data / "a", prepared)
+    out = {"the prepared folder": prepared, "inside it": prepared / "run"}.get(kind, tmp_path / "out")
+    if kind == "a store":
+        write_hand_made_store(out, torch.zeros(2, 4).numpy(), [{"id": 0}, {"id": 1}])
+    elif kind == "a classifier":
+        (out / "checkpoints").mkdir(parents=True)
+        for name in ("checkpoints/best.ckpt", "classes.json", "report.json"):
+            (out / name).write_text("{}")
+    elif kind == "a folder of notes":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["train", str(prepared), "--out", str(out), "--max-steps", "1", *TINY]) == 2
+    message = one_line(capsys)
+    if kind in ("the prepared folder", "inside it"):
+        assert f"--out {out} is{' inside' if kind == 'inside it' else ''} the prepared data {prepared}" in message
+    else:
+        assert message.startswith(f"quackae train: error: --out {out} is not a run folder: it holds ") and (
+            "which quackae train does not write; choose a new or empty folder for --out" in message
+        )
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # not even a lock file
+
+
+def test_a_run_folder_with_a_killed_writers_temporary_is_still_a_run_folder(tmp_path):
+    from quackae.runlock import RUN_NAMES, check_run_folder
+
+    for name in RUN_NAMES:
+        (tmp_path / name).mkdir() if name in ("checkpoints", "logs", "tensorboard") else (tmp_path / name).touch()
+    (tmp_path / ".summary.json.123.partial").write_text("")
+    check_run_folder(tmp_path, tmp_path.parent / "prepared")
+
+
+@pytest.mark.parametrize(("name", "make"), [("metrics.csv", "directory"), ("summary.json", "FIFO"), ("logs", "file")])
+def test_a_run_file_of_another_kind_is_refused_before_training(data, tmp_path, capsys, name, make):
+    out = tmp_path / "R"
+    run(data / "a", out, max_steps=2, val_check_interval=2)
+    target = out / name
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    {"directory": target.mkdir, "FIFO": lambda: os.mkfifo(target), "file": lambda: target.write_text("x")}[make]()
+    last = out / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    assert main(["train", str(data / "a"), "--out", str(out), "--resume", str(last), "--max-steps", "4", *TINY]) == 2
+    kind, wanted = {
+        "directory": ("a directory", "a file"),
+        "FIFO": ("a FIFO", "a file"),
+        "file": ("a file", "a folder"),
+    }[make]
+    assert one_line(capsys) == (
+        f"quackae train: error: {target} is {kind}, not {wanted}; remove it (quackae train writes it again)"
+    )
+    assert last.read_bytes() == before

@@ -384,3 +384,76 @@ def test_units_with_foreign_ids_never_count(made, tmp_path, capsys, layout):
     assert not foreign.exists() and len(list((out / ".quarantine").iterdir())) == 1
     assert _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))[0] == 0
     assert any(line.startswith(f"{foreign}: holds 1") for line in listed), listed  # verify named the unit
+
+
+def test_the_manifest_paths_lead_to_the_model_and_data_from_any_working_directory(made, tmp_path, monkeypatch):
+    from quackae.probes import store_tokens
+
+    monkeypatch.chdir(made)
+    out = tmp_path / "s"
+    _encode(Path("."), out)  # --model run1 and the data given relative to the working directory
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == str((made / "run1" / "tokenizer.json").resolve())
+    assert manifest["dataset"] == str((made / "prepared").resolve())
+    assert Path(manifest["checkpoint"]).is_absolute() and Path(manifest["checkpoint"]).samefile(
+        made / "run1" / "checkpoints" / Path(manifest["checkpoint"]).name
+    )
+    ids = np.asarray(EncodingStore(out).ids())
+    monkeypatch.chdir("/")
+    tokens, source = store_tokens(out, ids, [{} for _ in ids])
+    assert tokens is not None and source == f"{(made / 'prepared').resolve()}/dataset input_ids", source
+    # a manifest an older quackae wrote, its paths relative to the store's parent folder, reads the same
+    for key in ("tokenizer", "dataset", "checkpoint"):
+        manifest[key] = os.path.relpath(manifest[key], tmp_path)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    tokens_again, source = store_tokens(out, ids, [{} for _ in ids])
+    assert source.endswith("/dataset input_ids"), source
+    (offsets, values), vocab = tokens
+    (offsets_again, values_again), vocab_again = tokens_again
+    assert np.array_equal(offsets_again, offsets) and np.array_equal(values_again, values) and vocab_again == vocab
+
+
+@pytest.mark.parametrize(
+    ("layout", "stray"),
+    [("shards", "shards/notes.txt"), ("files", "0/0/1.NPZ"), ("files", "0/0/notes.txt"), ("files", "0/notes")],
+)
+def test_a_file_quackae_does_not_write_is_refused_alike_by_encode_export_and_verify(
+    made, tmp_path, capsys, layout, stray
+):
+    out = _copy(made, layout, tmp_path / "s")
+    if stray == "0/0/1.NPZ":
+        (out / item_path(1, "npz")).rename(out / stray)  # a user's rename of item 1
+    else:
+        (out / stray).write_text("mine")
+    before = (out / "manifest.json").read_text()
+    code, lines = _encode_cli(capsys, made, out, "--layout", layout)
+    assert code == 2 and len(lines) == 1 and f"it holds {out / stray}, which quackae does not write" in lines[0], lines
+    assert (out / "manifest.json").read_text() == before and (out / stray).exists()
+    code, lines = _cli(capsys, "export", str(out), "--out", str(tmp_path / "x.parquet"))
+    assert code == 2 and len(lines) == 1, lines
+    assert f"store {out} is not usable: it holds {out / stray}, which quackae does not write; move it" in lines[0]
+    assert not (tmp_path / "x.parquet").exists()
+    code, lines = _cli(capsys, "verify", str(out), "--data", str(made / "prepared"))
+    assert code == 1 and f"{out / stray}: not something quackae writes in a store" in lines, lines
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "a shard copied", "incomplete"])
+def test_a_store_export_and_classify_refuse_is_refused_in_one_line_with_no_warning_first(
+    made, tmp_path, capsys, caplog, damage
+):
+    out = _copy(made, "shards", tmp_path / "s")
+    if damage == "no manifest":
+        (out / "manifest.json").unlink()
+    elif damage == "a shard copied":
+        shutil.copy(shard_files(out)[0], out / "shards" / "zz-copy.arrow")
+    else:
+        manifest = json.loads((out / "manifest.json").read_text())
+        (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    for command in ("export", "classify"):
+        caplog.clear()
+        code, lines = _cli(capsys, command, str(out), "--out", str(tmp_path / "x.parquet"))
+        assert code == 2 and len(lines) == 1 and f"error: store {out} " in lines[0], lines
+        assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [], command
+    caplog.clear()
+    EncodingStore(out)  # a reader that opens the store anyway still hears that it is not whole
+    assert [r.levelname for r in caplog.records] == ["WARNING"]

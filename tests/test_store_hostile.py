@@ -316,3 +316,18 @@ def test_items_carry_their_provenance_and_numpy_reads_them_as_savez_writes_them(
     ours = zipfile.ZipFile(io.BytesIO(npz_bytes(encoding, '{"id": 1}', b'{"a": 1}')))
     theirs = zipfile.ZipFile(io.BytesIO(reference.getvalue()))
     assert ours.namelist() == theirs.namelist() and all(ours.read(n) == theirs.read(n) for n in ours.namelist())
+
+
+@pytest.mark.parametrize("command", ["verify", "export", "classify"])
+def test_the_fix_for_a_manifest_that_is_not_a_file_fits_the_command_that_prints_it(made, tmp_path, capsys, command):
+    out = _copy(made, "shards", tmp_path / "s")
+    (out / "manifest.json").unlink()
+    (out / "manifest.json").symlink_to("/dev/zero")
+    extra = {"verify": [], "export": ["--out", str(tmp_path / "e.parquet")]}
+    args = extra.get(command, ["--label-field", "label", "--out", str(tmp_path / "c")])
+    code, lines = _cli(capsys, command, str(out), *args)
+    line = next(line for line in lines if "manifest.json" in line)
+    assert code in (1, 2) and (
+        f"{out / 'manifest.json'} is a character device, not a file; replace the store with quackae encode --out "
+        f"{out} --overwrite" in line
+    ), lines
