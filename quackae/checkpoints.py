@@ -26,9 +26,9 @@ import torch
 from pytorch_lightning.callbacks import Checkpoint, ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from quackae.atomic import atomic_file
-from quackae.errors import QuackError, unpickling_reason
-from quackae.files import regular_file
+from quackae.core.atomic import atomic_file
+from quackae.core.errors import QuackError, unpickling_reason
+from quackae.core.files import regular_file
 from quackae.model import QuackAutoEncoder
 from quackae.modelconfig import MODEL_FIELDS
 from quackae.runtime import resolve_run

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from quackae.atomic import atomic_file, write_atomic
 from quackae.checkpoints import AtomicCheckpointIO, load_torch_file
 from quackae.classifierdir import CHECKPOINT, check_out, commit, file_sha256, read_classifier, staging_for
+from quackae.core.atomic import atomic_file, write_atomic
+from quackae.core.errors import QuackError
 from quackae.divergence import FiniteGuard, NonFiniteTraining
-from quackae.errors import QuackError
 from quackae.probes import (
     bag_of_tokens,
     classification_report,

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from quackae.atomic import replace_folder
 from quackae.checkpoints import load_torch_file
-from quackae.errors import QuackError
-from quackae.files import read_json, regular_file
+from quackae.core.atomic import replace_folder, sibling_staging
+from quackae.core.errors import QuackError
+from quackae.core.files import read_json, regular_file
 
 CHECKPOINT = Path("checkpoints") / "best.ckpt"
 CLASSES, REPORT = "classes.json", "report.json"
 OWN_NAMES = {"checkpoints", CLASSES, REPORT, "predictions.parquet", "confusion.png"}
-_STAGING = ".classify-"
+_STAGING = "classify"
 _RETRAIN = "train it again with quackae classify"
 
 
@@ -43,14 +42,8 @@ def check_out(out: Path) -> None:
 
 
 def staging_for(out: Path) -> Path:
-    """A fresh staging folder beside ``out`` for this process, after removing those of stopped ones."""
-    for leftover in out.parent.glob(f".{_glob_escape(out.name)}{_STAGING}*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue  # another classify into the same folder is running right now
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = out.parent / f".{out.name}{_STAGING}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    """A fresh staging folder beside ``out`` for this process (``atomic.sibling_staging``), ready for a checkpoint."""
+    staging = sibling_staging(out, _STAGING)
     (staging / CHECKPOINT.parent).mkdir(parents=True)
     return staging
 
@@ -119,17 +112,3 @@ def read_classifier(directory: Path) -> tuple[dict[str, Any], dict[str, Any], li
             f"replaced or mixed); {_RETRAIN}"
         )
     return dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"], classes
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)

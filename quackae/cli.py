@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
 import pickle
 import sys
 import time
@@ -23,7 +22,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from quackae import __version__
-from quackae.errors import StrictError, unpickling_reason
+from quackae.core.errors import StrictError, unpickling_reason
+from quackae.core.ranks import global_rank
 from quackae.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -127,22 +127,11 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _global_rank() -> int:
-    """This process's rank as Lightning sees it, without importing Lightning when no stage has yet."""
-    rank_zero = sys.modules.get("lightning_fabric.utilities.rank_zero")
-    if rank_zero is not None:
-        return int(getattr(rank_zero.rank_zero_only, "rank", 0) or 0)
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):  # Lightning's own order
-        if os.environ.get(key, "").isdigit():
-            return int(os.environ[key])
-    return 0
-
-
 class _RankZeroFilter(logging.Filter):
     """Under DDP only rank 0 reports progress; warnings and errors come from every rank."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or _global_rank() == 0
+        return record.levelno >= logging.WARNING or global_rank() == 0
 
 
 def setup_logging(level: str) -> None:
@@ -248,7 +237,7 @@ def _main(argv: list[str], threads: dict[str, str] | None = None) -> int:
         for line in result.get("lines", ()):
             print(line)
     out = getattr(namespace, "out", None) or (result.get("out") if isinstance(result, dict) else None)
-    if namespace.command not in ("run", "demo") and isinstance(out, str) and _global_rank() == 0:
+    if namespace.command not in ("run", "demo") and isinstance(out, str) and global_rank() == 0:
         from quackae.pipeline import print_written
 
         print_written([out], started)

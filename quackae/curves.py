@@ -14,8 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from quackae.atomic import atomic_file
-from quackae.errors import QuackError
+from quackae.core.atomic import atomic_file
+from quackae.core.errors import QuackError
 from quackae.render import PAD, font, save_png, text_size, vertical_text
 from quackae.runlogs import MERGED_FIX, read_metrics_csv
 

@@ -23,7 +23,7 @@ import torch
 from pytorch_lightning.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from quackae.selection import id_hashes
+from quackae.core.ids import id_hashes
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 
 log = logging.getLogger(__name__)
 

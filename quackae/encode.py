@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.layout import LAYOUTS, read_manifest
 from quackae.runtime import TrainerFlags, progress_bar, resolve_run, settled_heap
 from quackae.selection import is_labelled, selected_rows
@@ -122,7 +122,7 @@ def _sha256_meanwhile(path: Path) -> Iterator[Callable[[], str]]:
 def _open_inputs(config: EncodeConfig, checkpoint: Path, tokenizer_file: Path) -> tuple[Any, Any, Any, str]:
     """``(dataset, data tokenizer, model tokenizer, its hash)`` of a prepared directory and a RUN, refusing
     data tokenized with another tokenizer than the model's."""
-    from quackae.files import read_bytes
+    from quackae.core.files import read_bytes
     from quackae.prepared import load_prepared
     from quackae.tokenizer import load_tokenizer, tokenizer_hash
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def _prepare_info(run: Path) -> dict[str, Any]:
     Found through the run's ``config.yaml`` (its ``data`` path); a damaged ``config.yaml`` or
     ``prepare.json`` is a ``QuackError`` naming it.
     """
-    from quackae.files import read_json
-    from quackae.safeyaml import read_yaml
+    from quackae.core.files import read_json
+    from quackae.core.safeyaml import read_yaml
 
     candidates = [run / "prepare.json"]
     config_file = run / "config.yaml"

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quackae.atomic import remove_stale_temporaries
-from quackae.errors import QuackError
+from quackae.core.atomic import remove_stale_temporaries
+from quackae.core.errors import QuackError
 from quackae.store import EncodingStore
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from quackae.atomic import write_atomic
-from quackae.errors import QuackError
-from quackae.files import MAX_SMALL_FILE, kind_of
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError
+from quackae.core.files import MAX_SMALL_FILE, kind_of
 from quackae.provenance import provenance_of
 
 MAX_UNIT = MAX_SMALL_FILE  # an item larger than this is not one quackae wrote

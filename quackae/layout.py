@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from quackae.atomic import TEMPORARY_SUFFIX, fsync_dir
-from quackae.errors import QuackError
-from quackae.files import read_json
+from quackae.core.atomic import TEMPORARY_SUFFIX, fsync_dir
+from quackae.core.errors import QuackError
+from quackae.core.files import read_json
 from quackae.items import (  # noqa: F401  (the files layout, re-exported for the writer)
     CorruptUnit,
     item_files,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.items import item_entries, item_files, load_item
 from quackae.layout import (
     LOCK,

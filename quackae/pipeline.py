@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quackae.atomic import write_atomic
-from quackae.errors import QuackError, StrictError
-from quackae.safeyaml import read_yaml
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError, StrictError
+from quackae.core.safeyaml import read_yaml
 from quackae.stages import PIPELINE_STAGES
 
 log = logging.getLogger(__name__)

@@ -15,19 +15,16 @@ UTF-8 byte-order mark.
 
 The output appears at once: it is built in a sibling staging folder, completed by a ``COMPLETE``
 marker written last, and swapped in for any previous output with one atomic exchange of the two
-folders (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames). ``load_prepared`` refuses
-a folder without the marker, including one written by a quackae from before the marker existed:
-prepare it again.
+folders (``atomic.replace_folder``: ``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere two renames).
+``load_prepared`` refuses a folder without the marker, including one written by a quackae from before the
+marker existed: prepare it again.
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -38,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from quackae.atomic import fsync_dir, fsync_tree, write_atomic
-from quackae.errors import QuackError, StrictError
+from quackae.core.atomic import replace_folder, sibling_staging, write_atomic
+from quackae.core.errors import QuackError, StrictError
 from quackae.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
 from quackae.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.tokenizer import (
@@ -255,32 +252,29 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
 
     target = out.resolve()  # "." or a symlink: the real folder is what gets swapped
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(target)
-    staging = target.parent / f".{target.name}{_STAGING}{os.getpid()}"
+    staging = None
     try:
-        staging.mkdir()
+        staging = sibling_staging(target, _STAGING)
         mapped.save_to_disk(str(staging / DATASET))
         (staging / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
         # the fingerprint of the rows as a reader will see them: read back from the files just written
         summary["dataset_fingerprint"] = dataset_fingerprint(open_rows(staging / DATASET, "run quackae prepare again"))
         (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        fsync_tree(staging)
         marker = {
             "tokenizer_sha256": summary["tokenizer_sha256"],
             "dataset_fingerprint": summary["dataset_fingerprint"],
             "rows": len(kept),
         }
-        write_atomic(staging / COMPLETE, json.dumps(marker) + "\n")
-        fsync_dir(staging)
-        _swap_in(staging, target)
+        write_atomic(staging / COMPLETE, json.dumps(marker) + "\n")  # last: the folder is whole
+        replace_folder(staging, target)
     except OSError as error:
-        where = error.filename or staging
+        where = error.filename or staging or target.parent
         raise QuackError(
             f"writing the prepared data failed at {where}: {error.strerror or error}; {out} keeps what it held, "
             "free space (or fix the permission) and run quackae prepare again"
         ) from None
     finally:
-        if staging.exists():
+        if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     if message:
         log.warning("%s; details in %s", message, out / "prepare.json")
@@ -310,7 +304,7 @@ def _refuse_own_names(columns: list[str], text_field: str, id_field: str | None,
         )
 
 
-_STAGING = ".prepare-"  # sibling folders ".OUT.prepare-PID": a new output being built, or an old one on its way out
+_STAGING = "prepare"  # sibling staging folders ".OUT.prepare-PID" (``atomic.sibling_staging``)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -328,60 +322,3 @@ def _check_out(out: Path, overwrite: bool) -> None:
         )
     if names & {"dataset", COMPLETE} and not overwrite:
         raise QuackError(f"{out} already holds a prepared dataset; pass --overwrite or choose another --out")
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Delete staging and replaced folders that a killed prepare into ``out`` left beside it."""
-    for leftover in out.parent.glob(f".{glob_escape(out.name)}{_STAGING}*"):
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue  # another prepare into the same folder is running right now
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # not supported by this kernel or file system
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-def _swap_in(staging: Path, out: Path) -> None:
-    """Put the complete ``staging`` folder at ``out``; an old ``out`` ends up in ``staging`` (then removed)."""
-    if not out.exists():
-        os.rename(staging, out)
-    elif not _exchange(staging, out):
-        # no atomic exchange on this system: two renames, with a window in which out is missing
-        aside = out.parent / f".{out.name}{_STAGING}old-{os.getpid()}"
-        os.rename(out, aside)
-        os.rename(staging, out)
-        staging = aside
-    fsync_dir(out.parent)
-    shutil.rmtree(staging, ignore_errors=True)

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from quackae.errors import QuackError
-from quackae.files import kind_of, read_json, regular_file
+from quackae.core.errors import QuackError
+from quackae.core.files import kind_of, read_json, regular_file
 from quackae.tokenizer import load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quackae.errors import QuackError
-from quackae.selection import id_hash
+from quackae.core.errors import QuackError
+from quackae.core.ids import id_hash
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[di
     otherwise the items' ``text`` metadata is tokenized. An exported Parquet file carries no manifest, so it
     gets ``None``. Nothing here raises for a folder or file that is gone or damaged: the reason is returned.
     """
-    from quackae.files import read_json
+    from quackae.core.files import read_json
 
     manifest_file = Path(source) / "manifest.json"
     if not manifest_file.is_file():

@@ -22,8 +22,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from quackae.errors import QuackError
-from quackae.files import regular_file
+from quackae.core.errors import QuackError
+from quackae.core.files import regular_file
 
 log = logging.getLogger(__name__)
 

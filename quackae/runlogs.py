@@ -3,7 +3,7 @@
 Each start of a run (the first, and each ``--resume`` into it) logs into ``RUN/logs/attempt-N/``
 (Lightning's CSV logger) and records the step it starts at in ``RUN/logs/attempt-N.json``.
 ``merge_metrics`` joins them in step order. Every file read here is read whole through
-``quackae.files`` and checked: a damaged start record is one ``QuackError`` naming it, and a damaged
+``quackae.core.files`` and checked: a damaged start record is one ``QuackError`` naming it, and a damaged
 ``metrics.csv`` of one start (Lightning rewrites it in place, so a kill can cut it) is left out of the
 join with a warning naming it.
 """
@@ -17,9 +17,9 @@ import logging
 import os
 from pathlib import Path
 
-from quackae.atomic import write_atomic
-from quackae.errors import QuackError
-from quackae.files import read_json, read_text
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError
+from quackae.core.files import read_json, read_text
 
 log = logging.getLogger(__name__)
 

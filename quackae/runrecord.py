@@ -17,10 +17,10 @@ from typing import Any
 
 from pytorch_lightning.callbacks import Callback
 
-from quackae.atomic import write_atomic
 from quackae.checkpoints import TRAINED_ON, trained_on
-from quackae.errors import QuackError
-from quackae.files import read_json
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError
+from quackae.core.files import read_json
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def resolve_run(model: str | Path) -> tuple[Path, Path]:
     """
     import os
 
-    from quackae.files import regular_file
+    from quackae.core.files import regular_file
 
     path = Path(model)
     if path.is_dir():

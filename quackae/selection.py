@@ -7,28 +7,17 @@ same choice); ``evaluate`` keeps unlabelled items only.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from quackae.core.ids import id_hash
+
 
 def is_labelled(value: Any, unlabeled_value: Any = None) -> bool:
     """Whether a label value counts as a label: not null and not ``unlabeled_value`` (compared as text too)."""
     return value is not None and value != unlabeled_value and str(value) != str(unlabeled_value)
-
-
-def id_hash(index: int, key: bytes | str = b"") -> float:
-    """A uniform number in [0, 1) from a keyed blake2b hash of the decimal id: stable across runs and machines."""
-    key = key.encode() if isinstance(key, str) else key
-    digest = hashlib.blake2b(str(int(index)).encode(), digest_size=8, key=key[:64]).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def id_hashes(ids: Sequence[int], key: bytes | str = b"") -> np.ndarray:
-    """``id_hash`` of every id (float64 (N,)): the data split, the classifier's split and probe subsets order by it."""
-    return np.fromiter((id_hash(i, key) for i in ids), dtype=np.float64, count=len(ids))
 
 
 def keep_item(

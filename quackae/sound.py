@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.items import item_entries, item_files, load_item
 from quackae.layout import QUARANTINE, all_finite, open_shard, shard_files, shard_matrix, shard_provenance
 from quackae.provenance import differing

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from quackae.atomic import atomic_file
-from quackae.errors import QuackError
-from quackae.files import regular_file
+from quackae.core.atomic import atomic_file
+from quackae.core.errors import QuackError
+from quackae.core.files import regular_file
 from quackae.items import load_item
 from quackae.layout import (
     MANIFEST,

@@ -1,9 +1,7 @@
 """One writer job's hold on a store: the lock, the provenance header, staging and quarantine.
 
-The job's leader (global rank 0) takes an exclusive ``fcntl.flock`` on ``STORE/.lock`` for the whole
-job and writes its job id into it. Other ranks of the same job (children Lightning launched, which
-inherit ``QUACKAE_ENCODE_JOB``, or ranks torchrun/SLURM started, which derive the same id from the
-launcher's job id) join without locking once the manifest names their job. Before the lock, an
+The store's ``JobLock`` (kind ``encode``, ``quackae.core.joblock``) is held by the job's leader (global
+rank 0) for the whole job; the other ranks of the job join once the manifest names their job. Before the lock, an
 ``--out`` that overlaps the inputs or holds what quackae does not write is refused (``quackae.ownership``).
 Holding the lock, the leader checks the manifest is a valid one with the same provenance, empties the
 store on ``--overwrite`` (only a store), deletes staging left by dead jobs (no live job can own it: they
@@ -13,25 +11,17 @@ units count and which are quarantined is ``quackae.sound``'s.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import stat
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from quackae.atomic import write_atomic
-from quackae.errors import QuackError
-from quackae.items import unit_kind
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError
+from quackae.core.joblock import JobLock, job_variable, joins
 from quackae.layout import (
     LOCK,
     MANIFEST,
@@ -49,86 +39,35 @@ from quackae.sound import quarantine, stored_ids_checked
 
 log = logging.getLogger(__name__)
 
-JOB_ENV = "QUACKAE_ENCODE_JOB"
-
-
-def _global_rank() -> int:
-    for name in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
-
-def _launcher_job() -> str | None:
-    """A job id every rank of a torchrun or SLURM launch derives alike, None when there is none."""
-    for name in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID"):
-        value = os.environ.get(name)
-        if value and value != "none":
-            step = os.environ.get("SLURM_STEP_ID", "")
-            return hashlib.blake2b(f"{name}:{value}:{step}".encode(), digest_size=6).hexdigest()
-    return None
-
-
-def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 of the prepared dataset's ids, lengths, row count and column names (cheap, order sensitive)."""
-    digest = hashlib.sha256(json.dumps([dataset.num_rows, sorted(dataset.column_names)]).encode())
-    for name in ("id", "length"):
-        if name in dataset.column_names:
-            digest.update(np.ascontiguousarray(dataset.data.column(name).to_numpy(), dtype=np.int64).tobytes())
-    return digest.hexdigest()
-
-
-def fresh_job() -> str:
-    return uuid.uuid4().hex[:12]
+JOB_ENV = job_variable("encode")
 
 
 class StoreJob:
     """The current process's part in one writer job on ``store``; ``close()`` releases it."""
 
-    def __init__(self, store: Path, job: str, leader: bool, lock_fd: int | None) -> None:
+    def __init__(self, store: Path, lock: JobLock) -> None:
         self.store = store
-        self.job = job
-        self.leader = leader
-        self._lock_fd = lock_fd
+        self.lock = lock
+        self.job = lock.job
+        self.leader = lock.leader
 
     @classmethod
     def start(cls, store: Path, header: dict[str, Any], overwrite: bool, wait_s: float = 600.0) -> StoreJob:
         """Join the job this process belongs to, or (global rank 0) lead a new one; see the module docstring."""
-        inherited = os.environ.get(JOB_ENV)
-        if inherited or _global_rank() > 0:
-            job = inherited or _launcher_job()
-            if job is None:
-                raise QuackError(
-                    f"rank {_global_rank()} cannot tell which encode job it belongs to; launch with torchrun, "
-                    "SLURM or Lightning's own launcher"
-                )
-            _wait_for_header(store, job, wait_s)
-            return cls(store, job, leader=False, lock_fd=None)
-        job = _launcher_job() or fresh_job()
-        if store.exists() and not store.is_dir():
-            raise QuackError(f"--out {store} is an existing file, not a store folder; choose another --out")
-        check_out_folder(store, header)
-        store.mkdir(parents=True, exist_ok=True)
-        check_store_folders(store)
-        fd = _open_lock(store / LOCK)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = re.sub(r"[^0-9A-Za-z_.-]", "?", os.pread(fd, 64, 0).decode(errors="replace").strip())
-            os.close(fd)
-            raise QuackError(
-                f"{store} is being written by another live encode (job {holder or 'unknown'}); wait for it to finish "
-                "or choose another --out"
-            ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{job}\n".encode(), 0)
-            this = cls(store, job, leader=True, lock_fd=fd)
-            this._claim(header, overwrite)
-        except BaseException:
-            os.close(fd)
-            raise
-        os.environ[JOB_ENV] = job  # ranks Lightning launches from here inherit it
+        if not joins("encode"):
+            if store.exists() and not store.is_dir():
+                raise QuackError(f"--out {store} is an existing file, not a store folder; choose another --out")
+            check_out_folder(store, header)
+            store.mkdir(parents=True, exist_ok=True)
+            check_store_folders(store)
+        lock = JobLock.take(store, "encode", "written", ready=lambda job: _names_job(store, job), wait_s=wait_s)
+        this = cls(store, lock)
+        if lock.leader:
+            try:
+                this._claim(header, overwrite)
+            except BaseException:
+                lock.release()
+                raise
         return this
 
     def _claim(self, header: dict[str, Any], overwrite: bool) -> None:
@@ -201,43 +140,18 @@ class StoreJob:
     def close(self) -> None:
         """End the job: the leader removes its own staging folder (the header's, when nothing was left to
         encode) and releases the lock."""
-        if self._lock_fd is not None:
+        if self.lock.leader:
             self.drop_staging(0)
-            if os.environ.get(JOB_ENV) == self.job:
-                del os.environ[JOB_ENV]
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self.lock.release()
 
 
-def _open_lock(path: Path) -> int:
-    """The lock file, opened for the lock and the holder's job id: created if missing, never followed through a
-    link (truncating it would empty the link's target) and refused, in one line, when it is not a regular file."""
-    kind = unit_kind(path)
-    if kind not in (None, "missing"):
-        raise QuackError(f"lock file {path} is {kind}, not a file; remove it")
+def _names_job(store: Path, job: str) -> bool:
+    """Whether the store's manifest (its header, written by the leader before any item) names ``job``."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as error:
-        reason = "it is a symbolic link" if error.errno == errno.ELOOP else error.strerror
-        raise QuackError(f"lock file {path} cannot be opened ({reason}); remove it") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise QuackError(f"lock file {path} is not a regular file; remove it")
-    return fd
-
-
-def _wait_for_header(store: Path, job: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            manifest = read_manifest(store)
-        except QuackError:
-            manifest = None  # being replaced right now
-        if manifest is not None and manifest.get("job") == job:
-            return
-        if time.monotonic() > deadline:
-            raise QuackError(f"rank {_global_rank()} waited {wait_s:.0f} s for rank 0 to open {store} for job {job}")
-        time.sleep(0.1)
+        manifest = read_manifest(store)
+    except QuackError:
+        return False  # being replaced right now
+    return manifest is not None and manifest.get("job") == job
 
 
 def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None:
@@ -320,4 +234,4 @@ def stored_ids(store: str | Path) -> list[int]:
     return stored_ids_checked(store, layout, None, None, move=False).tolist()
 
 
-__all__ = ["JOB_ENV", "SHARDS", "StoreJob", "dataset_fingerprint", "quarantine", "stored_ids_checked"]
+__all__ = ["JOB_ENV", "SHARDS", "StoreJob", "quarantine", "stored_ids_checked"]

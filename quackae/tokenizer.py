@@ -23,8 +23,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from quackae.errors import QuackError
-from quackae.files import read_text
+from quackae.core.errors import QuackError
+from quackae.core.files import read_text
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load ``tokenizer.json`` and check it has a pad token; raises ``QuackError`` naming the file (read through
-    ``quackae.files``: a FIFO, a link loop, an empty or non-UTF-8 file is refused, never waited on)."""
+    ``quackae.core.files``: a FIFO, a link loop, an empty or non-UTF-8 file is refused, never waited on)."""
     file = Path(path)
     if file.is_dir():
         file = file / "tokenizer.json"

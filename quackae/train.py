@@ -23,13 +23,14 @@ import yaml
 from pytorch_lightning.callbacks import EarlyStopping
 from tokenizers import Tokenizer
 
-from quackae.atomic import remove_temporaries, write_atomic
 from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
+from quackae.core.atomic import remove_temporaries, write_atomic
+from quackae.core.errors import QuackError
+from quackae.core.files import read_bytes, regular_file
+from quackae.core.joblock import JobLock
 from quackae.divergence import FiniteGuard, NonFiniteTraining
-from quackae.errors import QuackError
-from quackae.files import read_bytes, regular_file
 from quackae.modelconfig import ModelFlags, model_problems
-from quackae.runlock import RunLock
+from quackae.runlock import lock_run
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
 from quackae.runtime import TrainerFlags, settled_heap
@@ -102,7 +103,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     A RUN continues with ``--resume RUN/checkpoints/last.ckpt`` into the same RUN: the best
     checkpoint's record, the metrics history and the step count carry on. One training at a time
-    holds a RUN (``RunLock``; the ranks of one DDP job share it), and a RUN trains on one prepared
+    holds a RUN (its ``JobLock``; the ranks of one DDP job share it), and a RUN trains on one prepared
     dataset: ``RUN/run.json`` and every checkpoint record its tokenizer and fingerprint, and a train
     or resume on other data is refused. Checkpoints are written atomically and only while the model is
     finite: training that goes non-finite stops at once (``NonFiniteTraining``). The summary records
@@ -166,7 +167,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if changed:
             log.warning("resuming with the checkpoint's model settings, not the flags: %s", changed)
         hparams = saved
-    lock = RunLock.take(out)
+    lock = lock_run(out)
     try:
         if lock.leader:
             _claim(out, config, record, resume)
@@ -206,7 +207,7 @@ def _fit(
     record: dict[str, Any],
     resume: Path | None,
     start_step: int,
-    lock: RunLock,
+    lock: JobLock,
     trainer_kwargs: dict[str, Any],
 ) -> dict[str, Any]:
     """Train into a locked RUN, then evaluate and write the summary."""

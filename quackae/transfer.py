@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 
 OVERLAP_ON_CPU = False  # a test switch: the overlapped path on CPU tensors too
 

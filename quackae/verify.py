@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.items import item_entries, load_item, unit_kind
 from quackae.layout import (
     MANIFEST,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import Any
 import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from quackae.atomic import write_atomic
-from quackae.errors import QuackError
+from quackae.core.atomic import write_atomic
+from quackae.core.errors import QuackError
 from quackae.layout import (
     LAYOUTS,
     SHARDS,
@@ -38,7 +39,7 @@ from quackae.layout import (
     write_shard,
 )
 from quackae.selection import is_labelled, keep_item, selected_mask
-from quackae.storejob import StoreJob, clean_temporary, complete_manifest, fresh_job, stored_ids, stored_ids_checked
+from quackae.storejob import StoreJob, clean_temporary, complete_manifest, stored_ids, stored_ids_checked
 from quackae.tokenizer import BatchDecoder
 from quackae.transfer import host_array, non_finite_error, to_host
 
@@ -155,7 +156,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._rank = 0
-        self._job_id = job.job if job is not None else fresh_job()
+        self._job_id = job.job if job is not None else uuid.uuid4().hex[:12]
         self._staging: Path | None = None
         # COMMITTERS + 1 shard buffers, filled in turn: one fills while the others' shards are written and
         # fsynced by COMMITTERS threads (one shard's fsync waits on the disk while the next is written)

@@ -21,8 +21,8 @@ from conftest import write_hand_made_store
 
 from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
+from quackae.core.errors import QuackError
 from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.train import TrainConfig, train
 
@@ -187,12 +187,12 @@ def test_a_refused_store_and_a_full_disk_are_one_line_and_leave_nothing(stores, 
         assert one_line(capsys).endswith("holds non-finite encodings; encode it again")
         assert main(["classify", str(stores / "two"), "--predict", str(stores / "clf"), "--out", str(tmp_path / "p")])
         assert one_line(capsys).endswith("holds non-finite encodings; encode it again")
-    import quackae.atomic
+    import quackae.core.atomic
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(quackae.atomic.os, "fsync", full)
+    monkeypatch.setattr(quackae.core.atomic.os, "fsync", full)
     assert fit(stores / "two", tmp_path / "c") == 2
     assert re.search(r"error: writing checkpoint .*best.ckpt failed \(No space left on device\)", one_line(capsys))
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))

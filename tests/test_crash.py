@@ -90,23 +90,25 @@ def test_prepare_killed_anywhere_leaves_old_or_new_whole(tmp_path):
         process.wait()
         which(out, corpora)
     # the two instants that matter, hit on purpose: just before and just after the exchange of folders
-    for hook in (
-        "real = prepare._swap_in\ndef hook(staging, out):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
-        "real = prepare._exchange\ndef hook(a, b):\n    real(a, b)\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    for target, hook in (
+        ("prepare.replace_folder", "def hook(staging, out):\n    os.kill(os.getpid(), signal.SIGKILL)\n"),
+        (
+            "atomic.exchange",
+            "real = atomic.exchange\ndef hook(a, b):\n    real(a, b)\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+        ),
     ):
         current = which(out, corpora)
         other = "a" if current == "b" else "b"
-        name = "_swap_in" if "_swap_in" in hook else "_exchange"
         code = (
-            "import os, signal\nimport quackae.prepare as prepare\n"
+            "import os, signal\nimport quackae.prepare as prepare\nimport quackae.core.atomic as atomic\n"
             + hook
-            + f"prepare.{name} = hook\n"
+            + f"{target} = hook\n"
             + f"prepare.prepare(prepare.PrepareConfig(inputs=({str(tmp_path / (other + '.jsonl'))!r},), "
             + f"out={str(out)!r}, vocab_size=300, min_frequency=1))\n"
         )
         assert python(code) == -signal.SIGKILL
-        expected = current if name == "_swap_in" else other
-        assert which(out, corpora) == expected, name
+        expected = current if target == "prepare.replace_folder" else other
+        assert which(out, corpora) == expected, target
         assert (out / COMPLETE).is_file()
     assert list(tmp_path.glob(".out.prepare-*")), "the killed runs left their staging folders"
     prepare(PrepareConfig(inputs=(str(tmp_path / "a.jsonl"),), out=str(out), vocab_size=300, min_frequency=1))

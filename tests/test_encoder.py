@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from quackae import EncodingStore, QuackEncoder
+from quackae.core.errors import QuackError
 from quackae.data import pad_batch
 from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.prepared import load_prepared
 from quackae.train import TrainConfig, train

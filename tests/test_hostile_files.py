@@ -245,7 +245,7 @@ def test_a_cut_metrics_file_of_one_start_is_left_out_with_a_warning(ws, tmp_path
 
 # ---------------------------------------------------------------------------------------------- input corpora
 def test_inputs_in_place_of_files_are_refused_without_blocking(tmp_path):
-    from quackae.errors import QuackError
+    from quackae.core.errors import QuackError
     from quackae.readers import Rows, format_of, read_jsonl, read_with_datasets
 
     for suffix in ("jsonl", "json", "csv", "txt", "parquet"):
@@ -291,14 +291,14 @@ def test_csv_texts_are_what_the_file_says(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- a full disk
 def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
-    import quackae.atomic
-    from quackae.atomic import atomic_file, write_atomic
+    import quackae.core.atomic
     from quackae.cli import user_error
+    from quackae.core.atomic import atomic_file, write_atomic
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(quackae.atomic.os, "fsync", full)
+    monkeypatch.setattr(quackae.core.atomic.os, "fsync", full)
     target = tmp_path / "out.parquet"
     with pytest.raises(OSError) as error:
         with atomic_file(target, "wb") as handle:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from quackae.core.errors import QuackError
 from quackae.curves import read_metrics, write_curves
-from quackae.errors import QuackError
 from quackae.render import (
     _colour,
     attention_image,

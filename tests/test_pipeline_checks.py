@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.pipeline import REPO_PIPELINES, RunConfig, estimate_line, load_pipeline, run_pipeline, written_files
 from quackae.prepare import PrepareConfig
 from quackae.train import TrainConfig

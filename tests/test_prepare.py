@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from quackae.cli import main
-from quackae.errors import QuackError, StrictError
+from quackae.core.errors import QuackError, StrictError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.tokenizer import load_tokenizer
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.prepared import load_prepared
 from quackae.tokenizer import decode

@@ -15,8 +15,8 @@ import torch
 
 from quackae import EncodingStore
 from quackae.cli import main
+from quackae.core.errors import QuackError
 from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
 from quackae.layout import shard_files
 from quackae.model import QuackAutoEncoder
 from quackae.prepare import PrepareConfig, prepare

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from quackae.cli import main, user_error
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.prepared import COMPLETE, load_prepared
 from quackae.train import TrainConfig, train

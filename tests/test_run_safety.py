@@ -18,8 +18,8 @@ import torch
 
 from quackae.checkpoints import load_model
 from quackae.cli import main
+from quackae.core.errors import QuackError
 from quackae.encoder import QuackEncoder
-from quackae.errors import QuackError
 from quackae.model import QuackAutoEncoder
 from quackae.prepare import PrepareConfig, prepare
 from quackae.prepared import dataset_fingerprint, load_prepared
@@ -333,30 +333,30 @@ def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
 
 
 def test_a_rank_joins_only_the_live_leader_of_its_own_job(tmp_path, monkeypatch):
-    from quackae.runlock import JOB_ENV, LOCK, RunLock
+    from quackae.runlock import JOB_ENV, LOCK, lock_run
 
     out = tmp_path / "R"
     out.mkdir()
     monkeypatch.setenv(JOB_ENV, "job1")
     with pytest.raises(QuackError, match="waited 0 s for rank 0 to lock .*R for job job1"):
-        RunLock.take(out, wait_s=0.2)
+        lock_run(out, wait_s=0.2)
     (out / LOCK).write_text(json.dumps({"job": "job1", "pid": 1}))
     with pytest.raises(QuackError, match="the leader of train job job1 no longer holds"):
-        RunLock.take(out)
+        lock_run(out)
     monkeypatch.delenv(JOB_ENV)
-    leader = RunLock.take(out)
+    leader = lock_run(out)
     assert leader.leader and os.environ[JOB_ENV] == leader.job  # what the ranks it launches inherit
-    joiner = RunLock.take(out)
+    joiner = lock_run(out)
     assert not joiner.leader
     joiner.release()
     monkeypatch.setenv(JOB_ENV, "another")
     with pytest.raises(QuackError, match=f"R is being trained by quackae train job {leader.job} .*not by this job"):
-        RunLock.take(out, wait_s=30)
+        lock_run(out, wait_s=30)
     monkeypatch.setenv(JOB_ENV, leader.job)
     leader.release()
     assert JOB_ENV not in os.environ
     monkeypatch.delenv(JOB_ENV, raising=False)
-    RunLock.take(out).release()  # free again
+    lock_run(out).release()  # free again
     created = tmp_path / "new"
-    RunLock.take(created).release()
+    lock_run(created).release()
     assert not created.exists(), "a start that wrote nothing leaves no folder"

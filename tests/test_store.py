@@ -15,8 +15,8 @@ import torch
 
 from quackae import EncodingStore
 from quackae.cli import main
+from quackae.core.errors import QuackError
 from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
 from quackae.layout import LOCK, SHARDS, read_item, shard_files
 from quackae.model import QuackAutoEncoder
 from quackae.prepare import PrepareConfig, prepare
@@ -155,7 +155,7 @@ def test_a_live_encode_holds_the_store(tiny, tmp_path, capsys):
     try:
         assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(out)]) == 2
         err = _one_line(capsys)
-        assert len(err) == 1 and "another live encode (job job123)" in err[0], err
+        assert len(err) == 1 and "is being written by quackae encode job job123;" in err[0], err
     finally:
         os.close(fd)
     assert _encode(tiny, out)["items_in_store"] == ROWS

@@ -294,7 +294,7 @@ def test_a_killed_export_leaves_no_partial_file_for_long(made, tmp_path, capsys)
     target = tmp_path / "all.parquet"
     code = (
         "import os, signal, sys\n"
-        "from quackae.atomic import atomic_file\n"
+        "from quackae.core.atomic import atomic_file\n"
         "with atomic_file(sys.argv[1], 'wb') as handle:\n"
         "    handle.write(b'PAR1 half a file')\n"
         "    handle.flush()\n"

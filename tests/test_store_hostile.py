@@ -21,8 +21,8 @@ from test_store import ROWS, _corpus, _run
 
 from quackae import EncodingStore
 from quackae.cli import main
+from quackae.core.errors import QuackError
 from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
 from quackae.layout import item_path, npz_bytes, read_item, shard_files
 from quackae.prepare import PrepareConfig, prepare
 

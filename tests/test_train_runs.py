@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from quackae.checkpoints import AtomicCheckpointIO
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.prepare import PrepareConfig, prepare
 from quackae.train import TrainConfig, train
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 from quackae.store import read_item
 from quackae.writer import AutoencoderWriter, clean_temporary, item_path, keep_item, npz_bytes, stored_ids
 

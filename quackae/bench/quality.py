@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from quackae.errors import QuackError
-from quackae.selection import id_hash
+from quackae.core.errors import QuackError
+from quackae.core.ids import id_hash
 
 log = logging.getLogger(__name__)
 

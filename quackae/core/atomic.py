@@ -4,7 +4,7 @@ Every file a later stage reads is written to a hidden temporary name on the same
 flushed and fsynced, renamed over its final name, and its folder fsynced: a reader sees the old
 file or the new one, never a part. A killed writer leaves only hidden ``*.partial`` files, which
 ``remove_temporaries`` clears on the next run. A folder whose files belong together is written
-whole in a staging folder beside it and put in place by ``replace_folder``. A failed write (a full
+whole in a staging folder beside it (``sibling_staging``) and put in place by ``replace_folder``. A failed write (a full
 disk) is an ``OSError`` naming the file it was writing.
 """
 
@@ -55,6 +55,17 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}{TEMPORARY_SUFFIX}")
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def remove_stale_temporaries(path: str | Path) -> int:
     """Delete the temporary files of ``path`` (``temporary_name``'s) whose writing process no longer runs on this
     machine (it was killed); returns how many went. Those of a live writer stay."""
@@ -63,15 +74,8 @@ def remove_stale_temporaries(path: str | Path) -> int:
     removed = 0
     for candidate in target.parent.glob(f"{glob.escape(prefix)}*{TEMPORARY_SUFFIX}"):
         pid = candidate.name[len(prefix) : -len(TEMPORARY_SUFFIX)].split("-")[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # alive (or another user's process): its writer may still be writing
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
+        if not pid.isdigit() or alive(int(pid)):
+            continue  # a live writer's (or another user's): it may still be writing
         candidate.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -179,6 +183,26 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
+def sibling_staging(target: Path, tag: str) -> Path:
+    """A new, empty folder ``.{name}.{tag}-{pid}`` beside ``target`` in which this process builds a folder whole
+    before ``replace_folder`` puts it at ``target``. The staging folders (and the old folders ``replace_folder``
+    set aside) that stopped processes left beside ``target`` are removed first; a live process's stay."""
+    prefix = f".{target.name}."
+    for leftover in target.parent.glob(f"{glob.escape(prefix)}*-*"):
+        word, _, pid = leftover.name[len(prefix) :].rpartition("-")
+        if word not in (tag, _ASIDE) or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and alive(int(pid)):
+            continue  # another process builds or replaces the same folder right now
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = target.parent / f"{prefix}{tag}-{os.getpid()}"
+    staging.mkdir()
+    return staging
+
+
+_ASIDE = "old"
+
+
 def replace_folder(staging: Path, target: Path) -> None:
     """Put the complete folder ``staging`` (fsynced here) at ``target`` in one step; an old ``target`` is
     removed after. Where the system cannot exchange two paths atomically, two renames leave a moment in
@@ -187,7 +211,7 @@ def replace_folder(staging: Path, target: Path) -> None:
     if not os.path.lexists(target):
         os.rename(staging, target)
     elif not exchange(staging, target):
-        aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+        aside = target.with_name(f".{target.name}.{_ASIDE}-{os.getpid()}")
         os.rename(target, aside)
         os.rename(staging, target)
         staging = aside

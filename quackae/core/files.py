@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from quackae.errors import QuackError
+from quackae.core.errors import QuackError
 
 # The largest metadata file (manifest, marker, summary, config) read whole: anything bigger is not one of ours.
 MAX_SMALL_FILE = 64 << 20
@@ -45,6 +45,20 @@ def kind_of(path: str | Path) -> str | None:
     if stat.S_ISREG(mode):
         return None
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def entry_kind(path: str | Path) -> str | None:
+    """None for a regular file, else what ``path`` itself is, a link not followed ("missing", "a symbolic link",
+    "a FIFO", ...)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"unreadable ({error.strerror})"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return None if stat.S_ISREG(mode) else kind_of(path)
 
 
 def regular_file(path: str | Path, what: str = "file", fix: str = "") -> Path:

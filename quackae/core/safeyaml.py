@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from quackae.errors import QuackError
-from quackae.files import read_text
+from quackae.core.errors import QuackError
+from quackae.core.files import read_text
 
 # The most values (mappings, lists, keys and scalars, every alias expanded) a YAML file quackae reads may
 # stand for: a pipeline file or a run's config.yaml has a few hundred.
