@@ -13,17 +13,17 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "AttentionModule": "quackae.attention",
-    "AttentionScore": "quackae.attention",
+    "AttentionModule": "quackae.model.attention",
+    "AttentionScore": "quackae.model.attention",
     "AutoencoderWriter": "quackae.writer",
     "EncodingStore": "quackae.store",
-    "QuackAutoEncoder": "quackae.model",
-    "QuackEncoder": "quackae.encoder",
+    "QuackAutoEncoder": "quackae.model.autoencoder",
+    "QuackEncoder": "quackae.model.encoder",
     "TokenizedDataModule": "quackae.data",
     "item_path": "quackae.writer",
-    "load_model": "quackae.checkpoints",
-    "ModelConfig": "quackae.modelconfig",
-    "PRESETS": "quackae.modelconfig",
+    "load_model": "quackae.model.checkpoints",
+    "ModelConfig": "quackae.model.config",
+    "PRESETS": "quackae.model.config",
 }
 
 __all__ = [
@@ -41,12 +41,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from quackae.attention import AttentionModule, AttentionScore
-    from quackae.checkpoints import load_model
-    from quackae.data import TokenizedDataModule
-    from quackae.encoder import QuackEncoder
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import PRESETS, ModelConfig
+    from quackae.data.module import TokenizedDataModule
+    from quackae.model.attention import AttentionModule, AttentionScore
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.checkpoints import load_model
+    from quackae.model.config import PRESETS, ModelConfig
+    from quackae.model.encoder import QuackEncoder
     from quackae.store import EncodingStore
     from quackae.writer import AutoencoderWriter, item_path
 

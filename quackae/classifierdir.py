@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quackae.checkpoints import load_torch_file
 from quackae.core.atomic import replace_folder, sibling_staging
 from quackae.core.errors import QuackError
 from quackae.core.files import read_json, regular_file
+from quackae.model.checkpoints import load_torch_file
 
 CHECKPOINT = Path("checkpoints") / "best.ckpt"
 CLASSES, REPORT = "classes.json", "report.json"

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from quackae.core.atomic import atomic_file
 from quackae.core.errors import QuackError
 from quackae.render import PAD, font, save_png, text_size, vertical_text
-from quackae.runlogs import MERGED_FIX, read_metrics_csv
+from quackae.runs.logs import MERGED_FIX, read_metrics_csv
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 
 from quackae.core.errors import QuackError
+from quackae.data.selection import is_labelled, selected_rows
 from quackae.layout import LAYOUTS, read_manifest
-from quackae.runtime import TrainerFlags, progress_bar, resolve_run, settled_heap
-from quackae.selection import is_labelled, selected_rows
+from quackae.model.checkpoints import resolve_run
+from quackae.model.trainer import TrainerFlags, progress_bar
+from quackae.runtime import settled_heap
 from quackae.storejob import StoreJob, stored_ids_checked
 from quackae.writer import DEFAULT_SHARD_SIZE, AutoencoderWriter
 
@@ -123,8 +125,8 @@ def _open_inputs(config: EncodeConfig, checkpoint: Path, tokenizer_file: Path) -
     """``(dataset, data tokenizer, model tokenizer, its hash)`` of a prepared directory and a RUN, refusing
     data tokenized with another tokenizer than the model's."""
     from quackae.core.files import read_bytes
-    from quackae.prepared import load_prepared
-    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+    from quackae.data.prepared import load_prepared
+    from quackae.data.tokenizer import load_tokenizer, tokenizer_hash
 
     dataset, data_tokenizer, _ = load_prepared(config.data)
     if config.text and not dataset.original_text:
@@ -174,8 +176,8 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
     """Run ``quackae encode``; returns counts and throughput."""
     import pytorch_lightning as pl
 
-    from quackae.checkpoints import load_model
-    from quackae.data import TokenizedDataModule
+    from quackae.data.module import TokenizedDataModule
+    from quackae.model.checkpoints import load_model
 
     started = time.time()
     if "spawn" in str(config.strategy):

@@ -311,10 +311,12 @@ def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
 
 
 def _time_step(config: Any, prepare: Any) -> float:
+    """Seconds a training step of the train stage ``config`` takes here, in the precision the stage will use."""
     import torch
 
-    from quackae.bench.train import random_batches, time_training
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.steptime import random_batches, time_training
+    from quackae.model.trainer import default_precision
 
     vocab = getattr(prepare, "vocab_size", 8000)
     max_length = getattr(prepare, "max_length", 64)
@@ -322,7 +324,8 @@ def _time_step(config: Any, prepare: Any) -> float:
     batches = random_batches(6, config.batch_size, vocab, max(max_length // 3, 1), max(max_length // 2, 1), generator)
     state = torch.random.get_rng_state()
     model = QuackAutoEncoder(vocab, **config.model_settings())  # the model the train stage will build
-    tokens_per_s = time_training(model, batches, warmup=2, device=torch.device("cpu"))
+    bf16 = (config.precision or default_precision("cpu", training=True)).startswith("bf16")
+    tokens_per_s = time_training(model, batches, warmup=2, device=torch.device("cpu"), bf16=bf16)
     torch.random.set_rng_state(state)
     tokens = sum(int(b.ne(0).sum()) for b in batches[2:]) / len(batches[2:])
     return tokens / tokens_per_s

@@ -37,9 +37,10 @@ import numpy as np
 
 from quackae.core.atomic import replace_folder, sibling_staging, write_atomic
 from quackae.core.errors import QuackError, StrictError
-from quackae.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
-from quackae.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
-from quackae.tokenizer import (
+from quackae.data.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
+from quackae.data.readers import FORMATS, Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
+from quackae.data.tokenizer import (
+    DEFAULT_MAX_LENGTH,
     EOS,
     MIN_VOCAB,
     TRAIN_CHARS_PER_TOKEN,
@@ -82,7 +83,7 @@ class PrepareConfig:
         default=None, metadata={"path": True, "help": "use this tokenizer.json instead of training one"}
     )
     max_length: int = field(
-        default=128,
+        default=DEFAULT_MAX_LENGTH,
         metadata={
             "help": "maximum tokens per item, [EOS] included; longer texts are truncated and counted (the stored "
             "text stays whole). Tokenizing reads at most twice what these tokens can cover of a text, and tokenizer "

@@ -182,7 +182,7 @@ def store_token_sequences(source: str | Path, ids: np.ndarray, metadata: list[di
 
 def _store_tokenizer(manifest: dict[str, Any], manifest_file: Path) -> tuple[Any, int]:
     """``(tokenizer, vocabulary size)`` the manifest names, checked against the hash it records."""
-    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+    from quackae.data.tokenizer import load_tokenizer, tokenizer_hash
 
     file = manifest.get("tokenizer")
     if not isinstance(file, str) or not Path(file).is_file():
@@ -197,14 +197,13 @@ def _dataset_tokens(
     directory: Path, fingerprint: Any, ids: np.ndarray, vocab: int
 ) -> tuple[list[list[int]] | None, str]:
     """The ``input_ids`` of items ``ids`` in a prepared folder whose dataset has ``fingerprint``, else why not."""
-    from quackae.prepared import load_prepared
-    from quackae.runrecord import dataset_fingerprint
+    from quackae.data.prepared import load_prepared
 
     try:
         dataset, _, _ = load_prepared(directory)
         if fingerprint is None:
             return None, f"the store records no fingerprint of the prepared data in {directory} to check it by"
-        if dataset_fingerprint(dataset) != fingerprint:
+        if dataset.fingerprint != fingerprint:
             return None, f"the prepared data in {directory} changed since the store was encoded"
         columns = dataset.select_columns(["id", "input_ids"]).to_dict()
     except Exception as error:  # noqa: BLE001 - a damaged dataset is a reason to skip, whatever datasets raises

@@ -28,7 +28,7 @@ class ReconstructConfig:
 
 def reconstruct(config: ReconstructConfig) -> dict[str, Any]:
     """Run ``quackae reconstruct``: ``pairs`` of (text, reconstruction) and the ``lines`` the command prints."""
-    from quackae.encoder import QuackEncoder
+    from quackae.model.encoder import QuackEncoder
 
     encoder = QuackEncoder.from_run(config.model, device="cpu", max_length=config.max_length)
     rebuilt = encoder.reconstruct(list(config.texts))

@@ -273,7 +273,7 @@ def item_png(encoding: np.ndarray, attention: tuple[np.ndarray, ...] | None, tok
     import io
 
     if attention is not None and tokenizer is not None:
-        from quackae.tokenizer import special_ids
+        from quackae.data.tokenizer import special_ids
 
         weights, output_ids, input_ids = attention
         special = special_ids(tokenizer)

@@ -32,7 +32,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "corpus": Stage(
-        "quackae.corpus",
+        "quackae.data.corpus",
         "CorpusConfig",
         "build_corpus",
         "write the standard-library docstring corpus as JSONL",

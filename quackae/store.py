@@ -18,6 +18,7 @@ import numpy as np
 from quackae.core.atomic import atomic_file
 from quackae.core.errors import QuackError
 from quackae.core.files import regular_file
+from quackae.data.selection import is_labelled
 from quackae.items import load_item
 from quackae.layout import (
     MANIFEST,
@@ -32,7 +33,6 @@ from quackae.layout import (
     shard_provenance,
 )
 from quackae.provenance import DESCRIPTIONS, differing, ids_digest, manifest_problem
-from quackae.selection import is_labelled
 
 log = logging.getLogger(__name__)
 

@@ -18,23 +18,24 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping
 from tokenizers import Tokenizer
 
-from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
 from quackae.core.atomic import remove_temporaries, write_atomic
 from quackae.core.errors import QuackError
 from quackae.core.files import read_bytes, regular_file
 from quackae.core.joblock import JobLock
-from quackae.divergence import FiniteGuard, NonFiniteTraining
-from quackae.modelconfig import ModelFlags, model_problems
-from quackae.runlock import lock_run
-from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
-from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
-from quackae.runtime import TrainerFlags, settled_heap
-from quackae.tokenizer import tokenizer_hash
+from quackae.data.tokenizer import tokenizer_hash
+from quackae.model.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
+from quackae.model.config import ModelFlags, model_problems
+from quackae.model.guard import FiniteGuard, NonFiniteTraining
+from quackae.model.trainer import TrainerFlags
+from quackae.runs.heldout import evaluate_reconstruction
+from quackae.runs.lock import lock_run
+from quackae.runs.logs import latest_attempt, merge_metrics, new_attempt
+from quackae.runs.record import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
+from quackae.runtime import settled_heap
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     why training stopped (``stop_reason``); a run that stopped before its first validation has no best
     checkpoint and says so.
     """
-    from quackae.data import TokenizedDataModule
-    from quackae.tokenizer import special_ids
+    from quackae.data.module import TokenizedDataModule
+    from quackae.data.tokenizer import special_ids
 
     out = Path(config.out)
     if out.exists() and not out.is_dir():
@@ -145,7 +146,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "eos_id": ids.eos,
         "mask_id": ids.unk,
     }
-    record = data_record(datamodule.dataset, tokenizer, config.data)
+    max_length = (datamodule.info.get("config") or {}).get("max_length")
+    record = data_record(datamodule.dataset, tokenizer, config.data, max_length)
     start_step = 0
     if resume is not None:
         saved_checkpoint = read_checkpoint(resume)
@@ -214,7 +216,7 @@ def _fit(
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.loggers import CSVLogger
 
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
 
     started = time.time()
     out = Path(config.out)
@@ -386,30 +388,3 @@ def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfi
     if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs", f"--max-epochs {trainer.max_epochs} reached"
     return "other", "training ended"
-
-
-@torch.no_grad()
-def evaluate_reconstruction(checkpoint: Path, datamodule: Any, indices: Any, limit: int = 2000) -> dict[str, float]:
-    """Greedy reconstruction token accuracy and exact-match rate over (at most ``limit``) items ``indices``."""
-    from quackae.checkpoints import load_model
-    from quackae.data import pad_batch
-
-    model = load_model(str(checkpoint))
-    if not len(indices):
-        return {"token_accuracy": float("nan"), "exact_match": float("nan")}
-    indices = list(indices)[:limit]
-    rows = datamodule.dataset.select_columns(["input_ids"])[indices]["input_ids"]
-    correct = total = exact = 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for start in range(0, len(order), 128):
-        batch = [rows[i] for i in order[start : start + 128]]
-        x = pad_batch(batch, model.pad_id)  # (B, T)
-        out = model.reconstruct(x, max_length=x.size(1))  # (B, S)
-        if out.size(1) < x.size(1):
-            out = torch.nn.functional.pad(out, (0, x.size(1) - out.size(1)), value=model.pad_id)
-        valid = x.ne(model.pad_id)
-        hits = (out[:, : x.size(1)] == x) & valid
-        correct += int(hits.sum())
-        total += int(valid.sum())
-        exact += int((hits | ~valid).all(dim=1).sum())
-    return {"token_accuracy": correct / total, "exact_match": exact / len(rows)}

@@ -157,8 +157,8 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
 
 def _expected_ids(data: str | Path, manifest: dict[str, Any] | None) -> np.ndarray:
     """The sorted ids of ``data`` that the store's selection keeps (every id when the manifest is not valid)."""
-    from quackae.prepared import load_prepared, verify_fingerprint
-    from quackae.selection import selected_rows
+    from quackae.data.prepared import load_prepared, verify_fingerprint
+    from quackae.data.selection import selected_rows
 
     dataset, _, _ = load_prepared(data)
     manifest = manifest or {}

@@ -26,6 +26,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from quackae.core.atomic import write_atomic
 from quackae.core.errors import QuackError
+from quackae.data.selection import is_labelled, keep_item, selected_mask
+from quackae.data.tokenizer import BatchDecoder
 from quackae.layout import (
     LAYOUTS,
     SHARDS,
@@ -38,9 +40,7 @@ from quackae.layout import (
     write_items,
     write_shard,
 )
-from quackae.selection import is_labelled, keep_item, selected_mask
 from quackae.storejob import StoreJob, clean_temporary, complete_manifest, stored_ids, stored_ids_checked
-from quackae.tokenizer import BatchDecoder
 from quackae.transfer import host_array, non_finite_error, to_host
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
         if self.background is None:
-            from quackae.runtime import cores_to_spare
+            from quackae.core.cores import cores_to_spare
 
             self._inline = self.layout == "shards" and not cores_to_spare(trainer)
         self._start()

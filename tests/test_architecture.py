@@ -50,8 +50,8 @@ def test_no_module_grows_past_a_few_hundred_lines():
 
 
 def test_model_defaults_live_in_model_config():
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import ModelConfig
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.config import ModelConfig
     from quackae.train import TrainConfig
 
     model = QuackAutoEncoder(32)

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
+from quackae.data.prepared import COMPLETE, load_prepared
+from quackae.data.tokenizer import decode
 from quackae.encode import EncodeConfig, encode
+from quackae.model.checkpoints import load_model
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import COMPLETE, load_prepared
 from quackae.store import EncodingStore
-from quackae.tokenizer import decode
 from quackae.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow

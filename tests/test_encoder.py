@@ -11,10 +11,10 @@ import torch
 
 from quackae import EncodingStore, QuackEncoder
 from quackae.core.errors import QuackError
-from quackae.data import pad_batch
+from quackae.data.padding import pad_batch
+from quackae.data.prepared import load_prepared
 from quackae.encode import EncodeConfig, encode
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import load_prepared
 from quackae.train import TrainConfig, train
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill quack feather pond".split()
@@ -104,7 +104,7 @@ def test_rows_come_back_in_input_order_and_match_one_at_a_time(run):
 
 
 def test_reconstruct_matches_one_at_a_time(run):
-    from quackae.tokenizer import decode
+    from quackae.data.tokenizer import decode
 
     encoder = QuackEncoder.from_run(run / "run", device="cpu")
     texts = _texts(9, seed=2)

@@ -234,7 +234,7 @@ def test_run_folders(ws, tmp_path, capsys, monkeypatch, name, damage, command, m
 
 
 def test_a_cut_metrics_file_of_one_start_is_left_out_with_a_warning(ws, tmp_path, caplog):
-    from quackae.runlogs import merge_metrics
+    from quackae.runs.logs import merge_metrics
 
     run = tmp_path / "run"
     shutil.copytree(ws / "run", run)
@@ -246,7 +246,7 @@ def test_a_cut_metrics_file_of_one_start_is_left_out_with_a_warning(ws, tmp_path
 # ---------------------------------------------------------------------------------------------- input corpora
 def test_inputs_in_place_of_files_are_refused_without_blocking(tmp_path):
     from quackae.core.errors import QuackError
-    from quackae.readers import Rows, format_of, read_jsonl, read_with_datasets
+    from quackae.data.readers import Rows, format_of, read_jsonl, read_with_datasets
 
     for suffix in ("jsonl", "json", "csv", "txt", "parquet"):
         path = tmp_path / f"in.{suffix}"
@@ -263,7 +263,7 @@ def test_inputs_in_place_of_files_are_refused_without_blocking(tmp_path):
 
 
 def test_a_json_array_after_much_whitespace_is_read_as_an_array(tmp_path):
-    from quackae.readers import format_of
+    from quackae.data.readers import format_of
 
     source = tmp_path / "a.json"
     rows = [{"id": i, "text": f"text number {i}"} for i in range(3)]
@@ -279,7 +279,7 @@ def test_a_json_array_after_much_whitespace_is_read_as_an_array(tmp_path):
 
 
 def test_csv_texts_are_what_the_file_says(tmp_path):
-    from quackae.prepared import load_prepared
+    from quackae.data.prepared import load_prepared
 
     source = tmp_path / "t.csv"
     source.write_text('id,text,label\n1,NA,NA\n2,null,x\n3,None,\n4,nan,y\n5,,z\n6,"",z\n7,N/A,z\n')

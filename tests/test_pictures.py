@@ -61,8 +61,8 @@ def test_attention_cells_show_the_weights_on_a_fixed_scale():
 
 
 def test_an_item_of_a_padded_batch_is_cropped_to_its_own_tokens():
+    from quackae.data.tokenizer import EOS, train_tokenizer
     from quackae.render import item_attention_image
-    from quackae.tokenizer import EOS, train_tokenizer
 
     tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
     eos = tokenizer.token_to_id(EOS)
@@ -96,7 +96,7 @@ def test_confusion_has_one_cell_per_class_pair():
 
 
 def test_token_labels_are_readable():
-    from quackae.tokenizer import EOS, train_tokenizer
+    from quackae.data.tokenizer import EOS, train_tokenizer
 
     tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
     ids = tokenizer.encode("the duck", add_special_tokens=False).ids + [tokenizer.token_to_id(EOS)]

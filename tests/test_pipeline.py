@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
 from quackae.classifier import ClassifyConfig, classify
 from quackae.cli import main
 from quackae.core.errors import QuackError
 from quackae.encode import EncodeConfig, encode
+from quackae.model.checkpoints import load_model
 from quackae.pipeline import RunConfig, run_pipeline
 from quackae.prepare import PrepareConfig, prepare
 from quackae.store import EncodingStore

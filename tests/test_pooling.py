@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import random_padded
 
-from quackae.checkpoints import load_model
-from quackae.model import QuackAutoEncoder
-from quackae.modelconfig import POOLINGS
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.checkpoints import load_model
+from quackae.model.config import POOLINGS
+from quackae.model.noise import word_dropout
 
 
 def tiny(**kwargs) -> QuackAutoEncoder:
@@ -168,18 +169,16 @@ def test_attention_dropout_drops_about_its_share_of_steps():
 
 def test_word_dropout_replaces_non_pad_tokens_by_the_mask_id():
     torch.manual_seed(0)
-    model = tiny(word_dropout=0.4, mask_id=1).train()
     x = random_padded(200, 20, 2, 12, seed=9).clamp(min=0)
     x = x.masked_fill(x.eq(1), 2)  # no real token equals the mask id
-    out = model._word_dropout(x)
+    out = word_dropout(x, 0.4, 1, 0)
     pads = x.eq(0)
     assert torch.equal(out[pads], x[pads])  # padding untouched
     changed = out.ne(x)
     assert bool(out[changed].eq(1).all())  # replaced tokens hold the mask id
     share = changed.sum().item() / (~pads).sum().item()
     assert 0.35 < share < 0.45
-    no_mask = tiny(word_dropout=0.4, mask_id=None).train()
-    without = no_mask._word_dropout(x)
+    without = word_dropout(x, 0.4, None, 0)
     assert bool(without[without.ne(x)].eq(0).all()) and bool(without.ne(x).any())  # the pad id (zero embedding)
 
 

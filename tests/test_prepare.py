@@ -8,8 +8,8 @@ import pytest
 
 from quackae.cli import main
 from quackae.core.errors import QuackError, StrictError
+from quackae.data.tokenizer import load_tokenizer
 from quackae.prepare import PrepareConfig, prepare
-from quackae.tokenizer import load_tokenizer
 
 BAD_LINES = [
     '{"id": 1, "text": "hello world", "label": "a"}',

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quackae.core.errors import QuackError
+from quackae.data.prepared import load_prepared
+from quackae.data.tokenizer import decode
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import load_prepared
-from quackae.tokenizer import decode
 
 SCALARS = st.one_of(
     st.none(),

@@ -12,8 +12,8 @@ import pytest
 from quackae.bench import BenchConfig
 from quackae.bench.quality import _probe_subset, parse_options, quality_run
 from quackae.classifier import ClassifyConfig, classify
-from quackae.corpus import site_docstrings
-from quackae.modelconfig import POOLINGS
+from quackae.data.corpus import site_docstrings
+from quackae.model.config import POOLINGS
 from quackae.probes import bag_of_tokens, store_token_sequences
 
 
@@ -176,7 +176,7 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     skipped = json.loads((tmp_path / "clf2/report.json").read_text())["baselines"]["bag_of_tokens_probe"]
     assert skipped["accuracy"] is None and "over the dense probe's 1000 cells" in skipped["source"]
     # the same token ids the encoder saw, in the order asked for
-    from quackae.prepared import load_prepared
+    from quackae.data.prepared import load_prepared
 
     dataset, _, _ = load_prepared(tmp_path / "prepared")
     rows = dataset.select_columns(["id", "input_ids"]).to_dict()
@@ -184,7 +184,7 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     (tokens, vocab), _ = store_token_sequences(tmp_path / "store", ids, [{}] * len(ids))
     assert tokens == rows["input_ids"][::-1] and vocab == 300
     # with the prepared dataset gone, the items' text is tokenized with the manifest's tokenizer
-    from quackae.tokenizer import load_tokenizer
+    from quackae.data.tokenizer import load_tokenizer
 
     (tmp_path / "prepared").rename(tmp_path / "moved")
     texts = [{"text": "duck goose swan"}, {"text": "hammer saw"}]

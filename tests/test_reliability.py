@@ -18,8 +18,8 @@ import torch
 
 from quackae.cli import main, user_error
 from quackae.core.errors import QuackError
+from quackae.data.prepared import COMPLETE, load_prepared
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import COMPLETE, load_prepared
 from quackae.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()

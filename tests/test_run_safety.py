@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
 from quackae.cli import main
 from quackae.core.errors import QuackError
-from quackae.encoder import QuackEncoder
-from quackae.model import QuackAutoEncoder
+from quackae.data.prepared import dataset_fingerprint, load_prepared
+from quackae.data.tokenizer import tokenizer_hash
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.checkpoints import load_model
+from quackae.model.encoder import QuackEncoder
 from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import dataset_fingerprint, load_prepared
-from quackae.tokenizer import tokenizer_hash
 from quackae.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_ddp_ranks_share_the_lock_and_one_history(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the data
 def test_a_run_records_what_it_trains_on(data, tmp_path):
-    from quackae.checkpoints import TRAINED_ON
+    from quackae.model.checkpoints import TRAINED_ON
 
     out = tmp_path / "R"
     run(data / "a", out, val_check_interval=2)
@@ -176,7 +176,7 @@ def test_a_train_or_resume_on_other_data_is_refused(data, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_record_is_judged_by_the_tokenizer_beside_it(data, tmp_path):
-    from quackae.checkpoints import TRAINED_ON
+    from quackae.model.checkpoints import TRAINED_ON
 
     out = tmp_path / "old"
     run(data / "a", out)
@@ -267,7 +267,7 @@ class _Trainer:
 
 
 def test_the_guard_reads_nothing_from_the_device_between_logging_steps(monkeypatch):
-    from quackae.divergence import FiniteGuard, NonFiniteTraining
+    from quackae.model.guard import FiniteGuard, NonFiniteTraining
 
     module = torch.nn.Linear(3, 2)
     guard, trainer = FiniteGuard(every=10), _Trainer()
@@ -320,9 +320,9 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_previous_checkpoi
 
 
 def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
-    import quackae.runtime
+    import quackae.model.trainer
 
-    monkeypatch.setattr(quackae.runtime, "usable_cores", lambda: 2, raising=False)
+    monkeypatch.setattr(quackae.model.trainer, "usable_cores", lambda: 2)
     assert TrainConfig(accelerator="cpu", devices="2").trainer_kwargs()["devices"] == 2
     for devices in ("3", "99"):
         with pytest.raises(QuackError, match=f"--devices {devices} would start {devices} processes on the CPU, which"):
@@ -333,7 +333,7 @@ def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
 
 
 def test_a_rank_joins_only_the_live_leader_of_its_own_job(tmp_path, monkeypatch):
-    from quackae.runlock import JOB_ENV, LOCK, lock_run
+    from quackae.runs.lock import JOB_ENV, LOCK, lock_run
 
     out = tmp_path / "R"
     out.mkdir()

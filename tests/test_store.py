@@ -16,11 +16,11 @@ import torch
 from quackae import EncodingStore
 from quackae.cli import main
 from quackae.core.errors import QuackError
+from quackae.data.tokenizer import special_ids
 from quackae.encode import EncodeConfig, encode
 from quackae.layout import LOCK, SHARDS, read_item, shard_files
-from quackae.model import QuackAutoEncoder
+from quackae.model.autoencoder import QuackAutoEncoder
 from quackae.prepare import PrepareConfig, prepare
-from quackae.tokenizer import special_ids
 from quackae.writer import AutoencoderWriter, stored_ids
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
@@ -389,11 +389,11 @@ def test_a_fresh_encode_writes_each_shard_as_one_run_of_consecutive_rows(tiny, t
 
 
 def test_the_encode_progress_bar_redraws_at_most_every_interval_and_at_the_end(monkeypatch):
-    import quackae.runtime as runtime
+    import quackae.model.trainer as trainer
 
     clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 5.0])
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
-    bar = runtime.progress_bar(0.5)
+    bar = trainer.progress_bar(0.5)
     monkeypatch.setattr(type(bar), "is_enabled", property(lambda self: True))
     drawn = [bar._should_update(n, 100) for n in (1, 2, 3, 4, 5)] + [bar._should_update(100, 100)]
     assert drawn == [True, False, False, True, False, True]
@@ -405,12 +405,12 @@ def test_encode_with_and_without_helper_threads_stores_the_same(tiny, tmp_path, 
     the prediction thread between batches. The stores must be the same, item for item."""
     import threading
 
-    import quackae.runtime
+    import quackae.core.cores
     from quackae.writer import AutoencoderWriter
 
     reference = tmp_path / "reference"
     _encode(tiny, reference, layout="shards")
-    monkeypatch.setattr(quackae.runtime, "cores_to_spare", lambda trainer: spare)
+    monkeypatch.setattr(quackae.core.cores, "cores_to_spare", lambda trainer: spare)
     threads = set()
     original = AutoencoderWriter._write_batch
 
@@ -438,7 +438,7 @@ def test_cores_to_spare(monkeypatch):
     import pytorch_lightning as pl
     import torch
 
-    from quackae.runtime import cores_to_spare
+    from quackae.core.cores import cores_to_spare
 
     assert cores_to_spare(None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)

@@ -6,7 +6,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quackae.core.errors import QuackError
-from quackae.tokenizer import PAD, BatchDecoder, decode, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from quackae.data.tokenizer import (
+    PAD,
+    BatchDecoder,
+    decode,
+    load_tokenizer,
+    special_ids,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 SENTENCES = ["the quick brown fox", "jumps over the lazy dog", "a stitch in time saves nine", "naïve café — ok"] * 5
 

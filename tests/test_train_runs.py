@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quackae.checkpoints import AtomicCheckpointIO
 from quackae.core.errors import QuackError
+from quackae.model.checkpoints import AtomicCheckpointIO
 from quackae.prepare import PrepareConfig, prepare
 from quackae.train import TrainConfig, train
 

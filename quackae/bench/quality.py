@@ -68,7 +68,7 @@ def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
 
 def corpus_rows(corpus: str) -> list[dict[str, Any]]:
     """Rows ``{"id", "text", "label"}`` of ``stdlib``, ``site`` or a JSONL file."""
-    from quackae.corpus import site_docstrings, stdlib_docstrings
+    from quackae.data.corpus import site_docstrings, stdlib_docstrings
 
     if corpus == "stdlib":
         return stdlib_docstrings()
@@ -90,16 +90,13 @@ def corpus_rows(corpus: str) -> list[dict[str, Any]]:
 
 def _encode_all(model: Any, sequences: list[list[int]], batch_size: int = 256) -> np.ndarray:
     """Encodings (N, encoding_size) of token id lists, batched by length, in the input order."""
-    from quackae.data import pad_batch
+    from quackae.data.padding import length_sorted_batches
 
     model.eval()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = np.zeros((len(sequences), model.encoding_size), dtype=np.float32)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            encoding, _ = model(pad_batch([sequences[i] for i in chosen], model.pad_id))  # (B, encoding_size)
-            out[chosen] = encoding.float().numpy()
+        for positions, x in length_sorted_batches(sequences, batch_size, model.pad_id):
+            out[positions] = model(x)[0].float().numpy()  # (B, encoding_size)
     return out
 
 
@@ -135,11 +132,11 @@ def quality_run(
     (``probe_by_pooling``, ``probe_untrained_by_pooling``). Returns the
     figures as a dict (see the module docstring).
     """
-    from quackae.checkpoints import load_model
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import POOLINGS
+    from quackae.data.prepared import load_prepared
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.checkpoints import load_model
+    from quackae.model.config import POOLINGS
     from quackae.prepare import PrepareConfig, prepare
-    from quackae.prepared import load_prepared
     from quackae.probes import bag_of_tokens, stratified_split, tuned_linear_probe
     from quackae.train import TrainConfig, train
 

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_info(run: Path) -> dict[str, Any]:
-    """``prepare.json`` of the data a run was trained on, when it can still be found; else ``{}``.
+    """``prepare.json`` of the data a run was trained on, when it can still be found; else ``{}``: how the
+    ``--max-length`` of a run whose checkpoints predate the record of it is found.
 
     Found through the run's ``config.yaml`` (its ``data`` path); a damaged ``config.yaml`` or
     ``prepare.json`` is a ``QuackError`` naming it.
@@ -55,15 +56,6 @@ def _nested(mapping: dict[str, Any], section: str, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def default_max_length() -> int:
-    """``quackae prepare``'s default ``--max-length``."""
-    from dataclasses import fields
-
-    from quackae.prepare import PrepareConfig
-
-    return next(f.default for f in fields(PrepareConfig) if f.name == "max_length")
-
-
 class QuackEncoder:
     """A ``QuackAutoEncoder`` and its tokenizer, encoding and reconstructing texts in memory.
 
@@ -73,7 +65,7 @@ class QuackEncoder:
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int, device: str | torch.device | None = None) -> None:
-        from quackae.tokenizer import special_ids
+        from quackae.data.tokenizer import special_ids
 
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2 (one token and [EOS]), got {max_length}")
@@ -98,40 +90,28 @@ class QuackEncoder:
     ) -> QuackEncoder:
         """Load a RUN folder (its best checkpoint, else the last) or a ``.ckpt`` with ``tokenizer.json`` beside it.
 
-        ``max_length`` defaults to the ``--max-length`` of the data the run was trained on (read from
-        its ``prepare.json``); when that cannot be found, to ``quackae prepare``'s default, with a warning.
-        ``device`` defaults to CUDA when available, else the CPU. Raises ``QuackError`` naming what is missing.
+        ``max_length`` defaults to the ``--max-length`` of the data the run was trained on, which the checkpoint
+        records (a run trained before it did: found through its ``config.yaml`` and the data's ``prepare.json``);
+        when that cannot be found, to ``quackae prepare``'s default, with a warning. ``device`` defaults to CUDA
+        when available, else the CPU. Raises ``QuackError`` naming what is missing.
         """
-        from quackae.checkpoints import load_model
-        from quackae.runtime import resolve_run
-        from quackae.tokenizer import load_tokenizer, tokenizer_hash
+        from quackae.data.tokenizer import load_tokenizer, tokenizer_hash
+        from quackae.model.checkpoints import load_model_and_record, resolve_run
 
         checkpoint, tokenizer_file = resolve_run(run)
-        if max_length is None:
-            info = _prepare_info(tokenizer_file.parent)
-            max_length = (info.get("config") or {}).get("max_length")
-            if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)):
-                raise QuackError(f"the prepare.json of {run} has max_length {max_length!r}, not a whole number")
-            if max_length is None:
-                max_length = default_max_length()
-                log.warning(
-                    "cannot find the prepare.json of the data %s was trained on; truncating texts to %d tokens "
-                    "(pass max_length= the run's quackae prepare --max-length)",
-                    run,
-                    max_length,
-                )
         device = torch.device(device) if device is not None else _default_device()
         tokenizer = load_tokenizer(tokenizer_file)
-        try:
-            model = load_model(str(checkpoint), map_location=device, tokenizer_sha256=tokenizer_hash(tokenizer))
-        except ValueError as error:
-            raise QuackError(str(error)) from None
+        model, record = load_model_and_record(
+            checkpoint, map_location=device, tokenizer_sha256=tokenizer_hash(tokenizer)
+        )
+        if max_length is None:
+            max_length = _trained_max_length(run, record, tokenizer_file.parent)
         return cls(model, tokenizer, int(max_length), device)
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text exactly as ``quackae prepare`` stores them (truncated, ``[EOS]`` last)."""
-        from quackae.tokenizer import tokenize_batch
+        from quackae.data.tokenizer import tokenize_batch
 
         texts = _check_texts(texts)
         if not texts:
@@ -146,20 +126,15 @@ class QuackEncoder:
         self, rows: list[list[int]], batch_size: int, show_progress_bar: bool, desc: str
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(positions in rows, x (B, T) on the device)`` for length-sorted batches of ``rows``."""
-        from quackae.data import pad_batch
+        from quackae.data.padding import length_sorted_batches
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        order = np.argsort([-len(row) for row in rows], kind="stable")  # longest first: memory peaks at once
-        starts = range(0, len(order), batch_size)
+        batches = length_sorted_batches(rows, batch_size, self.pad_id)
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc=desc, unit="batch")
-        for start in starts:
-            positions = order[start : start + batch_size]
-            x = pad_batch([rows[i] for i in positions], self.pad_id).to(self.device)  # (B, T)
-            yield positions, x
+            batches = tqdm(batches, desc=desc, unit="batch", total=-(-len(rows) // batch_size))
+        for positions, x in batches:
+            yield positions, x.to(self.device)  # (B, T)
 
     # ------------------------------------------------------------------ public API
     def encode(self, texts: str | Sequence[str], batch_size: int = 64, show_progress_bar: bool = False) -> np.ndarray:
@@ -175,7 +150,7 @@ class QuackEncoder:
 
     def reconstruct(self, texts: str | Sequence[str], batch_size: int = 64) -> list[str]:
         """Greedy reconstruction of each text from its own encoding, in input order."""
-        from quackae.tokenizer import decode
+        from quackae.data.tokenizer import decode
 
         rows = self.tokenize([texts] if isinstance(texts, str) else texts)
         out: list[str] = [""] * len(rows)
@@ -192,6 +167,29 @@ class QuackEncoder:
             f"QuackEncoder(encoding_size={self.model.encoding_size}, vocab={self.model.num_embeddings}, "
             f"max_length={self.max_length}, device={self.device})"
         )
+
+
+def _trained_max_length(run: Any, record: dict[str, Any] | None, folder: Path) -> int:
+    """The ``--max-length`` the run's data was prepared with: the checkpoint's record of it, else (a run trained
+    before the record kept it) its ``prepare.json``, else ``quackae prepare``'s default with a warning."""
+    from quackae.data.tokenizer import DEFAULT_MAX_LENGTH
+
+    where = f"the checkpoint of {run}"
+    value = (record or {}).get("max_length")
+    if value is None:
+        where = f"the prepare.json of {run}"
+        value = (_prepare_info(folder).get("config") or {}).get("max_length")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
+        raise QuackError(f"{where} has max_length {value!r}, not a whole number of at least 2; pass max_length")
+    if value is None:
+        log.warning(
+            "cannot find the --max-length of the data %s was trained on; truncating texts to %d tokens "
+            "(pass max_length= the run's quackae prepare --max-length)",
+            run,
+            DEFAULT_MAX_LENGTH,
+        )
+        return DEFAULT_MAX_LENGTH
+    return value
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:

@@ -14,7 +14,7 @@ target's non-pad positions. Three training-only switches push information throug
 encoding rather than around it: ``word_dropout`` replaces decoder input tokens by the mask id
 (Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder
 steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
-reconstruction go step by step, as they must.
+reconstruction go step by step, as they must (``quackae.model.decoding``).
 
 Shape glossary:
     B  batch size            T  input (encoder) width        S  decoder steps
@@ -34,9 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from quackae.attention import AttentionModule, AttentionScore
-from quackae.modelconfig import ModelConfig
-from quackae.recurrent import unpacked_gru
+from quackae.data.predict import PredictBatch, Prediction
+from quackae.model.attention import AttentionModule, AttentionScore
+from quackae.model.config import ModelConfig
+from quackae.model.decoding import free_running, greedy
+from quackae.model.noise import corrupt, word_dropout
+from quackae.model.recurrent import unpacked_gru
 
 log = logging.getLogger(__name__)
 
@@ -179,43 +182,9 @@ class QuackAutoEncoder(pl.LightningModule):
         final, states = self._encode(x, lengths)  # (B, H), (B, T, H)
         return self.pool(final, states, mask), states
 
-    # ------------------------------------------------------------------ noise
-    def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token deletion or masking on the encoder input; returns ``(x', mask', lengths' on CPU)``."""
-        p = self.hparams.denoise
-        drop = (torch.rand(x.shape, device=x.device) < p) & mask  # (B, T)
-        if self.hparams.denoise_mode == "mask":
-            noisy = x.masked_fill(drop, self.hparams.mask_id)
-            return noisy, mask, mask.sum(dim=1).cpu()
-        keep = mask & ~drop
-        keep[:, 0] |= ~keep.any(dim=1)  # every row keeps at least one token
-        # A stable sort of "dropped" flags moves kept tokens to the front in their order.
-        order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # (B, T)
-        kept = keep.sum(dim=1, keepdim=True)  # (B, 1)
-        new_mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) < kept  # (B, T)
-        noisy = x.gather(1, order).masked_fill(~new_mask, self.pad_id)  # (B, T)
-        return noisy, new_mask, kept.squeeze(1).cpu()
-
-    def _word_dropout(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Decoder input ids (B, S) with a ``word_dropout`` share of non-pad tokens replaced by the mask id
-        (the pad id, whose embedding is zero, when the model has no mask id)."""
-        replacement = self.hparams.mask_id if self.hparams.mask_id is not None else self.pad_id
-        hit = (torch.rand(tokens.shape, device=tokens.device) < self.hparams.word_dropout) & tokens.ne(self.pad_id)
-        return tokens.masked_fill(hit, replacement)  # (B, S)
-
     # ------------------------------------------------------------------ decoder
     def _initial_hidden(self, encoding: torch.Tensor) -> torch.Tensor:
         return encoding.unsqueeze(0).expand(self.layers, -1, -1).contiguous()  # (L, B, H)
-
-    def _decode_step(
-        self, token_embed: torch.Tensor, hidden: torch.Tensor, states: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One decoder step: ``token_embed`` (B, E), ``hidden`` (L, B, H) -> logits (B, V), hidden, weights (B, T)."""
-        out, hidden = self.decoder(token_embed.unsqueeze(1), hidden)  # (B, 1, H), (L, B, H)
-        scores = self.attention_score(states, out)  # (B, T, 1)
-        context, weights = self.attention(states, scores, mask, check=False)  # (B, H), (B, T, 1)
-        logits = self.predict(self.drop(torch.cat([context, out.squeeze(1)], dim=-1)))  # (B, 2H) -> (B, V)
-        return logits, hidden, weights.squeeze(-1)
 
     def _steps(self, width: int) -> int:
         limit = self.hparams.max_decode_length
@@ -244,7 +213,7 @@ class QuackAutoEncoder(pl.LightningModule):
         lengths = target_lengths.clamp(max=steps)  # (B,) on CPU
         previous = target[:, : steps - 1]  # (B, S-1)
         if self.training and self.hparams.word_dropout > 0:
-            previous = self._word_dropout(previous)
+            previous = word_dropout(previous, self.hparams.word_dropout, self.hparams.mask_id, self.pad_id)
         previous = self.drop(self.embed(previous))  # (B, S-1, E)
         inputs = torch.cat([self.start.expand(batch, 1, -1), previous], dim=1)  # (B, S, E)
         # The decoder is causal, so outputs at real positions never see the padding after them: one
@@ -268,22 +237,6 @@ class QuackAutoEncoder(pl.LightningModule):
                 correct.append(logits.detach().max(dim=-1).indices == goal)  # (n,)
         return torch.cat(losses), torch.cat(correct) if accuracy else None, weights
 
-    def _free_running(
-        self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Decoder fed its own samples step by step; returns logits (B, S, V) for every step."""
-        batch = target.size(0)
-        hidden = self._initial_hidden(encoding)  # (L, B, H)
-        token_embed = self.start.expand(batch, -1)  # (B, E)
-        outputs = []
-        for _ in range(self._steps(target.size(1))):
-            logits, hidden, _ = self._decode_step(token_embed, hidden, states, enc_mask)  # (B, V)
-            outputs.append(logits)
-            with torch.no_grad():
-                sampled = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)  # (B,)
-            token_embed = self.drop(self.embed(sampled))  # (B, E)
-        return torch.stack(outputs, dim=1)  # (B, S, V)
-
     # ------------------------------------------------------------------ losses
     def loss_over_time(self, original: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Cross-entropy summed over time steps; each step's term is the mean over items present there.
@@ -303,13 +256,14 @@ class QuackAutoEncoder(pl.LightningModule):
         x = batch[1] if isinstance(batch, (tuple, list)) else batch
         target, mask, lengths = self._check(x)
         if self.training and self.hparams.denoise > 0:
-            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask)
+            h = self.hparams
+            enc_in, enc_mask, enc_lengths = corrupt(target, mask, h.denoise, h.denoise_mode, h.mask_id, self.pad_id)
         else:
             enc_in, enc_mask, enc_lengths = target, mask, lengths
         encoding, states = self._encode(enc_in, enc_lengths)
         free = self.training and float(torch.rand(())) >= self.hparams.teacher_forcing_ratio
         if free:
-            output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
+            output = free_running(self, target, encoding, states, enc_mask)  # (B, S, V)
             loss = self.loss_over_time(target, output)
             valid = target[:, : output.size(1)].ne(self.pad_id)  # (B, S)
             token_ce = F.cross_entropy(output.float()[valid], target[:, : output.size(1)][valid])
@@ -344,30 +298,22 @@ class QuackAutoEncoder(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._step_loss(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
-        """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, encoding_size))``, pooled as ``pooling`` says.
-
-        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for
-        ``quackae encode --png attention``) also asks for the greedy reconstruction: a third element
-        ``(attention (B, S, T), tokens (B, S), x (B, T))`` for the heat maps.
-        """
-        metadata, x, *request = batch
-        encoding, _ = self(x)  # (B, encoding_size)
-        if not (request and request[0]):
-            return metadata, encoding
+    def predict_step(self, batch: PredictBatch, batch_idx: int = 0, dataloader_idx: int = 0) -> Prediction:
+        """A ``PredictBatch`` -> its ``Prediction``: the encodings (B, encoding_size), pooled as ``pooling`` says,
+        and, when the batch asks for attention (``quackae encode --png attention``), the greedy reconstruction's
+        ``(attention (B, S, T), tokens (B, S), x (B, T))`` for the heat maps."""
+        encoding, _ = self(batch.tokens)  # (B, encoding_size)
+        if not batch.attention:
+            return Prediction(batch.metadata, encoding)
+        x = batch.tokens
         tokens, attention = self.reconstruct(x, max_length=x.size(1), return_attention=True)  # (B, S), (B, S, T)
-        return metadata, encoding, (attention, tokens, x)
+        return Prediction(batch.metadata, encoding, (attention, tokens, x))
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move only the token tensor of a ``(metadata, x)`` batch; the metadata (a ``pyarrow.Table`` or a
-        list of dicts) stays on the host for the writer."""
-        if (
-            isinstance(batch, (tuple, list))
-            and len(batch) in (2, 3)
-            and not torch.is_tensor(batch[0])
-            and torch.is_tensor(batch[1])
-        ):
-            return batch[0], batch[1].to(device, non_blocking=True), *batch[2:]
+        """Move only the tokens of a ``PredictBatch``: the metadata (a ``pyarrow.Table``) stays on the host for the
+        writer."""
+        if isinstance(batch, PredictBatch):
+            return batch._replace(tokens=batch.tokens.to(device, non_blocking=True))
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -415,28 +361,7 @@ class QuackAutoEncoder(pl.LightningModule):
         emits ``eos_id`` its remaining positions hold the pad id, and decoding stops once every item
         has. With ``return_attention`` also returns the attention weights (B, S, T).
         """
-        x, mask, lengths = self._check(x)
-        encoding, states = self._encode(x, lengths)
-        steps = max_length or self.hparams.max_decode_length or x.size(1)
-        hidden = self._initial_hidden(encoding)
-        token_embed = self.start.expand(x.size(0), -1)  # (B, E)
-        eos = self.hparams.eos_id
-        done = torch.zeros(x.size(0), dtype=torch.bool, device=x.device)  # (B,)
-        tokens, attention = [], []
-        for _ in range(steps):
-            logits, hidden, weights = self._decode_step(token_embed, hidden, states, mask)
-            token = logits.argmax(dim=-1).masked_fill(done, self.pad_id)  # (B,)
-            tokens.append(token)
-            attention.append(weights)
-            if eos is not None:
-                done = done | token.eq(eos)
-                if bool(done.all()):
-                    break
-            token_embed = self.embed(token)
-        out = torch.stack(tokens, dim=1)  # (B, S)
-        if return_attention:
-            return out, torch.stack(attention, dim=1)  # (B, S, T)
-        return out
+        return greedy(self, x, max_length, return_attention)
 
 
 def adamw(parameters: Any, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:

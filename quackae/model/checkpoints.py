@@ -29,9 +29,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from quackae.core.atomic import atomic_file
 from quackae.core.errors import QuackError, unpickling_reason
 from quackae.core.files import regular_file
-from quackae.model import QuackAutoEncoder
-from quackae.modelconfig import MODEL_FIELDS
-from quackae.runtime import resolve_run
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.config import unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +228,13 @@ def load_model(
     ``tokenizer_hash`` of the tokenizer about to be used with it), a checkpoint that records another
     tokenizer is refused: the two do not belong together.
     """
+    return load_model_and_record(path, map_location, tokenizer_sha256)[0]
+
+
+def load_model_and_record(
+    path: str | Path, map_location: str | torch.device = "cpu", tokenizer_sha256: str | None = None
+) -> tuple[QuackAutoEncoder, dict[str, Any] | None]:
+    """``load_model``, and what the checkpoint records it was trained on (``trained_on``), from one read."""
     if Path(path).is_dir():
         path, _ = resolve_run(path)
     checkpoint = read_checkpoint(path, map_location)
@@ -241,10 +247,10 @@ def load_model(
         )
     hparams = dict(checkpoint["hyper_parameters"])
     state = checkpoint["state_dict"]
-    unknown = sorted(set(hparams) - MODEL_FIELDS)
+    unknown = unknown_fields(hparams)
     if unknown:
         raise QuackError(
-            f"checkpoint {path} has hyper-parameters this quackae does not know ({', '.join(map(str, unknown))}); "
+            f"checkpoint {path} has hyper-parameters this quackae does not know ({', '.join(unknown)}); "
             "it comes from another version or another model"
         )
     try:
@@ -282,4 +288,34 @@ def load_model(
         model = QuackAutoEncoder(**hparams)
         model.load_state_dict(state)
     model.eval()
-    return model
+    return model, record
+
+
+def resolve_run(model: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint, tokenizer.json)`` of a RUN directory (best, else last) or a ``.ckpt`` file.
+
+    Both must be regular files (a FIFO, a directory or a link loop in their place is a ``QuackError``
+    naming it); a checkpoint's RUN is the folder above its ``checkpoints/`` folder.
+    """
+    import os
+
+    from quackae.core.files import regular_file
+
+    path = Path(model)
+    if path.is_dir():
+        for name in ("best.ckpt", "last.ckpt"):
+            if os.path.lexists(path / "checkpoints" / name):
+                checkpoint = regular_file(path / "checkpoints" / name, "checkpoint", "train the run again")
+                break
+        else:
+            raise QuackError(f"{path} holds no checkpoints/best.ckpt or last.ckpt; pass a RUN from quackae train")
+        run = path
+    elif os.path.lexists(path):
+        checkpoint = regular_file(path, "model", "pass a RUN directory or a .ckpt file")
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    else:
+        raise QuackError(f"model {path} does not exist; pass a RUN directory or a .ckpt file")
+    tokenizer = run / "tokenizer.json"
+    if not os.path.lexists(tokenizer):
+        raise QuackError(f"no tokenizer.json beside the model ({tokenizer}); quackae train copies it into the RUN")
+    return checkpoint, regular_file(tokenizer, "tokenizer file", "quackae train copies it into the RUN")

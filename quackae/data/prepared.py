@@ -24,7 +24,7 @@ import numpy as np
 
 from quackae.core.errors import QuackError
 from quackae.core.files import kind_of, read_json, regular_file
-from quackae.tokenizer import load_tokenizer, tokenizer_hash
+from quackae.data.tokenizer import load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 from pytorch_lightning.callbacks import Callback
 
-from quackae.checkpoints import TRAINED_ON, trained_on
 from quackae.core.atomic import write_atomic
 from quackae.core.errors import QuackError
 from quackae.core.files import read_json
+from quackae.model.checkpoints import TRAINED_ON, trained_on
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +28,20 @@ RUN_RECORD = "run.json"
 KEYS = {"tokenizer_sha256": "another tokenizer", "dataset_fingerprint": "another dataset"}
 
 
-def dataset_fingerprint(dataset: Any) -> str:
-    """The prepared dataset's fingerprint, as a store records it: the one place train and classify take it
-    (the one ``load_prepared`` read from the folder's marker, else computed from the rows)."""
-    recorded = getattr(dataset, "fingerprint", None)
-    if recorded:
-        return str(recorded)
-    from quackae.prepared import dataset_fingerprint as fingerprint
+def data_record(dataset: Any, tokenizer: Any, data: str | Path, max_length: int | None = None) -> dict[str, Any]:
+    """``{"tokenizer_sha256", "dataset_fingerprint", "data", "max_length"}`` of a prepared folder opened with
+    ``load_prepared`` (its fingerprint is the one the folder's marker records) and its ``--max-length``, which
+    ``QuackEncoder`` truncates texts to."""
+    from quackae.data.tokenizer import tokenizer_hash
 
-    return fingerprint(dataset)
-
-
-def data_record(dataset: Any, tokenizer: Any, data: str | Path) -> dict[str, Any]:
-    """``{"tokenizer_sha256", "dataset_fingerprint", "data"}`` of a prepared folder's dataset and tokenizer."""
-    from quackae.tokenizer import tokenizer_hash
-
-    return {
+    record = {
         "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "dataset_fingerprint": dataset.fingerprint,
         "data": str(Path(data).resolve()),
     }
+    if max_length is not None:
+        record["max_length"] = max_length
+    return record
 
 
 def differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
@@ -111,7 +105,7 @@ def check_resume(resume: Path, checkpoint: dict[str, Any], record: dict[str, Any
 
 
 def _tokenizer_sha256(file: Path) -> str:
-    from quackae.tokenizer import load_tokenizer, tokenizer_hash
+    from quackae.data.tokenizer import load_tokenizer, tokenizer_hash
 
     return tokenizer_hash(load_tokenizer(file))
 

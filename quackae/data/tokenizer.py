@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)
+DEFAULT_MAX_LENGTH = 128  # tokens per item, [EOS] included, unless quackae prepare is told otherwise
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens and at least one merge
 MAX_RUN = 100  # tokenizer training: longer runs of non-space (or of space) characters count with their first 100
 TRAIN_CHARS_PER_TOKEN = 32  # tokenizer training: texts are cut to this many characters per token kept

@@ -85,7 +85,7 @@ class ModelConfig(ModelFlags):
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with ``changes``; a name that is no hyper-parameter is a ``ValueError`` naming it."""
-        unknown = sorted(set(changes) - MODEL_FIELDS)
+        unknown = unknown_fields(changes)
         if unknown:
             raise ValueError(
                 f"unknown model hyper-parameters {', '.join(unknown)} (known: {', '.join(sorted(MODEL_FIELDS))})"
@@ -94,6 +94,12 @@ class ModelConfig(ModelFlags):
 
 
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def unknown_fields(names: Any) -> list[str]:
+    """The names among ``names`` that are no hyper-parameter of a ``QuackAutoEncoder``, sorted (the one rule for
+    keyword arguments and for a checkpoint's saved hyper-parameters)."""
+    return sorted(set(map(str, names)) - MODEL_FIELDS)
 
 
 def model_problems(values: Any, as_flags: bool = False) -> list[str]:
