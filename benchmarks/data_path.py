@@ -86,11 +86,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import quackae
-    from quackae.encode import EncodeConfig, encode
+    from quackae.core.process import keep_freed_memory
     from quackae.model.autoencoder import QuackAutoEncoder
     from quackae.model.config import PRESETS
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.runtime import keep_freed_memory
+    from quackae.stages.encode import EncodeConfig, encode
+    from quackae.stages.prepare import PrepareConfig, prepare
 
     keep_freed_memory()  # what the quackae command does at start
     source = Path(quackae.__file__).resolve().parent.parent

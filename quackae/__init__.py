@@ -15,15 +15,35 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "AttentionModule": "quackae.model.attention",
     "AttentionScore": "quackae.model.attention",
-    "AutoencoderWriter": "quackae.writer",
-    "EncodingStore": "quackae.store",
+    "AutoencoderWriter": "quackae.store.writer",
+    "EncodingStore": "quackae.store.reader",
     "QuackAutoEncoder": "quackae.model.autoencoder",
     "QuackEncoder": "quackae.model.encoder",
-    "TokenizedDataModule": "quackae.data",
-    "item_path": "quackae.writer",
+    "TokenizedDataModule": "quackae.data.module",
+    "item_path": "quackae.store.items",
     "load_model": "quackae.model.checkpoints",
     "ModelConfig": "quackae.model.config",
     "PRESETS": "quackae.model.config",
+    "LatentClassifier": "quackae.model.classifier",
+    # each command's stage function and its config, as ``quackae.stages`` has them
+    "prepare": "quackae.stages.prepare",
+    "PrepareConfig": "quackae.stages.prepare",
+    "train": "quackae.stages.train",
+    "TrainConfig": "quackae.stages.train",
+    "encode": "quackae.stages.encode",
+    "EncodeConfig": "quackae.stages.encode",
+    "reconstruct": "quackae.stages.reconstruct",
+    "ReconstructConfig": "quackae.stages.reconstruct",
+    "verify": "quackae.stages.verify",
+    "VerifyConfig": "quackae.stages.verify",
+    "export": "quackae.stages.export",
+    "ExportConfig": "quackae.stages.export",
+    "classify": "quackae.stages.classify",
+    "ClassifyConfig": "quackae.stages.classify",
+    "plot": "quackae.stages.plot",
+    "PlotConfig": "quackae.stages.plot",
+    "run_pipeline": "quackae.stages.pipeline",
+    "RunConfig": "quackae.stages.pipeline",
 }
 
 __all__ = [
@@ -47,8 +67,9 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from quackae.model.checkpoints import load_model
     from quackae.model.config import PRESETS, ModelConfig
     from quackae.model.encoder import QuackEncoder
-    from quackae.store import EncodingStore
-    from quackae.writer import AutoencoderWriter, item_path
+    from quackae.store.items import item_path
+    from quackae.store.reader import EncodingStore
+    from quackae.store.writer import AutoencoderWriter
 
 
 def __getattr__(name: str) -> Any:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quackae.cli import COMMANDS, _load, main
+from quackae.cli.command import COMMANDS, _load, main
 
 
 def test_bench_train_json_last_line(capsys):
@@ -63,7 +63,7 @@ def test_store_benches_run_end_to_end(what, keys, tmp_path, capsys):
 
 
 def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
-    import quackae.cli as cli
+    import quackae.cli.command as cli
 
     def loading(command):
         raise KeyboardInterrupt  # Ctrl-C during the stage's imports, before the command runs

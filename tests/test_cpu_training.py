@@ -19,12 +19,12 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import quackae.model.autoencoder
 import quackae.model.trainer
+from quackae.core.process import thread_settings
 from quackae.model.autoencoder import QuackAutoEncoder, adamw
 from quackae.model.recurrent import unpacked_gru
 from quackae.model.trainer import TrainerFlags
-from quackae.prepare import PrepareConfig, prepare
-from quackae.runtime import thread_settings
-from quackae.train import TrainConfig, train
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 
 def packed_gru(gru: nn.GRU, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

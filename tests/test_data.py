@@ -14,7 +14,7 @@ from quackae.data.module import TokenizedDataModule
 from quackae.data.padding import pad_batch, pad_lists
 from quackae.data.predict import PredictLoader
 from quackae.data.sampler import BucketBatchSampler, padding_fraction, split_of
-from quackae.prepare import PrepareConfig, prepare
+from quackae.stages.prepare import PrepareConfig, prepare
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +150,9 @@ def test_lightning_keeps_no_batch_indices_while_predicting(prepared, tmp_path):
     stores every item once."""
     import pytorch_lightning as pl
 
-    from quackae.layout import read_manifest
     from quackae.model.autoencoder import QuackAutoEncoder
-    from quackae.writer import AutoencoderWriter
+    from quackae.store.shards import read_manifest
+    from quackae.store.writer import AutoencoderWriter
 
     dm = TokenizedDataModule(prepared, batch_size=32)
     model = QuackAutoEncoder(num_embeddings=300, embed_size=8, hidden_size=8)

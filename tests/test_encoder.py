@@ -13,9 +13,9 @@ from quackae import EncodingStore, QuackEncoder
 from quackae.core.errors import QuackError
 from quackae.data.padding import pad_batch
 from quackae.data.prepared import load_prepared
-from quackae.encode import EncodeConfig, encode
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill quack feather pond".split()
 MAX_LENGTH = 7  # short enough that some texts are truncated

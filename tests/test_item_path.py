@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quackae.writer import item_path
+from quackae.store.items import item_path
 
 
 @pytest.mark.parametrize(

@@ -9,15 +9,8 @@ import pytest
 from PIL import Image
 
 from quackae.core.errors import QuackError
-from quackae.curves import read_metrics, write_curves
-from quackae.render import (
-    _colour,
-    attention_image,
-    confusion_image,
-    heatmap_image,
-    save_png,
-    token_labels,
-)
+from quackae.viz.curves import read_metrics, write_curves
+from quackae.viz.render import _colour, attention_image, confusion_image, heatmap_image, save_png, token_labels
 
 
 def _weights(steps: int, tokens: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +55,7 @@ def test_attention_cells_show_the_weights_on_a_fixed_scale():
 
 def test_an_item_of_a_padded_batch_is_cropped_to_its_own_tokens():
     from quackae.data.tokenizer import EOS, train_tokenizer
-    from quackae.render import item_attention_image
+    from quackae.viz.render import item_attention_image
 
     tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
     eos = tokenizer.token_to_id(EOS)
@@ -130,7 +123,7 @@ def test_curves_are_written_from_metrics(tmp_path):
 
 
 def test_plot_command_and_its_one_line_error(tmp_path, capsys):
-    from quackae.cli import main
+    from quackae.cli.command import main
 
     (tmp_path / "metrics.csv").write_text(METRICS)
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0

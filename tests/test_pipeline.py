@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.classifier import ClassifyConfig, classify
-from quackae.cli import main
+from quackae.cli.command import main
 from quackae.core.errors import QuackError
-from quackae.encode import EncodeConfig, encode
 from quackae.model.checkpoints import load_model
-from quackae.pipeline import RunConfig, run_pipeline
-from quackae.prepare import PrepareConfig, prepare
-from quackae.store import EncodingStore
-from quackae.train import TrainConfig, train
-from quackae.writer import stored_ids
+from quackae.stages.classify import ClassifyConfig, classify
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.pipeline import RunConfig, run_pipeline
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
+from quackae.store.job import stored_ids
+from quackae.store.reader import EncodingStore
 
 TOPICS = {
     "birds": "duck goose swan heron crane stork gull owl hawk eagle".split(),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import random_padded
 
+from quackae.data.predict import PredictBatch
 from quackae.model.autoencoder import QuackAutoEncoder
 from quackae.model.checkpoints import load_model
 from quackae.model.config import POOLINGS
@@ -63,10 +64,10 @@ def test_predict_step_returns_the_pooled_encoding(pooling):
     model = tiny(pooling=pooling)
     x = random_padded(4, 20, 1, 7, seed=4)
     with torch.no_grad():
-        metadata, encoding = model.predict_step(([{"id": i} for i in range(4)], x))
+        metadata, encoding, attention = model.predict_step(PredictBatch([{"id": i} for i in range(4)], x))
         expected, _ = model(x)
     torch.testing.assert_close(encoding, expected)
-    assert encoding.shape == (4, model.encoding_size) and len(metadata) == 4
+    assert encoding.shape == (4, model.encoding_size) and len(metadata) == 4 and attention is None
 
 
 def test_pooling_changes_only_what_is_stored_not_training():

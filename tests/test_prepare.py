@@ -6,10 +6,10 @@ from pathlib import Path
 import datasets
 import pytest
 
-from quackae.cli import main
+from quackae.cli.command import main
 from quackae.core.errors import QuackError, StrictError
 from quackae.data.tokenizer import load_tokenizer
-from quackae.prepare import PrepareConfig, prepare
+from quackae.stages.prepare import PrepareConfig, prepare
 
 BAD_LINES = [
     '{"id": 1, "text": "hello world", "label": "a"}',

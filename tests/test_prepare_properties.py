@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from quackae.core.errors import QuackError
 from quackae.data.prepared import load_prepared
 from quackae.data.tokenizer import decode
-from quackae.prepare import PrepareConfig, prepare
+from quackae.stages.prepare import PrepareConfig, prepare
 
 SCALARS = st.one_of(
     st.none(),

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.cli import main
+from quackae.cli.command import main
 from quackae.core.errors import QuackError
 from quackae.data.prepared import COMPLETE, dataset_fingerprint, load_prepared, verify_fingerprint
 from quackae.data.tokenizer import load_tokenizer, special_ids, tokenize_batch, train_tokenizer
-from quackae.encode import EncodeConfig, encode
-from quackae.layout import shard_files
 from quackae.model.autoencoder import QuackAutoEncoder
-from quackae.prepare import PrepareConfig, prepare
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.shards import shard_files
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
 ROWS = 40
@@ -427,7 +427,7 @@ def test_the_overlapped_path_stores_what_the_plain_path_stores(tiny, tmp_path, m
     """The GPU path's pieces (the next batch fetched on a thread, the device-to-host copy handed to the writer's
     thread and waited for there) run on CPU threads here and store exactly what the plain path stores."""
     import quackae.core.cores as cores
-    import quackae.transfer as transfer
+    import quackae.store.transfer as transfer
 
     monkeypatch.setattr(cores, "cores_to_spare", lambda trainer: False)
     _encode(tiny / "p", tiny / "run", tmp_path / "plain", layout=layout)

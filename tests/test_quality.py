@@ -11,10 +11,10 @@ import pytest
 
 from quackae.bench import BenchConfig
 from quackae.bench.quality import _probe_subset, parse_options, quality_run
-from quackae.classifier import ClassifyConfig, classify
 from quackae.data.corpus import site_docstrings
+from quackae.eval.probes import bag_of_tokens, store_token_sequences
 from quackae.model.config import POOLINGS
-from quackae.probes import bag_of_tokens, store_token_sequences
+from quackae.stages.classify import ClassifyConfig, classify
 
 
 def test_bag_of_tokens_matches_a_counter():
@@ -136,9 +136,9 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
 
 @pytest.mark.slow
 def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path, monkeypatch):
-    from quackae.encode import EncodeConfig, encode
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.train import TrainConfig, train
+    from quackae.stages.encode import EncodeConfig, encode
+    from quackae.stages.prepare import PrepareConfig, prepare
+    from quackae.stages.train import TrainConfig, train
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     prepare(PrepareConfig(inputs=(str(corpus),), out=str(tmp_path / "prepared"), vocab_size=300, min_frequency=1))
@@ -169,9 +169,9 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     manifest = json.loads((tmp_path / "store/manifest.json").read_text())
     assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
     # a bag too large for the dense probe is left out with the reason, not computed
-    import quackae.classifier
+    import quackae.stages.classify
 
-    monkeypatch.setattr(quackae.classifier, "MAX_BAG_CELLS", 1000)
+    monkeypatch.setattr(quackae.stages.classify, "MAX_BAG_CELLS", 1000)
     classify(ClassifyConfig(store=str(tmp_path / "store"), out=str(tmp_path / "clf2"), max_epochs=1, **common))
     skipped = json.loads((tmp_path / "clf2/report.json").read_text())["baselines"]["bag_of_tokens_probe"]
     assert skipped["accuracy"] is None and "over the dense probe's 1000 cells" in skipped["source"]

@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quackae.cli import main
+from quackae.cli.command import main
 from quackae.core.errors import QuackError
 from quackae.data.prepared import dataset_fingerprint, load_prepared
 from quackae.data.tokenizer import tokenizer_hash
 from quackae.model.autoencoder import QuackAutoEncoder
 from quackae.model.checkpoints import load_model
 from quackae.model.encoder import QuackEncoder
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIRDS = "duck goose swan heron crane stork apple pear plum hammer saw drill".split()
@@ -201,7 +201,7 @@ def test_a_checkpoint_beside_another_runs_tokenizer_is_refused(data, tmp_path):
     with pytest.raises(QuackError, match="was trained with another tokenizer"):
         load_model(out, tokenizer_sha256="0" * 64)
     # encode, given data tokenized like the swapped-in tokenizer, refuses the RUN rather than encoding garbage
-    from quackae.encode import EncodeConfig, encode
+    from quackae.stages.encode import EncodeConfig, encode
 
     with pytest.raises(QuackError, match="was trained with another tokenizer"):
         encode(EncodeConfig(data=str(data / "c"), model=str(out), out=str(tmp_path / "S"), accelerator="cpu"))

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.cli import main
+from quackae.cli.command import main
 from quackae.core.errors import QuackError
 from quackae.data.tokenizer import special_ids
-from quackae.encode import EncodeConfig, encode
-from quackae.layout import LOCK, SHARDS, read_item, shard_files
 from quackae.model.autoencoder import QuackAutoEncoder
-from quackae.prepare import PrepareConfig, prepare
-from quackae.writer import AutoencoderWriter, stored_ids
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.items import read_item
+from quackae.store.job import stored_ids
+from quackae.store.shards import LOCK, SHARDS, shard_files
+from quackae.store.writer import AutoencoderWriter
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
 ROWS = 90
@@ -406,7 +408,7 @@ def test_encode_with_and_without_helper_threads_stores_the_same(tiny, tmp_path, 
     import threading
 
     import quackae.core.cores
-    from quackae.writer import AutoencoderWriter
+    from quackae.store.writer import AutoencoderWriter
 
     reference = tmp_path / "reference"
     _encode(tiny, reference, layout="shards")
@@ -454,7 +456,7 @@ def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path,
     a loaded process's 300,000+ objects costs a tenth of a small encode), and back in them afterwards."""
     import gc
 
-    from quackae.writer import AutoencoderWriter
+    from quackae.store.writer import AutoencoderWriter
 
     frozen = []
     original = AutoencoderWriter.on_predict_batch_start
@@ -473,7 +475,7 @@ def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path,
 def test_checkpoint_hash_on_a_thread_is_the_files_sha256_and_raises_its_error(tmp_path):
     import hashlib
 
-    from quackae.encode import _sha256_meanwhile
+    from quackae.stages.encode import _sha256_meanwhile
 
     data = np.random.default_rng(0).bytes(3 << 20)  # three read blocks and a bit
     path = tmp_path / "last.ckpt"
@@ -491,7 +493,7 @@ def test_a_failed_start_stops_the_checkpoint_hash_thread(tmp_path, monkeypatch):
     import threading
     import time
 
-    import quackae.encode as encode_module
+    import quackae.stages.encode as encode_module
 
     blocks = []
 
@@ -516,7 +518,7 @@ def test_a_failed_start_stops_the_checkpoint_hash_thread(tmp_path, monkeypatch):
 def test_encode_failing_while_it_loads_leaves_no_hash_thread(tiny, tmp_path, monkeypatch):
     import threading
 
-    import quackae.encode as encode_module
+    import quackae.stages.encode as encode_module
 
     def refuse(*args):
         raise QuackError("the data was tokenized with another tokenizer")

@@ -17,9 +17,10 @@ from test_store import ROWS, _corpus, _run
 from test_store_hostile import _copy, _encode, _read_table, _write_table
 
 from quackae import EncodingStore
-from quackae.cli import main
-from quackae.layout import item_path, npz_bytes, shard_files
-from quackae.prepare import PrepareConfig, prepare
+from quackae.cli.command import main
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.items import item_path, npz_bytes
+from quackae.store.shards import shard_files
 
 FLAGS = ["--accelerator", "cpu", "--devices", "1", "--batch-size", "8", "--shard-size", "16"]
 

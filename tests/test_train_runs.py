@@ -14,8 +14,8 @@ import torch
 
 from quackae.core.errors import QuackError
 from quackae.model.checkpoints import AtomicCheckpointIO
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 

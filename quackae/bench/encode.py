@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from quackae.data.prepared import COMPLETE, DATASET, dataset_fingerprint, open_rows
-from quackae.encode import EncodeConfig, encode
 from quackae.model.trainer import default_precision
-from quackae.writer import AutoencoderWriter
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.store.writer import AutoencoderWriter
 
 DATA_PATH_ITEMS_PER_ITEM = 20  # the data path runs on 20x --items (200,000 by default): fast enough to need it
 DATA_PATH_BATCHES = (128, 1024)

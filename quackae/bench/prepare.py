@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from quackae.data.tokenizer import train_tokenizer
-from quackae.prepare import PrepareConfig, prepare
+from quackae.stages.prepare import PrepareConfig, prepare
 
 log = logging.getLogger(__name__)
 

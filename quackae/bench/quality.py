@@ -44,7 +44,7 @@ DEFAULT_STEPS = 2000
 
 def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
     """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, typed like the fields they set."""
-    from quackae.train import TrainConfig
+    from quackae.stages.train import TrainConfig
 
     types = {f.name: f.type for f in fields(TrainConfig)}
     reserved = {"data", "out", "max_steps", "max_epochs", "max_time", "resume", "accelerator", "devices"}
@@ -133,12 +133,12 @@ def quality_run(
     figures as a dict (see the module docstring).
     """
     from quackae.data.prepared import load_prepared
+    from quackae.eval.probes import bag_of_tokens, stratified_split, tuned_linear_probe
     from quackae.model.autoencoder import QuackAutoEncoder
     from quackae.model.checkpoints import load_model
     from quackae.model.config import POOLINGS
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.probes import bag_of_tokens, stratified_split, tuned_linear_probe
-    from quackae.train import TrainConfig, train
+    from quackae.stages.prepare import PrepareConfig, prepare
+    from quackae.stages.train import TrainConfig, train
 
     options = dict(options or {})
     settings = CORPORA.get(kind or corpus, CORPORA["stdlib"])
