@@ -77,3 +77,16 @@ def test_old_items_without_provenance_are_named_by_verify_and_refused_by_readers
     assert len(problems) == 40 and all("carries no provenance" in line for line in problems)
     with pytest.raises(QuackError, match="carries no provenance"):
         EncodingStore(store).check_usable()
+
+
+def test_the_old_import_paths_of_the_public_names_still_work():
+    import quackae
+    from quackae.data import TokenizedDataModule
+    from quackae.model import QuackAutoEncoder as Model
+    from quackae.store import EncodingStore as Store
+
+    assert Model is quackae.QuackAutoEncoder and Store is quackae.EncodingStore
+    assert TokenizedDataModule is quackae.TokenizedDataModule
+    for name in ("prepare", "train", "encode", "verify", "export", "classify", "plot", "reconstruct", "run_pipeline"):
+        assert callable(getattr(quackae, name)), name
+    assert quackae.TrainConfig is quackae.stages.configs.TrainConfig  # the face gives each command's config

@@ -157,7 +157,7 @@ def _default_batch_size() -> int:
 @contextlib.contextmanager
 def _first_forward(first: list[float]) -> Iterator[None]:
     """``QuackAutoEncoder.forward`` unchanged but for noting, in ``first``, the time of its first call."""
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
 
     original = QuackAutoEncoder.forward
 

@@ -8,3 +8,14 @@ split and bucketed batches (``sampler``), padding and the one length-sorted batc
 
 May import: quackae.core.
 """
+
+# the name this path gave before the package existed: loaded on first use, like quackae's own
+_MOVED = {"TokenizedDataModule": "quackae.data.module"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_MOVED[name]), name)

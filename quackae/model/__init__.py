@@ -9,3 +9,14 @@ and timing training steps (``steptime``).
 
 May import: quackae.core, quackae.data.
 """
+
+# the name this path gave before the package existed: loaded on first use, like quackae's own
+_MOVED = {"QuackAutoEncoder": "quackae.model.autoencoder"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_MOVED[name]), name)

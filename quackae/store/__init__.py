@@ -9,3 +9,14 @@ Parquet and torch views) and the whole-store check (``verify``).
 
 May import: quackae.core, quackae.data, quackae.viz.
 """
+
+# the name this path gave before the package existed: loaded on first use, like quackae's own
+_MOVED = {"EncodingStore": "quackae.store.reader"}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_MOVED[name]), name)
