@@ -213,9 +213,8 @@ def _main(argv: list[str], threads: dict[str, str] | None = None) -> int:
     if threads and "OMP_NUM_THREADS" in threads:
         count = threads["OMP_NUM_THREADS"]
         log.info("other work holds cores: %s torch thread(s) (set OMP_NUM_THREADS to choose)", count)
-    from quackae.core.process import keep_freed_memory, settled_heap
+    from quackae.core.process import process_settings
 
-    keep_freed_memory()
     if not namespace.verbose:
         from quackae.cli.quiet import quiet_libraries
 
@@ -224,7 +223,7 @@ def _main(argv: list[str], threads: dict[str, str] | None = None) -> int:
     try:
         config_cls, function = _load(namespace.command)
         config = config_from_namespace(config_cls, namespace)
-        with settled_heap():  # torch and the stage's modules are loaded: keep them out of full collections
+        with process_settings(COMMANDS[namespace.command].settings):  # the stage's modules are loaded by now
             result = function(config)
     except KeyboardInterrupt:
         print(f"quackae {namespace.command}: interrupted", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""Process-wide settings the ``quackae`` command gives itself: the OpenMP thread policy, glibc keeping freed
-memory, and the loaded heap kept out of full garbage collections."""
+"""Process-wide settings the ``quackae`` command gives itself: the OpenMP thread policy (every command), and,
+for the stages whose entry in the table names them, glibc keeping freed memory (``keep_freed_memory``) and the
+loaded heap kept out of full garbage collections (``settled_heap``). A library call applies none of them."""
 
 from __future__ import annotations
 
@@ -114,3 +115,16 @@ def settled_heap() -> Iterator[None]:
             if _settled_state["depth"] == 0 and _settled_state["froze"]:
                 _settled_state["froze"] = False
                 gc.unfreeze()
+
+
+@contextlib.contextmanager
+def process_settings(names: tuple[str, ...]) -> Iterator[None]:
+    """Apply the named settings (``keep_freed_memory``, ``settled_heap``) around a command's stage: the
+    command line does, for the settings its stage's table entry names."""
+    unknown = set(names) - {"keep_freed_memory", "settled_heap"}
+    if unknown:
+        raise ValueError(f"unknown process settings {sorted(unknown)}")
+    if "keep_freed_memory" in names:
+        keep_freed_memory()  # for the rest of the process: the command ends with its stage
+    with settled_heap() if "settled_heap" in names else contextlib.nullcontext():
+        yield

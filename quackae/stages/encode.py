@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from quackae.core.errors import QuackError
-from quackae.core.process import settled_heap
 from quackae.data.selection import is_labelled, selected_rows
 from quackae.model.checkpoints import resolve_run
 from quackae.model.trainer import progress_bar
@@ -213,8 +212,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         )
         if len(todo):
             try:
-                with settled_heap():  # the loop's per-batch objects would otherwise set off full collections
-                    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+                trainer.predict(model, datamodule=datamodule, return_predictions=False)
             except SystemExit:
                 # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1): a stop like any other
                 # stage's (exit 130); the shards committed so far stay, a rerun encodes the rest

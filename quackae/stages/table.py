@@ -27,6 +27,8 @@ class Stage:
     brief: tuple[str, ...] = ()  # the figures ``quackae run`` shows for it
 
     config_module: str = CONFIGS  # where the config class lives: a module that imports no heavy library
+    # process settings (quackae.core.process) the command line applies around this stage, where measured to pay
+    settings: tuple[str, ...] = ()
 
     def load_config(self) -> type:
         """The config class alone: what the command line needs for ``--help`` and flag errors."""
@@ -70,6 +72,9 @@ STAGES: dict[str, Stage] = {
         "store one encoding per item of a prepared dataset",
         pipeline=True,
         brief=("store", "items_written", "items_skipped", "encoding_size", "items_per_s"),
+        # glibc's defaults fault in the GRU's per-step blocks afresh (1-2 s of system time per 10,000 items) and
+        # the predict loop's objects set off full collections of the loaded heap (a tenth of a third of runs)
+        settings=("keep_freed_memory", "settled_heap"),
     ),
     "reconstruct": Stage(
         "quackae.stages.reconstruct",

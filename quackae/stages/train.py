@@ -24,7 +24,6 @@ from quackae.core.atomic import remove_temporaries, write_atomic
 from quackae.core.errors import QuackError
 from quackae.core.files import read_bytes, regular_file
 from quackae.core.joblock import JobLock
-from quackae.core.process import settled_heap
 from quackae.data.tokenizer import tokenizer_hash
 from quackae.model.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
 from quackae.model.guard import FiniteGuard, NonFiniteTraining
@@ -221,8 +220,7 @@ def _fit(
     interrupted = False
     diverged: NonFiniteTraining | None = None
     try:
-        with settled_heap():  # the loop's per-step objects would otherwise set off full collections
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None, weights_only=True)
     except SystemExit:
         # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1)
         if not trainer.interrupted:
