@@ -36,6 +36,7 @@ import numpy as np
 
 from quackae.core.atomic import replace_folder, sibling_staging, write_atomic
 from quackae.core.errors import QuackError, StrictError
+from quackae.core.files import regular_file
 from quackae.data.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
 from quackae.data.readers import Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.data.tokenizer import (
@@ -80,8 +81,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     for path in paths:
         if path.is_dir():
             raise QuackError(f"input {path} is a directory; give the files inside it")
-        if not path.is_file():
-            raise QuackError(f"input file {path} does not exist")
+        regular_file(path, "input file")  # missing, a FIFO, a device or a link loop: named as such
     out = Path(config.out)
     _check_out(out, config.overwrite)
     import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)
