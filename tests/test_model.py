@@ -139,7 +139,8 @@ def test_overfits_random_sequences():
     assert accuracy >= 0.95, f"greedy token accuracy {accuracy:.3f} after {step + 1} steps"
 
 
-def test_reconstruct_stops_at_max_length_and_pads_after_eos():
+def test_reconstruct_stops_at_max_length_and_gives_padding_no_attention():
+    """Padding after EOS is checked, with a scripted decoder, by the next test."""
     model = tiny(max_decode_length=4, eos_id=2)
     x = random_padded(3, 20, 2, 8, seed=7)
     out = model.reconstruct(x)
