@@ -157,3 +157,36 @@ def test_a_library_call_changes_no_process_setting(legacy_run, settings_seen):
 
     encode(EncodeConfig(data=str(legacy_run / "prepared"), model=str(legacy_run / "run"), out=str(legacy_run / "s")))
     assert settings_seen == []
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "gpu", "given", "used"),
+    [("auto", False, None, 128), ("auto", True, None, 1024), ("cpu", True, None, 128), ("gpu", True, 96, 96)],
+)
+def test_encode_batch_size_defaults_by_accelerator_and_keeps_a_given_one(
+    legacy_run, monkeypatch, accelerator, gpu, given, used
+):
+    import torch
+
+    import quackae.data.module
+    import quackae.stages.encode as stage
+    from quackae import EncodeConfig
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def data_module(data, batch_size, **options):
+        seen["batch_size"] = batch_size
+        raise Stop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(quackae.data.module, "TokenizedDataModule", data_module)
+    config = EncodeConfig(
+        data=str(legacy_run / "prepared"), model=str(legacy_run / "run"), out=str(legacy_run / "s"),
+        accelerator=accelerator, batch_size=given,
+    )  # fmt: skip
+    with pytest.raises(Stop):
+        stage.encode(config)
+    assert seen["batch_size"] == used

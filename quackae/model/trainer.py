@@ -44,7 +44,7 @@ class TrainerFlags:
                 f"--devices must be auto, a count of at least 1 (-1: all), or a list of device indices like 0,1; "
                 f"got {self.devices!r}"
             )
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:  # None: the stage chooses
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must not be negative, got {self.num_workers}")
@@ -125,6 +125,17 @@ def check_accelerator(accelerator: str) -> None:
         )
     if name == "mps" and not has_mps:
         raise QuackError(f"--accelerator {accelerator}: this machine has no MPS device; use --accelerator cpu or auto")
+
+
+ENCODE_BATCH = {"cpu": 128, "gpu": 1024}  # items per encode batch by default: a GPU needs larger batches to stay busy
+
+
+def encode_batch_size(accelerator: str) -> int:
+    """``quackae encode``'s default batch size on ``accelerator`` (``auto`` is a GPU where torch sees one)."""
+    import torch
+
+    on_gpu = accelerator.lower() in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return ENCODE_BATCH["gpu" if on_gpu else "cpu"]
 
 
 def default_precision(accelerator: str, training: bool = False) -> str:

@@ -148,7 +148,10 @@ class EncodeConfig(TrainerFlags):
     )
     model: str = field(default="storage/run", metadata={"path": True, "help": "RUN directory or .ckpt file"})
     out: str = field(default="storage/store", metadata={"path": True, "help": "store directory to write"})
-    batch_size: int = field(default=128, metadata={"help": "items per batch"})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "items per batch (default: 128 on a CPU, 1024 on a GPU, whose larger batches keep it busy)"},
+    )
     layout: str = field(
         default="shards",
         metadata={"help": "shards (columnar Arrow files) or files (one .npz per item)", "choices": LAYOUTS},

@@ -26,7 +26,7 @@ import numpy as np
 from quackae.core.errors import QuackError
 from quackae.data.selection import is_labelled, selected_rows
 from quackae.model.checkpoints import resolve_run
-from quackae.model.trainer import progress_bar
+from quackae.model.trainer import encode_batch_size, progress_bar
 from quackae.stages.configs import EncodeConfig
 from quackae.store.job import StoreJob, stored_ids_checked
 from quackae.store.shards import read_manifest
@@ -193,7 +193,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         )
         datamodule = TokenizedDataModule(
             config.data,
-            batch_size=config.batch_size,
+            batch_size=config.batch_size or encode_batch_size(config.accelerator),
             num_workers=config.num_workers,
             pad_id=model.pad_id,
             predict_indices=todo,
