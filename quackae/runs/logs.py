@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -144,3 +145,33 @@ def merge_metrics(out: Path) -> Path | None:
     writer.writerows(rows)
     write_atomic(out / "metrics.csv", buffer.getvalue())
     return out / "metrics.csv"
+
+
+Series = list[tuple[float, float]]
+
+
+def read_metrics(file: str | Path) -> dict[str, Series]:
+    """``{column: [(step, value), ...]}`` of every numeric column of a Lightning ``metrics.csv``.
+
+    A file that is not one (not a regular file, not UTF-8, not CSV, no step column) is a ``QuackError``
+    naming it; rows without a step and values that are not finite numbers are left out.
+    """
+    series: dict[str, Series] = {}
+    _, rows = read_metrics_csv(Path(file), MERGED_FIX)
+    for row in rows:
+        try:
+            step = float(row.get("step") or "nan")
+        except ValueError:
+            continue
+        if not math.isfinite(step):
+            continue
+        for name, text in row.items():
+            if name in ("step", "epoch") or not text:
+                continue
+            try:
+                value = float(text)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                series.setdefault(name, []).append((step, value))
+    return series

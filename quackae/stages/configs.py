@@ -98,9 +98,13 @@ class TrainConfig(TrainerFlags, ModelFlags):
     max_time: str | None = field(
         default=None, metadata={"help": "wall-clock limit DD:HH:MM:SS (00:00:30:00 is 30 minutes)"}
     )
-    val_check_interval: float = field(
-        default=1.0,
-        metadata={"help": "validate every N training steps (a whole number above 1) or after this share of each epoch"},
+    val_check_interval: float | None = field(
+        default=None,
+        metadata={
+            "help": "validate every N training steps (a whole number above 1) or after this share of each epoch; "
+            "none given: after every epoch, or every 5 minutes of steps (by a step timed at the start) when an "
+            "epoch takes longer"
+        },
     )
     gradient_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     patience: int = field(default=5, metadata={"help": "early-stopping patience in validation rounds"})
@@ -112,11 +116,15 @@ class TrainConfig(TrainerFlags, ModelFlags):
         default=None, metadata={"path": True, "help": "checkpoint to continue (steps, optimizer, scheduler)"}
     )
     log_every_n_steps: int = field(default=10, metadata={"help": "metrics logging interval in steps"})
+    eval_items: int = field(
+        default=1000,
+        metadata={"help": "test items whose greedy reconstruction is scored at the end, a seeded sample (-1: all)"},
+    )
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
         for name in ("val_check_interval", "gradient_clip", "val_fraction", "test_fraction"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         problems = model_problems(self, as_flags=True)
         if problems:
@@ -129,9 +137,10 @@ class TrainConfig(TrainerFlags, ModelFlags):
             raise ValueError("--val-fraction must be positive: checkpoints and early stopping watch val_loss")
         if self.max_time is not None and not _MAX_TIME.fullmatch(self.max_time.strip()):
             raise ValueError(f"--max-time must be DD:HH:MM:SS (00:00:02:00 is 2 minutes), got {self.max_time!r}")
-        if not self.val_check_interval > 0 or (
-            self.val_check_interval > 1 and not float(self.val_check_interval).is_integer()
-        ):
+        if self.eval_items < -1:
+            raise ValueError(f"--eval-items must be -1 (all) or at least 0, got {self.eval_items}")
+        interval = self.val_check_interval
+        if interval is not None and (not interval > 0 or (interval > 1 and not float(interval).is_integer())):
             raise ValueError(
                 "--val-check-interval must be a share of an epoch in (0, 1] or a whole number of steps, "
                 f"got {self.val_check_interval}"
@@ -167,6 +176,9 @@ class EncodeConfig(TrainerFlags):
         metadata={"help": "also write a PNG per item: attention or encoding", "choices": ("attention", "encoding")},
     )
     png_limit: int = field(default=1000, metadata={"help": "at most this many PNGs per rank"})
+    png_ids: tuple[int, ...] = field(
+        default_factory=tuple, metadata={"help": "with --png, draw only the items with these ids (default: the first)"}
+    )
     label_field: str | None = field(
         default=None, metadata={"help": "metadata column with labels (for --filtered / --evaluate)"}
     )
@@ -197,6 +209,8 @@ class EncodeConfig(TrainerFlags):
             raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
         if self.png_limit < 0:
             raise ValueError(f"--png-limit must not be negative, got {self.png_limit}")
+        if self.png_ids and self.png is None:
+            raise ValueError("--png-ids names the items to draw with --png attention or --png encoding; add one")
 
 
 @dataclass(frozen=True)
@@ -285,7 +299,7 @@ class ClassifyConfig(TrainerFlags):
 @dataclass(frozen=True)
 class PlotConfig:
     run: str = field(metadata={"positional": True, "path": True, "help": "RUN directory (quackae train --out)"})
-    out: str | None = field(default=None, metadata={"path": True, "help": "PNG to write (default: RUN/curves.png)"})
+    out: str | None = field(default=None, metadata={"path": True, "help": "PNG to write; none given: RUN/curves.png"})
 
 
 @dataclass(frozen=True)

@@ -170,6 +170,12 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             store, config.layout, header["encoding_size"], header, job.leader, expected=np.unique(ids[wanted])
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
+        unknown = sorted(set(config.png_ids) - set(ids[wanted].tolist()))
+        if unknown:
+            raise QuackError(
+                f"--png-ids {' '.join(map(str, unknown[:5]))}: no item with this id in {config.data}"
+                + (" among the items --filtered/--evaluate keep" if config.filtered or config.evaluate else "")
+            )
         log.info(
             "%d items to encode (%d already stored, %d not selected)",
             len(todo),
@@ -181,6 +187,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             **selection,  # the writer keeps exactly the items the header's selection names
             png=config.png,
             png_limit=config.png_limit,
+            png_ids=config.png_ids or None,
             threads=config.writer_threads,
             manifest={k: v for k, v in header.items() if k != "model"},
             layout=config.layout,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ from quackae.core.joblock import JobLock
 from quackae.data.tokenizer import tokenizer_hash
 from quackae.model.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
 from quackae.model.guard import FiniteGuard, NonFiniteTraining
-from quackae.runs.heldout import evaluate_reconstruction
+from quackae.model.trainer import progress_bar
+from quackae.runs.budget import FINISH_S, Budget, now, plan_training
+from quackae.runs.heldout import figure_lines, greedy_reconstruction, teacher_forced
 from quackae.runs.lock import lock_run
 from quackae.runs.logs import latest_attempt, merge_metrics, new_attempt
 from quackae.runs.record import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
@@ -51,6 +52,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from quackae.data.module import TokenizedDataModule
     from quackae.data.tokenizer import special_ids
 
+    started = now()  # --max-time counts from here
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise QuackError(f"--out {out} is a file; give the run a directory")
@@ -110,7 +112,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         if lock.leader:
             _claim(out, config, record, resume)
-        return _fit(config, datamodule, hparams, record, resume, start_step, lock, trainer_kwargs)
+        return _fit(config, datamodule, hparams, record, resume, start_step, lock, trainer_kwargs, started)
     finally:
         lock.release()
 
@@ -148,6 +150,7 @@ def _fit(
     start_step: int,
     lock: JobLock,
     trainer_kwargs: dict[str, Any],
+    started: float,
 ) -> dict[str, Any]:
     """Train into a locked RUN, then evaluate and write the summary."""
     from pytorch_lightning.callbacks import LearningRateMonitor
@@ -155,9 +158,9 @@ def _fit(
 
     from quackae.model.autoencoder import QuackAutoEncoder
 
-    started = time.time()
     out = Path(config.out)
     checkpoints = out / "checkpoints"
+    interval, budget, eval_items = plan_training(config, datamodule, hparams, trainer_kwargs, start_step, started)
     model = QuackAutoEncoder(**hparams)
     attempt = new_attempt(out, start_step, resume) if lock.leader else latest_attempt(out)
     checkpoint = BestCheckpoint(
@@ -182,20 +185,19 @@ def _fit(
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except ImportError:
         log.debug("tensorboard not installed (pip install tensorboard): CSV metrics only")
-    interval: float | int = config.val_check_interval
     every_epoch: int | None = 1
     if interval > 1:
         interval, every_epoch = int(interval), None  # every N steps, across epoch boundaries
+    callbacks = [guard, RecordTrainedOn(record), checkpoint, record_last, early, LearningRateMonitor("step")]
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         max_steps=config.max_steps,
-        max_time=config.max_time.strip() if config.max_time else None,
         val_check_interval=interval,
         check_val_every_n_epoch=every_epoch,
         gradient_clip_val=config.gradient_clip or None,
         logger=loggers,
         default_root_dir=str(out),
-        callbacks=[guard, RecordTrainedOn(record), checkpoint, record_last, early, LearningRateMonitor("step")],
+        callbacks=[*callbacks, progress_bar(), *([budget] if budget else [])],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=config.log_every_n_steps,
         use_distributed_sampler=False,
@@ -233,7 +235,7 @@ def _fit(
             raise diverged
         return {}
     merge_metrics(out)
-    reason, why = _stop_reason(trainer, early, interrupted, config)
+    reason, why = _stop_reason(trainer, early, interrupted, config, budget)
     best = checkpoints / "best.ckpt"
     has_best = best.is_file() and checkpoint.best_model_score is not None
     last = checkpoints / "last.ckpt"
@@ -259,28 +261,27 @@ def _fit(
             f"no validation ran before the stop, so there is no best checkpoint; held-out figures come from "
             f"{last.name} (validate sooner with --val-check-interval)"
         )
-    for line in lines:
-        log.info(line)
     if interrupted:
-        summary["seconds"] = round(time.time() - started, 1)
+        for line in lines:  # the command prints no lines when interrupted
+            log.info(line)
+        summary["seconds"] = round(now() - started, 1)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         raise KeyboardInterrupt
     evaluated = best if has_best else last
     if not evaluated.is_file():
         summary.update(evaluated_checkpoint=None, token_accuracy=None, exact_match=None)
-        summary["seconds"] = round(time.time() - started, 1)
+        summary["seconds"] = round(now() - started, 1)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print("no checkpoint was written: training stopped before its first step")
-        return summary
+        return {**summary, "lines": [*lines, "no checkpoint was written: training stopped before its first step"]}
     summary["evaluated_checkpoint"] = str(evaluated)
-    summary.update(evaluate_reconstruction(evaluated, datamodule, datamodule.splits["test"]))
-    summary["seconds"] = round(time.time() - started, 1)
+    deadline = budget.deadline - FINISH_S if budget else None
+    summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline))
+    # the keys of earlier summaries, for the same greedy figures
+    summary.update(token_accuracy=summary["greedy_token_accuracy"], exact_match=summary["greedy_exact_match"])
+    summary["teacher_forced_val_token_accuracy"] = teacher_forced(out, has_best)
+    summary["seconds"] = round(now() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    lines.append(
-        f"held-out reconstruction on {summary['test_items']} test items: token accuracy "
-        f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} "
-        f"({'best' if has_best else 'last'} checkpoint {evaluated})"
-    )
+    lines.extend(figure_lines(summary, len(eval_items), "best" if has_best else "last", evaluated))
     from quackae.viz.curves import write_curves
 
     write_curves(out)  # RUN/curves.png
@@ -293,7 +294,7 @@ def _stopped_non_finite(
     """Record a diverged training in ``RUN/summary.json``; the one-line error the command ends with."""
     kept = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     summary.update(stop_reason="non_finite", stop_detail=str(error), non_finite_step=error.step)
-    summary["seconds"] = round(time.time() - started, 1)
+    summary["seconds"] = round(now() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     where = (
         f"the checkpoints written before it are kept ({', '.join(kept)} in {out / 'checkpoints'})"
@@ -306,19 +307,18 @@ def _stopped_non_finite(
     )
 
 
-def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfig) -> tuple[str, str]:
-    """``(reason, what happened)``: interrupted, early_stopping, max_time, max_steps, max_epochs or other."""
-    from pytorch_lightning.callbacks import Timer
-
+def _stop_reason(
+    trainer: Any, early: Any, interrupted: bool, config: TrainConfig, budget: Budget | None
+) -> tuple[str, str]:
+    """``(reason, what happened)``: interrupted, max_time, early_stopping, max_steps, max_epochs or other."""
     if interrupted:
         return "interrupted", "interrupted (Ctrl-C); continue with --resume RUN/checkpoints/last.ckpt"
+    if budget is not None and budget.stopped:
+        return "max_time", f"--max-time {config.max_time} reached (stopped in time for what follows training)"
     stopping = getattr(early, "stopping_reason", None)
     if (stopping is not None and stopping.value != 0) or (stopping is None and early.stopped_epoch > 0):
         detail = getattr(early, "stopping_reason_message", None) or f"val_loss did not improve for {early.patience}"
         return "early_stopping", "early stopping: " + " ".join(str(detail).split())
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is not None and config.max_time and (timer.time_remaining() or 0) <= 0:
-        return "max_time", f"--max-time {config.max_time} reached"
     if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
         return "max_steps", f"--max-steps {trainer.max_steps} reached"
     if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:

@@ -17,11 +17,12 @@ class WriterOptions:
     ``filtered`` keeps labelled items, ``evaluate`` unlabelled ones (both need ``label_field``; a label equal to
     ``unlabeled_value`` or null is unlabelled); ``reduction_threshold`` keeps that share of ``reduce_label``'s
     items (seeded by ``seed``). ``png`` also draws ``attention`` or ``encoding`` pictures, at most ``png_limit``
-    a rank. ``layout`` is ``shards`` (``shard_size`` items a shard) or ``files`` (``threads`` writer threads);
-    ``max_pending`` batches wait at most. ``manifest`` is recorded in the store's manifest, ``schema`` gives the
-    metadata columns' Arrow types, ``tokenizer`` with ``text`` adds a decoded ``text`` column. ``job`` is the
-    ``StoreJob`` that holds the store, ``known_ids`` the ids already stored (read from the store when None), and
-    ``background`` whether batches are stored by a thread (None: decided when prediction starts).
+    a rank, only of the items ``png_ids`` names when given. ``layout`` is ``shards`` (``shard_size`` items a
+    shard) or ``files`` (``threads`` writer threads); ``max_pending`` batches wait at most. ``manifest`` is
+    recorded in the store's manifest, ``schema`` gives the metadata columns' Arrow types, ``tokenizer`` with
+    ``text`` adds a decoded ``text`` column. ``job`` is the ``StoreJob`` that holds the store, ``known_ids`` the
+    ids already stored (read from the store when None), and ``background`` whether batches are stored by a
+    thread (None: decided when prediction starts).
     """
 
     filtered: bool = False
@@ -33,6 +34,7 @@ class WriterOptions:
     seed: int = 0
     png: str | None = None
     png_limit: int = 1000
+    png_ids: Any = None
     threads: int = 2
     max_pending: int = 8
     manifest: dict[str, Any] | None = None
@@ -78,4 +80,6 @@ class WriterOptions:
 
 
 # the settings the writer keeps as attributes of its own (the manifest is copied, the thread count decided)
-WRITER_FIELDS = tuple(f.name for f in dataclasses.fields(WriterOptions) if f.name not in ("manifest", "threads"))
+WRITER_FIELDS = tuple(
+    f.name for f in dataclasses.fields(WriterOptions) if f.name not in ("manifest", "threads", "png_ids")
+)

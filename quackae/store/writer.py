@@ -52,13 +52,12 @@ class AutoencoderWriter(BasePredictionWriter):
 
     ``prediction`` is ``(metadata, encoding (B, H))`` (optionally a third element with the attention for
     ``png="attention"``); ``metadata`` is a ``pyarrow.Table`` (what ``TokenizedDataModule`` gives), a
-    dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the
-    writer starts are skipped.
-    ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
-    ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the
-    metadata has none. An I/O error stops the job with a ``QuackError`` naming the file; every unit
-    committed before stays valid. Under DDP each rank writes its own shards; rank 0 completes the
-    manifest after every rank has finished.
+    dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the writer
+    starts are skipped. ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
+    ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the metadata has
+    none. ``png_ids``: draw only these items' pictures (at most ``png_limit``). An I/O error stops the job with
+    a ``QuackError`` naming the file; every unit committed before stays valid. Under DDP each rank writes its
+    own shards; rank 0 completes the manifest after every rank has finished.
     """
 
     def __init__(
@@ -86,6 +85,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self.options = options
         for name in WRITER_FIELDS:  # the options, as the attributes the writer's threads read
             setattr(self, name, getattr(options, name))
+        self.png_ids = None if options.png_ids is None else np.unique(np.asarray(options.png_ids, dtype=np.int64))
         self.threads = 1 if options.layout == "shards" else options.threads  # one thread owns the shard buffer
         self.manifest = dict(options.manifest or {})
         # batches are stored by a writer thread (True) or on the calling thread between batches (False); None:
@@ -315,12 +315,15 @@ class AutoencoderWriter(BasePredictionWriter):
     def _write_pngs(self, ids: np.ndarray, matrix: np.ndarray, extra: Any) -> None:
         if self.png is None:
             return
+        rows = np.arange(len(ids)) if self.png_ids is None else np.flatnonzero(np.isin(ids, self.png_ids))
         with self._lock:  # writer threads share the limit: reserve this batch's share first
-            count = max(0, min(len(ids), self.png_limit - self._pngs))
+            count = max(0, min(len(rows), self.png_limit - self._pngs))
             self._pngs += count
         if count:
             assert self._staging is not None
-            write_pngs(self.storage_path, self._staging, ids[:count], matrix, extra, self.png, self.tokenizer)
+            chosen = rows[:count]  # (count,) positions in the batch
+            extra = None if extra is None else tuple(e[chosen] for e in extra)
+            write_pngs(self.storage_path, self._staging, ids[chosen], matrix[chosen], extra, self.png, self.tokenizer)
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
