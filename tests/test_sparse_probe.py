@@ -154,7 +154,7 @@ def topical_store(tmp_path, count: int = 240, classes: int = 4):
 def test_classify_reports_the_bag_at_any_size_and_the_few_label_curve(tmp_path, monkeypatch):
     import quackae.stages.classify
 
-    monkeypatch.setattr(quackae.classifier, "MAX_BAG_CELLS", 1000, raising=False)  # no cap reads it any more
+    monkeypatch.setattr(quackae.stages.classify, "MAX_BAG_CELLS", 1000, raising=False)  # no cap reads it any more
     store = topical_store(tmp_path)
     summary = classify(ClassifyConfig(store=str(store), out=str(tmp_path / "c"), max_epochs=2, accelerator="cpu",
                                       devices="1"))  # fmt: skip

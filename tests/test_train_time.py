@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from quackae import budget, heldout
+from quackae.runs import budget, heldout
 from quackae.stages.prepare import PrepareConfig, prepare
 from quackae.stages.train import TrainConfig, train
 

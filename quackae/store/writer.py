@@ -34,6 +34,7 @@ from quackae.store.job import complete_manifest, stored_ids_checked
 from quackae.store.options import WRITER_FIELDS, WriterOptions
 from quackae.store.shards import (
     SHARDS,
+    STAGING,
     ShardBuffer,
     column_names,
     metadata_table,
@@ -136,7 +137,7 @@ class AutoencoderWriter(BasePredictionWriter):
         if self.job is not None:
             self._staging = self.job.staging(self._rank)
         else:
-            self._staging = self.storage_path / ".staging" / f"{self._job_id}-{self._rank}"
+            self._staging = self.storage_path / STAGING / f"{self._job_id}-{self._rank}"
             self._staging.mkdir(parents=True, exist_ok=True)
         if self.layout == "shards":
             (self.storage_path / SHARDS).mkdir(exist_ok=True)
