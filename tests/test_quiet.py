@@ -73,7 +73,7 @@ print(json.dumps([codes, [m for m in ("torch", "pytorch_lightning", "datasets") 
 
 def test_import_quackae_is_light_and_names_load_on_use():
     assert json.loads(_run("import json, sys, quackae; print(json.dumps('torch' in sys.modules))")) is False
-    assert quackae.QuackEncoder.__module__ == "quackae.model.autoencoder.encoder"
+    assert quackae.QuackEncoder.__module__ == "quackae.model.encoder"
     assert set(quackae.__all__) <= set(dir(quackae))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         quackae.nothing  # noqa: B018

@@ -451,11 +451,13 @@ def test_cores_to_spare(monkeypatch):
     assert cores_to_spare(trainer)
 
 
-def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path, monkeypatch):
-    """The objects alive before the prediction loop are out of the collector's full passes during it (a pass over
-    a loaded process's 300,000+ objects costs a tenth of a small encode), and back in them afterwards."""
+def test_quackae_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path, monkeypatch):
+    """The command (not the library call) keeps the objects alive before the prediction loop out of the collector's
+    full passes during it (a pass over a loaded process's 300,000+ objects costs a tenth of a small encode), and
+    puts them back afterwards."""
     import gc
 
+    from quackae.cli import main
     from quackae.store.writer import AutoencoderWriter
 
     frozen = []
@@ -467,9 +469,16 @@ def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path,
 
     monkeypatch.setattr(AutoencoderWriter, "on_predict_batch_start", spy)
     before = gc.get_freeze_count()
-    _encode(tiny, tmp_path / "s", layout="shards")
+    flags = ["--batch-size", "8", "--shard-size", "16", "--accelerator", "cpu", "--devices", "1"]
+    assert (
+        main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(tmp_path / "s"), *flags])
+        == 0
+    )
     assert frozen and min(frozen) > max(before, 1000)  # the loaded modules' objects, at every batch
     assert gc.get_freeze_count() == before
+    frozen.clear()
+    _encode(tiny, tmp_path / "library", layout="shards")  # the library call leaves the caller's collector alone
+    assert frozen and max(frozen) == before
 
 
 def test_checkpoint_hash_on_a_thread_is_the_files_sha256_and_raises_its_error(tmp_path):

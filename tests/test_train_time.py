@@ -38,7 +38,7 @@ def run(data: Path, out: Path, **flags) -> dict:
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_train_prints_an_estimate_timed_at_the_precision_it_trains_at(data, tmp_path, monkeypatch, caplog, precision):
-    import quackae.bench.train as bench_train
+    import quackae.model.steptime as bench_train
 
     timed = []
 
@@ -55,7 +55,7 @@ def test_train_prints_an_estimate_timed_at_the_precision_it_trains_at(data, tmp_
 
 
 def test_the_pipeline_estimate_times_the_precision_its_train_stage_trains_at(monkeypatch):
-    import quackae.bench.train as bench_train
+    import quackae.model.steptime as bench_train
     from quackae.stages.pipeline import estimate_line
 
     timed = []

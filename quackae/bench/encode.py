@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from quackae.data.prepared import COMPLETE, DATASET, dataset_fingerprint, open_rows
-from quackae.model.trainer import default_precision
+from quackae.model.trainer import default_precision, encode_batch_size
 from quackae.stages.encode import EncodeConfig, encode
 from quackae.store.writer import AutoencoderWriter
 
@@ -44,7 +44,6 @@ def bench_encode(config: Any) -> dict[str, Any]:
     from quackae.model.config import PRESETS
 
     datasets.disable_progress_bars()
-    batch_size = config.batch_size or _default_batch_size()
     items = config.items
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -57,6 +56,7 @@ def bench_encode(config: Any) -> dict[str, Any]:
         "accelerator": "cuda" if on_gpu else "cpu",
         "precision": config.precision or default_precision(device.type),
     }
+    batch_size = config.batch_size or encode_batch_size(flags["accelerator"])  # quackae encode's default here
     bf16 = flags["precision"].startswith("bf16")
     lengths = torch.randint(8, 65, (items,), generator=generator)
     rows = [torch.randint(4, vocab, (int(n) - 1,), generator=generator).tolist() + [3] for n in lengths]
@@ -146,12 +146,6 @@ def _encode_rate(root: Path, name: str, layout: str, batch_size: int, items: int
     start = time.perf_counter()
     _encode(root / "prepared", root / "run", root / name, layout, batch_size, flags)
     return items / (time.perf_counter() - start)
-
-
-def _default_batch_size() -> int:
-    from dataclasses import fields
-
-    return next(f.default for f in fields(EncodeConfig) if f.name == "batch_size")
 
 
 @contextlib.contextmanager
