@@ -20,7 +20,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import quackae.model.autoencoder
 import quackae.model.trainer
 from quackae.core.process import thread_settings
-from quackae.model.autoencoder import QuackAutoEncoder, adamw
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.optimizer import adamw
 from quackae.model.recurrent import unpacked_gru
 from quackae.model.trainer import TrainerFlags
 from quackae.stages.prepare import PrepareConfig, prepare

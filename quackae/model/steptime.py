@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from quackae.model.autoencoder import QuackAutoEncoder, adamw
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.optimizer import adamw
 
 
 def _sync(device: torch.device) -> None:
