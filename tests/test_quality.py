@@ -183,7 +183,7 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
         {"id": 1000 + i, "text": f"pretraining text number {i} about {w}", "label": None}
         for i, w in enumerate("ab" * 30)
     ]
-    monkeypatch.setattr(quackae.corpus, "site_docstrings", lambda: site)
+    monkeypatch.setattr(quackae.data.corpus, "site_docstrings", lambda: site)
     options = {
         "embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01,
         "bow_weight": 1.0, "bow_pooling": "mean",

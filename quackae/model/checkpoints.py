@@ -35,7 +35,7 @@ from quackae.model.config import unknown_fields
 log = logging.getLogger(__name__)
 
 # The key of a quackae checkpoint that records what it was trained on: ``{"tokenizer_sha256": ...,
-# "dataset_fingerprint": ..., "data": ...}`` (see ``quackae.runrecord``).
+# "dataset_fingerprint": ..., "data": ...}`` (see ``quackae.runs.record``).
 TRAINED_ON = "quackae_trained_on"
 
 

@@ -4,7 +4,7 @@ The dataset's columns: ``id`` (int64), ``input_ids`` (at most ``--max-length`` t
 ``length`` (tokens, ``[EOS]`` included), ``text`` (the item's original text, whole, from ``--text-field``),
 ``truncated`` (its tokens were cut to ``--max-length``), then every other input column as metadata. An
 input column named like one of quackae's own (those, and the store's ``encoding``) is refused. Over-long
-texts and words are cut before the tokenizer sees them (``quackae.tokenizer``), counted in ``prepare.json``.
+texts and words are cut before the tokenizer sees them (``quackae.data.tokenizer``), counted in ``prepare.json``.
 
 Rows that cannot be used (malformed JSON, empty, null or non-string text, missing, negative,
 non-integer, out-of-range or duplicate id) are counted and listed with ``file:line`` (the file's
