@@ -21,8 +21,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from quackae.probes import PROBE_DECAYS, tuned_sparse_probe
-from quackae.sparse import bag_csr, token_columns
+from quackae.eval.probes import PROBE_DECAYS, tuned_sparse_probe
+from quackae.eval.sparse import bag_csr, token_columns
 
 
 def synthetic_column(items: int, vocab: int, classes: int, seed: int) -> tuple[pa.ChunkedArray, np.ndarray]:

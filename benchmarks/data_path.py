@@ -48,9 +48,9 @@ def make_run(root: Path, prepared: Path) -> None:
     """A RUN folder (checkpoint + tokenizer.json) for the prepared data, as train writes one."""
     import pytorch_lightning as pl
 
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import PRESETS
-    from quackae.tokenizer import load_tokenizer
+    from quackae.data.tokenizer import load_tokenizer
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.config import PRESETS
 
     vocab = load_tokenizer(prepared / "tokenizer.json").get_vocab_size()
     model = QuackAutoEncoder(config=PRESETS["base"].replace(num_embeddings=vocab)).eval()
@@ -86,11 +86,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import quackae
-    from quackae.encode import EncodeConfig, encode
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import PRESETS
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.runtime import keep_freed_memory
+    from quackae.core.process import keep_freed_memory
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.config import PRESETS
+    from quackae.stages.encode import EncodeConfig, encode
+    from quackae.stages.prepare import PrepareConfig, prepare
 
     keep_freed_memory()  # what the quackae command does at start
     source = Path(quackae.__file__).resolve().parent.parent

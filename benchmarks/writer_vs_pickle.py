@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from quackae.writer import AutoencoderWriter, item_path
+from quackae.store.items import item_path
+from quackae.store.writer import AutoencoderWriter
 
 
 def original_style(root: Path, matrix: np.ndarray, metas: list[dict]) -> None:

@@ -13,17 +13,37 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "AttentionModule": "quackae.attention",
-    "AttentionScore": "quackae.attention",
-    "AutoencoderWriter": "quackae.writer",
-    "EncodingStore": "quackae.store",
-    "QuackAutoEncoder": "quackae.model",
-    "QuackEncoder": "quackae.encoder",
-    "TokenizedDataModule": "quackae.data",
-    "item_path": "quackae.writer",
-    "load_model": "quackae.checkpoints",
-    "ModelConfig": "quackae.modelconfig",
-    "PRESETS": "quackae.modelconfig",
+    "AttentionModule": "quackae.model.attention",
+    "AttentionScore": "quackae.model.attention",
+    "AutoencoderWriter": "quackae.store.writer",
+    "EncodingStore": "quackae.store.reader",
+    "QuackAutoEncoder": "quackae.model.autoencoder",
+    "QuackEncoder": "quackae.model.encoder",
+    "TokenizedDataModule": "quackae.data.module",
+    "item_path": "quackae.store.items",
+    "load_model": "quackae.model.checkpoints",
+    "ModelConfig": "quackae.model.config",
+    "PRESETS": "quackae.model.config",
+    "LatentClassifier": "quackae.model.classifier",
+    # each command's stage function and its config, as ``quackae.stages`` has them
+    "prepare": "quackae.stages.prepare",
+    "PrepareConfig": "quackae.stages.prepare",
+    "train": "quackae.stages.train",
+    "TrainConfig": "quackae.stages.train",
+    "encode": "quackae.stages.encode",
+    "EncodeConfig": "quackae.stages.encode",
+    "reconstruct": "quackae.stages.reconstruct",
+    "ReconstructConfig": "quackae.stages.reconstruct",
+    "verify": "quackae.stages.verify",
+    "VerifyConfig": "quackae.stages.verify",
+    "export": "quackae.stages.export",
+    "ExportConfig": "quackae.stages.export",
+    "classify": "quackae.stages.classify",
+    "ClassifyConfig": "quackae.stages.classify",
+    "plot": "quackae.stages.plot",
+    "PlotConfig": "quackae.stages.plot",
+    "run_pipeline": "quackae.stages.pipeline",
+    "RunConfig": "quackae.stages.pipeline",
 }
 
 __all__ = [
@@ -41,14 +61,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from quackae.attention import AttentionModule, AttentionScore
-    from quackae.checkpoints import load_model
-    from quackae.data import TokenizedDataModule
-    from quackae.encoder import QuackEncoder
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import PRESETS, ModelConfig
-    from quackae.store import EncodingStore
-    from quackae.writer import AutoencoderWriter, item_path
+    from quackae.data.module import TokenizedDataModule
+    from quackae.model.attention import AttentionModule, AttentionScore
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.checkpoints import load_model
+    from quackae.model.config import PRESETS, ModelConfig
+    from quackae.model.encoder import QuackEncoder
+    from quackae.store.items import item_path
+    from quackae.store.reader import EncodingStore
+    from quackae.store.writer import AutoencoderWriter
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from quackae.cli import main
+from quackae.cli.command import main
 
 sys.exit(main())

@@ -17,7 +17,7 @@ STORE_HEADER = {"checkpoint_sha256": "0" * 64, "tokenizer_sha256": "1" * 64, "da
 
 def write_hand_made_store(path, matrix, metas):
     """A complete shards store of ``matrix`` (N, H) and per-item metadata dicts, written through the writer."""
-    from quackae.writer import AutoencoderWriter
+    from quackae.store.writer import AutoencoderWriter
 
     header = {**STORE_HEADER, "layout": "shards", "encoding_size": int(matrix.shape[1]), "selection": {}}
     writer = AutoencoderWriter(storage_path=path, manifest=header)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quackae.attention import AttentionModule, AttentionScore, attend, attention_scores
+from quackae.model.attention import AttentionModule, AttentionScore, attend, attention_scores
 
 
 def test_score_equals_formula():

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from conftest import random_padded
 from test_model import reference_loss
 
-from quackae.checkpoints import load_model
-from quackae.model import QuackAutoEncoder
-from quackae.modelconfig import ModelConfig
-from quackae.train import TrainConfig
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.checkpoints import load_model
+from quackae.model.config import ModelConfig
+from quackae.stages.train import TrainConfig
 
 VOCAB = 20
 
@@ -213,8 +213,8 @@ def test_bad_settings_name_their_flag(settings, flag, field):
 
 
 def test_a_run_logs_the_bow_loss_into_metrics_and_summary(tmp_path):
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.train import train
+    from quackae.stages.prepare import PrepareConfig, prepare
+    from quackae.stages.train import train
 
     words = "duck goose swan heron crane apple pear plum hammer saw drill".split()
     with (tmp_path / "c.jsonl").open("w") as handle:

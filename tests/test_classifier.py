@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from conftest import write_hand_made_store
 
-from quackae.classifier import ClassifyConfig, classify
-from quackae.cli import main
-from quackae.probes import classification_report, stratified_split
+from quackae.cli.command import main
+from quackae.eval.probes import classification_report, stratified_split
+from quackae.stages.classify import ClassifyConfig, classify
 
 
 def write_store(path, matrix, metas):

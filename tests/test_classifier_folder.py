@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import write_hand_made_store
 
-from quackae.classifier import ClassifyConfig, classify
-from quackae.cli import main
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.stages.classify import ClassifyConfig, classify
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ["--accelerator", "cpu", "--devices", "1"]
@@ -82,7 +82,7 @@ def test_a_classify_killed_before_its_folder_is_whole_leaves_the_previous_one(st
     shutil.copytree(stores / "clf", out)
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code = (
-        "import os, signal, sys\nimport quackae.classifier as c\n"
+        "import os, signal, sys\nimport quackae.stages.classify as c\n"
         "def killed(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
         "c._write_predictions = killed  # after the new checkpoint is written, before the rest\n"
         f"c.classify(c.ClassifyConfig(store={str(stores / 'three')!r}, out={str(out)!r}, max_epochs=2, "
@@ -176,23 +176,23 @@ def test_predict_and_classify_refuse_outs_that_are_not_theirs(stores, tmp_path, 
 
 
 def test_a_refused_store_and_a_full_disk_are_one_line_and_leave_nothing(stores, tmp_path, capsys, monkeypatch):
-    import quackae.classifier
+    import quackae.stages.classify
 
     def refused(source):
         raise QuackError(f"store {source} holds non-finite encodings; encode it again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(quackae.classifier, "load_encodings", refused)
+        patch.setattr(quackae.stages.classify, "load_encodings", refused)
         assert fit(stores / "two", tmp_path / "c") == 2
         assert one_line(capsys).endswith("holds non-finite encodings; encode it again")
         assert main(["classify", str(stores / "two"), "--predict", str(stores / "clf"), "--out", str(tmp_path / "p")])
         assert one_line(capsys).endswith("holds non-finite encodings; encode it again")
-    import quackae.atomic
+    import quackae.core.atomic
 
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(quackae.atomic.os, "fsync", full)
+    monkeypatch.setattr(quackae.core.atomic.os, "fsync", full)
     assert fit(stores / "two", tmp_path / "c") == 2
     assert re.search(r"error: writing checkpoint .*best.ckpt failed \(No space left on device\)", one_line(capsys))
     assert not (tmp_path / "c").exists() and not list(tmp_path.glob(".c*"))

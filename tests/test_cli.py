@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quackae.cli import COMMANDS, _load, main
+from quackae.cli.command import COMMANDS, _load, main
 
 
 def test_bench_train_json_last_line(capsys):
@@ -72,7 +72,7 @@ def test_store_benches_run_end_to_end(what, keys, tmp_path, capsys):
 
 
 def test_ctrl_c_while_the_command_loads_is_one_line_and_exit_130(monkeypatch, capsys):
-    import quackae.cli as cli
+    import quackae.cli.command as cli
 
     def loading(command):
         raise KeyboardInterrupt  # Ctrl-C during the stage's imports, before the command runs
@@ -101,8 +101,8 @@ def test_a_seed_or_device_count_out_of_range_names_the_flag(tmp_path, capsys, co
 
 
 def test_device_indices_on_the_cpu_name_the_flag():
-    from quackae.errors import QuackError
-    from quackae.train import TrainConfig
+    from quackae.core.errors import QuackError
+    from quackae.stages.configs import TrainConfig
 
     with pytest.raises(QuackError, match=r"^--devices 0, lists device indices, which only a GPU has; on the CPU give"):
         TrainConfig(devices="0,", accelerator="cpu").trainer_kwargs()

@@ -17,13 +17,15 @@ from conftest import random_padded
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import quackae.model
-import quackae.runtime
-from quackae.model import QuackAutoEncoder, adamw
-from quackae.prepare import PrepareConfig, prepare
-from quackae.recurrent import unpacked_gru
-from quackae.runtime import TrainerFlags, thread_settings
-from quackae.train import TrainConfig, train
+import quackae.model.autoencoder
+import quackae.model.trainer
+from quackae.core.process import thread_settings
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.optimizer import adamw
+from quackae.model.recurrent import unpacked_gru
+from quackae.model.trainer import TrainerFlags
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 
 def packed_gru(gru: nn.GRU, inputs: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +69,7 @@ def test_training_encodes_and_learns_as_the_packed_encoder_does(layers, monkeypa
     for a, b in zip(trained, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     fast = torch.autograd.grad(model.training_loss(x), list(model.parameters()))
-    monkeypatch.setattr(quackae.model, "unpacked_gru", packed_gru)
+    monkeypatch.setattr(quackae.model.autoencoder, "unpacked_gru", packed_gru)
     slow = torch.autograd.grad(model.training_loss(x), list(model.parameters()))
     for (name, _), a, b in zip(model.named_parameters(), fast, slow, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -88,7 +90,7 @@ def test_token_accuracy_takes_the_first_of_equal_maxima_as_argmax_does(monkeypat
     target, mask, lengths = model._check(x)
     encoding, states = model._encode(target, lengths)
     _, correct, _ = model._teacher_forced(target, encoding, states, mask, lengths)
-    time, item, _ = quackae.model._valid_positions(lengths, target.size(1))
+    time, item, _ = quackae.model.autoencoder._valid_positions(lengths, target.size(1))
     assert torch.equal(correct, torch.cat(logits).argmax(dim=-1) == target[item, time])
 
 
@@ -166,7 +168,7 @@ def test_bf16_autocast_training_follows_fp32():
 
 @pytest.mark.parametrize("amx", [True, False])
 def test_training_on_a_cpu_with_amx_defaults_to_bf16_mixed_and_nothing_else_does(amx, monkeypatch):
-    monkeypatch.setattr(quackae.runtime, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(quackae.model.trainer, "cpu_has_amx_bf16", lambda: amx)
     flags = TrainerFlags(accelerator="cpu")
     assert flags.trainer_kwargs(training=True)["precision"] == ("bf16-mixed" if amx else "32-true")
     assert flags.trainer_kwargs()["precision"] == "32-true"  # encode, classify: fp32 encodings
@@ -174,7 +176,7 @@ def test_training_on_a_cpu_with_amx_defaults_to_bf16_mixed_and_nothing_else_does
 
 
 def test_quackae_train_runs_in_the_default_precision_and_records_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(quackae.runtime, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(quackae.model.trainer, "cpu_has_amx_bf16", lambda: True)
     words = ["duck", "goose", "swan", "heron"]
     with (tmp_path / "c.jsonl").open("w") as handle:
         for i in range(40):

@@ -12,18 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
-from quackae.encode import EncodeConfig, encode
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import COMPLETE, load_prepared
-from quackae.store import EncodingStore
-from quackae.tokenizer import decode
-from quackae.train import TrainConfig, train
+from quackae.data.prepared import COMPLETE, load_prepared
+from quackae.data.tokenizer import decode
+from quackae.model.checkpoints import load_model
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
@@ -90,23 +86,25 @@ def test_prepare_killed_anywhere_leaves_old_or_new_whole(tmp_path):
         process.wait()
         which(out, corpora)
     # the two instants that matter, hit on purpose: just before and just after the exchange of folders
-    for hook in (
-        "real = prepare._swap_in\ndef hook(staging, out):\n    os.kill(os.getpid(), signal.SIGKILL)\n",
-        "real = prepare._exchange\ndef hook(a, b):\n    real(a, b)\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+    for target, hook in (
+        ("prepare.replace_folder", "def hook(staging, out):\n    os.kill(os.getpid(), signal.SIGKILL)\n"),
+        (
+            "atomic.exchange",
+            "real = atomic.exchange\ndef hook(a, b):\n    real(a, b)\n    os.kill(os.getpid(), signal.SIGKILL)\n",
+        ),
     ):
         current = which(out, corpora)
         other = "a" if current == "b" else "b"
-        name = "_swap_in" if "_swap_in" in hook else "_exchange"
         code = (
-            "import os, signal\nimport quackae.prepare as prepare\n"
+            "import os, signal\nimport quackae.stages.prepare as prepare\nimport quackae.core.atomic as atomic\n"
             + hook
-            + f"prepare.{name} = hook\n"
+            + f"{target} = hook\n"
             + f"prepare.prepare(prepare.PrepareConfig(inputs=({str(tmp_path / (other + '.jsonl'))!r},), "
             + f"out={str(out)!r}, vocab_size=300, min_frequency=1))\n"
         )
         assert python(code) == -signal.SIGKILL
-        expected = current if name == "_swap_in" else other
-        assert which(out, corpora) == expected, name
+        expected = current if target == "prepare.replace_folder" else other
+        assert which(out, corpora) == expected, target
         assert (out / COMPLETE).is_file()
     assert list(tmp_path.glob(".out.prepare-*")), "the killed runs left their staging folders"
     prepare(PrepareConfig(inputs=(str(tmp_path / "a.jsonl"),), out=str(out), vocab_size=300, min_frequency=1))
@@ -157,33 +155,3 @@ def test_train_killed_then_resumed_into_the_same_run(tmp_path):
     load_model(run / "checkpoints/best.ckpt")
     assert len(list((run / "logs").glob("attempt-*.json"))) == 2
     assert (run / "metrics.csv").read_text().count("\n") > 4
-
-
-def test_export_killed_anywhere_leaves_old_or_new_file(tmp_path):
-    write_corpus(tmp_path / "c.jsonl", 48, "duck goose swan heron crane apple pear plum saw drill".split())
-    prepare(PrepareConfig(inputs=(str(tmp_path / "c.jsonl"),), out=str(tmp_path / "p"), vocab_size=300))
-    train(
-        TrainConfig(
-            data=str(tmp_path / "p"),
-            out=str(tmp_path / "run"),
-            max_steps=2,
-            embed_size=8,
-            hidden_size=8,
-            batch_size=8,
-            accelerator="cpu",
-            devices="1",
-        )
-    )
-    encode(EncodeConfig(data=str(tmp_path / "p"), model=str(tmp_path / "run"), out=str(tmp_path / "s")))
-    items = len(EncodingStore(tmp_path / "s"))
-    target = tmp_path / "all.parquet"
-    old = pa.table({"id": pa.array([1, 2, 3], type=pa.int64())})
-    rng = random.Random(3)
-    for _ in range(3):
-        pq.write_table(old, target)
-        process = quackae("export", str(tmp_path / "s"), "--out", str(target))
-        time.sleep(rng.uniform(0.5, 6.0))
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        table = pq.read_table(target)
-        assert table.equals(old) or table.num_rows == items, table.num_rows

@@ -10,16 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quackae.data import (
-    BucketBatchSampler,
-    PredictLoader,
-    TokenizedDataModule,
-    pad_batch,
-    pad_lists,
-    padding_fraction,
-    split_of,
-)
-from quackae.prepare import PrepareConfig, prepare
+from quackae.data.module import TokenizedDataModule
+from quackae.data.padding import pad_batch, pad_lists
+from quackae.data.predict import PredictLoader
+from quackae.data.sampler import BucketBatchSampler, padding_fraction, split_of
+from quackae.stages.prepare import PrepareConfig, prepare
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +73,7 @@ def test_predict_loader_covers_every_item_once_with_metadata(prepared):
     dm = TokenizedDataModule(prepared, batch_size=32)
     dm.setup("predict")
     ids = []
-    for metadata, x in dm.predict_dataloader():
+    for metadata, x, _ in dm.predict_dataloader():
         assert isinstance(metadata, pa.Table) and metadata.num_rows == x.size(0)  # columnar, no dict per item
         for meta, row in zip(metadata.to_pylist(), x.tolist(), strict=True):
             assert set(meta) == {"id", "text", "truncated", "label"} and meta["truncated"] is False
@@ -141,7 +136,7 @@ def test_bad_arguments():
 def test_predict_pools_cover_runs_of_consecutive_rows(prepared):
     dm = TokenizedDataModule(prepared, batch_size=8, predict_pool=32)
     dm.setup("predict")
-    order = [i - 5000 for metadata, _ in dm.predict_dataloader() for i in metadata.column("id").to_pylist()]
+    order = [i - 5000 for metadata, *_ in dm.predict_dataloader() for i in metadata.column("id").to_pylist()]
     assert sorted(order) == list(range(400))
     for start in range(0, 400, 32):
         assert sorted(order[start : start + 32]) == list(range(start, min(start + 32, 400)))
@@ -155,9 +150,9 @@ def test_lightning_keeps_no_batch_indices_while_predicting(prepared, tmp_path):
     stores every item once."""
     import pytorch_lightning as pl
 
-    from quackae.layout import read_manifest
-    from quackae.model import QuackAutoEncoder
-    from quackae.writer import AutoencoderWriter
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.store.shards import read_manifest
+    from quackae.store.writer import AutoencoderWriter
 
     dm = TokenizedDataModule(prepared, batch_size=32)
     model = QuackAutoEncoder(num_embeddings=300, embed_size=8, hidden_size=8)
@@ -193,7 +188,7 @@ def test_block_fetched_predict_batches_match_the_plain_loader(prepared, monkeypa
         for block, prefetch, depth in ((1, False, 2), (3, False, 2), (100, False, 2), (4, True, 1), (3, True, 5)):
             fetched = list(PredictLoader(loader.loader, prefetch=prefetch, depth=depth, block=block))
             assert len(fetched) == len(plain)
-            for (meta_a, x_a), (meta_b, x_b) in zip(fetched, plain, strict=True):
+            for (meta_a, x_a, _), (meta_b, x_b, _) in zip(fetched, plain, strict=True):
                 assert meta_a.equals(meta_b) and torch.equal(x_a, x_b)
 
 
@@ -211,7 +206,7 @@ class _Failing:
 def test_prefetch_raises_the_loader_error_and_stops_when_closed():
     import threading
 
-    from quackae.data import _prefetched
+    from quackae.data.predict import _prefetched
 
     batches = _prefetched(_Failing(3), 2)
     seen = []
@@ -226,7 +221,7 @@ def test_prefetch_raises_the_loader_error_and_stops_when_closed():
 
 
 def test_rows_taken_from_the_arrow_table_match_row_by_row_reads(prepared):
-    from quackae.data import TokenizedDataset
+    from quackae.data.module import TokenizedDataset
 
     dm = TokenizedDataModule(prepared)
     dm.setup("predict")

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from quackae import EncodingStore, QuackEncoder
-from quackae.data import pad_batch
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import load_prepared
-from quackae.train import TrainConfig, train
+from quackae.core.errors import QuackError
+from quackae.data.padding import pad_batch
+from quackae.data.prepared import load_prepared
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill quack feather pond".split()
 MAX_LENGTH = 7  # short enough that some texts are truncated
@@ -104,7 +104,7 @@ def test_rows_come_back_in_input_order_and_match_one_at_a_time(run):
 
 
 def test_reconstruct_matches_one_at_a_time(run):
-    from quackae.tokenizer import decode
+    from quackae.data.tokenizer import decode
 
     encoder = QuackEncoder.from_run(run / "run", device="cpu")
     texts = _texts(9, seed=2)
@@ -129,7 +129,7 @@ def test_from_run_takes_a_checkpoint_and_names_what_is_missing(run, tmp_path):
 def test_train_draws_its_curves(run):
     from PIL import Image
 
-    from quackae.curves import WIDTH
+    from quackae.viz.curves import WIDTH
 
     with Image.open(run / "run" / "curves.png") as image:
         assert image.format == "PNG" and image.width == WIDTH

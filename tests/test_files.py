@@ -1,4 +1,4 @@
-"""``quackae.files``: every wrong kind of file a stage may be handed is one line naming it, never a hang."""
+"""``quackae.core.files``: every wrong kind of file a stage may be handed is one line naming it, never a hang."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from quackae.errors import QuackError
-from quackae.files import kind_of, read_bytes, read_json, read_text, regular_file
+from quackae.core.errors import QuackError
+from quackae.core.files import kind_of, read_bytes, read_json, read_text, regular_file
 
 
 def test_regular_file_and_its_contents(tmp_path):

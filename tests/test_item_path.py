@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quackae.writer import item_path
+from quackae.store.items import item_path
 
 
 @pytest.mark.parametrize(
@@ -23,9 +23,21 @@ def test_item_path(index, kwargs, expected):
     assert item_path(index, **kwargs) == expected
 
 
-def test_item_path_formula_holds_for_many_ids():
-    for index in range(0, 10**7, 7919):
-        assert item_path(index, "npz") == f"{index // 100000}/{index % 100000 // 1000}/{index}.npz"
+@pytest.mark.parametrize(
+    ("index", "path"),
+    [
+        (0, "0/0/0.npz"),
+        (999, "0/0/999.npz"),
+        (1000, "0/1/1000.npz"),
+        (99_999, "0/99/99999.npz"),
+        (100_000, "1/0/100000.npz"),
+        (123_456, "1/23/123456.npz"),
+        (9_999_999, "99/99/9999999.npz"),
+        (2**40, "10995116/27/1099511627776.npz"),
+    ],
+)
+def test_item_path_gives_the_known_paths(index, path):
+    assert item_path(index, "npz") == path
 
 
 @pytest.mark.parametrize("index", [-1, 1.5, "3", True])

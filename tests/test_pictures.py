@@ -8,16 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quackae.curves import WIDTH, read_metrics, write_curves
-from quackae.errors import QuackError
-from quackae.render import (
-    _colour,
-    attention_image,
-    confusion_image,
-    heatmap_image,
-    save_png,
-    token_labels,
-)
+from quackae.core.errors import QuackError
+from quackae.viz.curves import WIDTH, read_metrics, write_curves
+from quackae.viz.render import _colour, attention_image, confusion_image, heatmap_image, save_png, token_labels
 
 
 def _weights(steps: int, tokens: int, seed: int = 0) -> np.ndarray:
@@ -61,8 +54,8 @@ def test_attention_cells_show_the_weights_on_a_fixed_scale():
 
 
 def test_an_item_of_a_padded_batch_is_cropped_to_its_own_tokens():
-    from quackae.render import item_attention_image
-    from quackae.tokenizer import EOS, train_tokenizer
+    from quackae.data.tokenizer import EOS, train_tokenizer
+    from quackae.viz.render import item_attention_image
 
     tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
     eos = tokenizer.token_to_id(EOS)
@@ -96,7 +89,7 @@ def test_confusion_has_one_cell_per_class_pair():
 
 
 def test_token_labels_are_readable():
-    from quackae.tokenizer import EOS, train_tokenizer
+    from quackae.data.tokenizer import EOS, train_tokenizer
 
     tokenizer = train_tokenizer(["the duck swims", "the duck swam"] * 4, vocab_size=280, show_progress=False)
     ids = tokenizer.encode("the duck", add_special_tokens=False).ids + [tokenizer.token_to_id(EOS)]
@@ -130,7 +123,7 @@ def test_curves_are_written_from_metrics(tmp_path):
 
 
 def test_plot_command_and_its_one_line_error(tmp_path, capsys):
-    from quackae.cli import main
+    from quackae.cli.command import main
 
     (tmp_path / "metrics.csv").write_text(METRICS)
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "c.png")]) == 0

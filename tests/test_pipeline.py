@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
-from quackae.classifier import ClassifyConfig, classify
-from quackae.cli import main
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.pipeline import RunConfig, run_pipeline
-from quackae.prepare import PrepareConfig, prepare
-from quackae.store import EncodingStore
-from quackae.train import TrainConfig, train
-from quackae.writer import stored_ids
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.model.checkpoints import load_model
+from quackae.stages.classify import ClassifyConfig, classify
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.pipeline import RunConfig, run_pipeline
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
+from quackae.store.job import stored_ids
+from quackae.store.reader import EncodingStore
 
 TOPICS = {
     "birds": "duck goose swan heron crane stork gull owl hawk eagle".split(),
@@ -234,7 +234,7 @@ def test_encode_png(workspace, tmp_path):
 def test_encode_draws_the_chosen_ids_readably_and_names_an_unknown_one(workspace, tmp_path, capsys):
     from PIL import Image
 
-    from quackae.render import ATTENTION_CELL
+    from quackae.viz.render import ATTENTION_CELL
 
     chosen = (13, 2003)  # ids are 10 * row + 3: the second and the 201st item
     flags = ["--model", str(workspace / "run"), "--accelerator", "cpu", "--devices", "1", "--png", "attention"]

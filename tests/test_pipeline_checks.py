@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from quackae.errors import QuackError
-from quackae.pipeline import REPO_PIPELINES, RunConfig, estimate_line, load_pipeline, run_pipeline, written_files
-from quackae.prepare import PrepareConfig
-from quackae.train import TrainConfig
+from quackae.core.errors import QuackError
+from quackae.stages.pipeline import REPO_PIPELINES, RunConfig, estimate_line, load_pipeline, run_pipeline, written_files
+from quackae.stages.prepare import PrepareConfig
+from quackae.stages.train import TrainConfig
 
 
 def test_a_missing_input_fails_before_the_first_stage(tmp_path):

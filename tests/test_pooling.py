@@ -9,9 +9,11 @@ import torch
 import torch.nn.functional as F
 from conftest import random_padded
 
-from quackae.checkpoints import load_model
-from quackae.model import QuackAutoEncoder
-from quackae.modelconfig import POOLINGS
+from quackae.data.predict import PredictBatch
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.checkpoints import load_model
+from quackae.model.config import POOLINGS
+from quackae.model.noise import word_dropout
 
 
 def tiny(**kwargs) -> QuackAutoEncoder:
@@ -62,10 +64,10 @@ def test_predict_step_returns_the_pooled_encoding(pooling):
     model = tiny(pooling=pooling)
     x = random_padded(4, 20, 1, 7, seed=4)
     with torch.no_grad():
-        metadata, encoding = model.predict_step(([{"id": i} for i in range(4)], x))
+        metadata, encoding, attention = model.predict_step(PredictBatch([{"id": i} for i in range(4)], x))
         expected, _ = model(x)
     torch.testing.assert_close(encoding, expected)
-    assert encoding.shape == (4, model.encoding_size) and len(metadata) == 4
+    assert encoding.shape == (4, model.encoding_size) and len(metadata) == 4 and attention is None
 
 
 def test_pooling_changes_only_what_is_stored_not_training():
@@ -168,18 +170,16 @@ def test_attention_dropout_drops_about_its_share_of_steps():
 
 def test_word_dropout_replaces_non_pad_tokens_by_the_mask_id():
     torch.manual_seed(0)
-    model = tiny(word_dropout=0.4, mask_id=1).train()
     x = random_padded(200, 20, 2, 12, seed=9).clamp(min=0)
     x = x.masked_fill(x.eq(1), 2)  # no real token equals the mask id
-    out = model._word_dropout(x)
+    out = word_dropout(x, 0.4, 1, 0)
     pads = x.eq(0)
     assert torch.equal(out[pads], x[pads])  # padding untouched
     changed = out.ne(x)
     assert bool(out[changed].eq(1).all())  # replaced tokens hold the mask id
     share = changed.sum().item() / (~pads).sum().item()
     assert 0.35 < share < 0.45
-    no_mask = tiny(word_dropout=0.4, mask_id=None).train()
-    without = no_mask._word_dropout(x)
+    without = word_dropout(x, 0.4, None, 0)
     assert bool(without[without.ne(x)].eq(0).all()) and bool(without.ne(x).any())  # the pad id (zero embedding)
 
 

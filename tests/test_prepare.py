@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
 import pytest
 
-from quackae.cli import main
-from quackae.errors import QuackError, StrictError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.tokenizer import load_tokenizer
+from quackae.cli.command import main
+from quackae.core.errors import QuackError, StrictError
+from quackae.data.tokenizer import load_tokenizer
+from quackae.stages.prepare import PrepareConfig, prepare
 
 BAD_LINES = [
     '{"id": 1, "text": "hello world", "label": "a"}',
@@ -158,3 +159,18 @@ def test_existing_tokenizer_is_reused(tmp_path):
     assert (tmp_path / "a/tokenizer.json").read_bytes() == (tmp_path / "b/tokenizer.json").read_bytes()
     with pytest.raises(QuackError, match="does not exist"):
         prepare(config(tmp_path, source, tokenizer=str(tmp_path / "nope.json")))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "loop"])
+def test_an_input_that_is_no_regular_file_is_named_for_what_it_is(tmp_path, kind, capsys):
+    from quackae.cli import main
+
+    path = tmp_path / "in.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        os.symlink(path, path)  # a link to itself
+    assert main(["prepare", str(path), "--out", str(tmp_path / "p")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    expected = "is a FIFO, not a file" if kind == "fifo" else "is a symbolic-link loop, not a file"
+    assert f"input file {path} {expected}" in line, line

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import load_prepared
-from quackae.tokenizer import decode
+from quackae.core.errors import QuackError
+from quackae.data.prepared import load_prepared
+from quackae.data.tokenizer import decode
+from quackae.stages.prepare import PrepareConfig, prepare
 
 SCALARS = st.one_of(
     st.none(),

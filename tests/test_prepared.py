@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.cli import main
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.layout import shard_files
-from quackae.model import QuackAutoEncoder
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import COMPLETE, dataset_fingerprint, load_prepared, verify_fingerprint
-from quackae.tokenizer import load_tokenizer, special_ids, tokenize_batch, train_tokenizer
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.data.prepared import COMPLETE, dataset_fingerprint, load_prepared, verify_fingerprint
+from quackae.data.tokenizer import load_tokenizer, special_ids, tokenize_batch, train_tokenizer
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.shards import shard_files
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
 ROWS = 40
@@ -408,7 +408,7 @@ def test_a_folder_prepared_before_the_text_column_still_encodes(tiny, tmp_path, 
 
 
 def test_row_takes_match_a_row_by_row_reference_on_many_chunks():
-    from quackae.data import RowTaker
+    from quackae.data.module import RowTaker
 
     rng = np.random.default_rng(0)
     lists = [rng.integers(1, 9, rng.integers(1, 6)).tolist() for _ in range(300)]
@@ -426,12 +426,12 @@ def test_row_takes_match_a_row_by_row_reference_on_many_chunks():
 def test_the_overlapped_path_stores_what_the_plain_path_stores(tiny, tmp_path, monkeypatch, layout):
     """The GPU path's pieces (the next batch fetched on a thread, the device-to-host copy handed to the writer's
     thread and waited for there) run on CPU threads here and store exactly what the plain path stores."""
-    import quackae.runtime as runtime
-    import quackae.transfer as transfer
+    import quackae.core.cores as cores
+    import quackae.store.transfer as transfer
 
-    monkeypatch.setattr(runtime, "cores_to_spare", lambda trainer: False)
+    monkeypatch.setattr(cores, "cores_to_spare", lambda trainer: False)
     _encode(tiny / "p", tiny / "run", tmp_path / "plain", layout=layout)
-    monkeypatch.setattr(runtime, "cores_to_spare", lambda trainer: True)
+    monkeypatch.setattr(cores, "cores_to_spare", lambda trainer: True)
     monkeypatch.setattr(transfer, "OVERLAP_ON_CPU", True)
     waited = []
     original = transfer.HostCopy.array

@@ -11,10 +11,10 @@ import pytest
 
 from quackae.bench import BenchConfig
 from quackae.bench.quality import FEW_LABEL_DRAWS, FEW_LABELS, ProbeSplit, _probe_subset, parse_options, quality_run
-from quackae.classifier import ClassifyConfig, classify
-from quackae.corpus import site_docstrings
-from quackae.modelconfig import POOLINGS
-from quackae.probes import bag_of_tokens, store_tokens, tuned_linear_probe
+from quackae.data.corpus import site_docstrings
+from quackae.eval.probes import bag_of_tokens, store_tokens, tuned_linear_probe
+from quackae.model.config import POOLINGS
+from quackae.stages.classify import ClassifyConfig, classify
 
 
 def test_bag_of_tokens_matches_a_counter():
@@ -174,7 +174,7 @@ def write_corpus(path: Path, rows: int = 240) -> Path:
 
 @pytest.mark.slow
 def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
-    import quackae.corpus
+    import quackae.data.corpus
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     probe_texts = {json.loads(line)["text"] for line in corpus.read_text().splitlines()}
@@ -183,7 +183,7 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
         {"id": 1000 + i, "text": f"pretraining text number {i} about {w}", "label": None}
         for i, w in enumerate("ab" * 30)
     ]
-    monkeypatch.setattr(quackae.corpus, "site_docstrings", lambda: site)
+    monkeypatch.setattr(quackae.data.corpus, "site_docstrings", lambda: site)
     options = {
         "embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01,
         "bow_weight": 1.0, "bow_pooling": "mean",
@@ -213,9 +213,9 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path):
-    from quackae.encode import EncodeConfig, encode
-    from quackae.prepare import PrepareConfig, prepare
-    from quackae.train import TrainConfig, train
+    from quackae.stages.encode import EncodeConfig, encode
+    from quackae.stages.prepare import PrepareConfig, prepare
+    from quackae.stages.train import TrainConfig, train
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     prepare(PrepareConfig(inputs=(str(corpus),), out=str(tmp_path / "prepared"), vocab_size=300, min_frequency=1))
@@ -247,7 +247,7 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
     assert bag["path"].startswith("sparse: ")  # no size cap: the bag is sparse at every size
     # the same token ids the encoder saw, in the order asked for
-    from quackae.prepared import load_prepared
+    from quackae.data.prepared import load_prepared
 
     dataset, _, _ = load_prepared(tmp_path / "prepared")
     rows = dataset.select_columns(["id", "input_ids"]).to_dict()
@@ -256,7 +256,7 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     assert [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == rows["input_ids"][::-1]
     assert vocab == 300
     # with the prepared dataset gone, the items' text is tokenized with the manifest's tokenizer
-    from quackae.tokenizer import load_tokenizer
+    from quackae.data.tokenizer import load_tokenizer
 
     (tmp_path / "prepared").rename(tmp_path / "moved")
     texts = [{"text": "duck goose swan"}, {"text": "hammer saw"}]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import random_padded
 
-from quackae.model import QuackAutoEncoder
-from quackae.modelconfig import POOLINGS, ModelFlags
-from quackae.probes import linear_probe, tuned_linear_probe
+from quackae.eval.probes import linear_probe, tuned_linear_probe
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.config import POOLINGS, ModelFlags
 
 GRID = (1e-3, 1e3)  # a light decay fits the features; a huge one leaves only the bias: the majority class
 

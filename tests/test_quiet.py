@@ -11,7 +11,7 @@ import warnings
 import pytest
 
 import quackae
-from quackae.quiet import LIBRARY_NOTICES, LIBRARY_WARNINGS, is_library_notice, quiet_libraries
+from quackae.cli.quiet import LIBRARY_NOTICES, LIBRARY_WARNINGS, is_library_notice, quiet_libraries
 
 EXAMPLES = {
     FutureWarning: "`isinstance(treespec, LeafSpec)` is deprecated, use `isinstance(treespec, TreeSpec)` instead.",
@@ -73,14 +73,14 @@ print(json.dumps([codes, [m for m in ("torch", "pytorch_lightning", "datasets") 
 
 def test_import_quackae_is_light_and_names_load_on_use():
     assert json.loads(_run("import json, sys, quackae; print(json.dumps('torch' in sys.modules))")) is False
-    assert quackae.QuackEncoder.__module__ == "quackae.encoder"
+    assert quackae.QuackEncoder.__module__ == "quackae.model.encoder"
     assert set(quackae.__all__) <= set(dir(quackae))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         quackae.nothing  # noqa: B018
 
 
 def test_version(capsys):
-    from quackae.cli import main
+    from quackae.cli.command import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
@@ -91,7 +91,7 @@ def test_version(capsys):
 def test_a_model_stage_prints_no_library_notice_unless_verbose(tmp_path):
     import numpy as np
 
-    from quackae.prepare import PrepareConfig, prepare
+    from quackae.stages.prepare import PrepareConfig, prepare
 
     rng = np.random.default_rng(0)
     words = "duck goose swan apple pear plum".split()

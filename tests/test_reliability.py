@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quackae.cli import main, user_error
-from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import COMPLETE, load_prepared
-from quackae.train import TrainConfig, train
+from quackae.cli.command import main, user_error
+from quackae.core.errors import QuackError
+from quackae.data.prepared import COMPLETE, load_prepared
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 
@@ -127,12 +127,12 @@ def test_user_mistakes_are_one_line_and_exit_2(ws, tmp_path, capsys, monkeypatch
 
 
 def test_a_real_bug_stays_a_traceback(monkeypatch, tmp_path):
-    import quackae.prepare
+    import quackae.stages.prepare
 
     def broken(config):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(quackae.prepare, "prepare", broken)
+    monkeypatch.setattr(quackae.stages.prepare, "prepare", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["prepare", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")])
 

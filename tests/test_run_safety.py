@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from quackae.checkpoints import load_model
-from quackae.cli import main
-from quackae.encoder import QuackEncoder
-from quackae.errors import QuackError
-from quackae.model import QuackAutoEncoder
-from quackae.prepare import PrepareConfig, prepare
-from quackae.prepared import dataset_fingerprint, load_prepared
-from quackae.tokenizer import tokenizer_hash
-from quackae.train import TrainConfig, train
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.data.prepared import dataset_fingerprint, load_prepared
+from quackae.data.tokenizer import tokenizer_hash
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.model.checkpoints import load_model
+from quackae.model.encoder import QuackEncoder
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 BIRDS = "duck goose swan heron crane stork apple pear plum hammer saw drill".split()
@@ -132,7 +132,7 @@ def test_ddp_ranks_share_the_lock_and_one_history(data, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the data
 def test_a_run_records_what_it_trains_on(data, tmp_path):
-    from quackae.checkpoints import TRAINED_ON
+    from quackae.model.checkpoints import TRAINED_ON
 
     out = tmp_path / "R"
     run(data / "a", out, val_check_interval=2)
@@ -176,7 +176,7 @@ def test_a_train_or_resume_on_other_data_is_refused(data, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_record_is_judged_by_the_tokenizer_beside_it(data, tmp_path):
-    from quackae.checkpoints import TRAINED_ON
+    from quackae.model.checkpoints import TRAINED_ON
 
     out = tmp_path / "old"
     run(data / "a", out)
@@ -201,7 +201,7 @@ def test_a_checkpoint_beside_another_runs_tokenizer_is_refused(data, tmp_path):
     with pytest.raises(QuackError, match="was trained with another tokenizer"):
         load_model(out, tokenizer_sha256="0" * 64)
     # encode, given data tokenized like the swapped-in tokenizer, refuses the RUN rather than encoding garbage
-    from quackae.encode import EncodeConfig, encode
+    from quackae.stages.encode import EncodeConfig, encode
 
     with pytest.raises(QuackError, match="was trained with another tokenizer"):
         encode(EncodeConfig(data=str(data / "c"), model=str(out), out=str(tmp_path / "S"), accelerator="cpu"))
@@ -267,7 +267,7 @@ class _Trainer:
 
 
 def test_the_guard_reads_nothing_from_the_device_between_logging_steps(monkeypatch):
-    from quackae.divergence import FiniteGuard, NonFiniteTraining
+    from quackae.model.guard import FiniteGuard, NonFiniteTraining
 
     module = torch.nn.Linear(3, 2)
     guard, trainer = FiniteGuard(every=10), _Trainer()
@@ -320,9 +320,9 @@ def test_a_full_disk_during_training_is_one_line_and_keeps_the_previous_checkpoi
 
 
 def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
-    import quackae.runtime
+    import quackae.model.trainer
 
-    monkeypatch.setattr(quackae.runtime, "usable_cores", lambda: 2, raising=False)
+    monkeypatch.setattr(quackae.model.trainer, "usable_cores", lambda: 2)
     assert TrainConfig(accelerator="cpu", devices="2").trainer_kwargs()["devices"] == 2
     for devices in ("3", "99"):
         with pytest.raises(QuackError, match=f"--devices {devices} would start {devices} processes on the CPU, which"):
@@ -333,32 +333,32 @@ def test_more_cpu_ranks_than_cores_are_refused(monkeypatch):
 
 
 def test_a_rank_joins_only_the_live_leader_of_its_own_job(tmp_path, monkeypatch):
-    from quackae.runlock import JOB_ENV, LOCK, RunLock
+    from quackae.runs.lock import JOB_ENV, LOCK, lock_run
 
     out = tmp_path / "R"
     out.mkdir()
     monkeypatch.setenv(JOB_ENV, "job1")
     with pytest.raises(QuackError, match="waited 0 s for rank 0 to lock .*R for job job1"):
-        RunLock.take(out, wait_s=0.2)
+        lock_run(out, wait_s=0.2)
     (out / LOCK).write_text(json.dumps({"job": "job1", "pid": 1}))
     with pytest.raises(QuackError, match="the leader of train job job1 no longer holds"):
-        RunLock.take(out)
+        lock_run(out)
     monkeypatch.delenv(JOB_ENV)
-    leader = RunLock.take(out)
+    leader = lock_run(out)
     assert leader.leader and os.environ[JOB_ENV] == leader.job  # what the ranks it launches inherit
-    joiner = RunLock.take(out)
+    joiner = lock_run(out)
     assert not joiner.leader
     joiner.release()
     monkeypatch.setenv(JOB_ENV, "another")
     with pytest.raises(QuackError, match=f"R is being trained by quackae train job {leader.job} .*not by this job"):
-        RunLock.take(out, wait_s=30)
+        lock_run(out, wait_s=30)
     monkeypatch.setenv(JOB_ENV, leader.job)
     leader.release()
     assert JOB_ENV not in os.environ
     monkeypatch.delenv(JOB_ENV, raising=False)
-    RunLock.take(out).release()  # free again
+    lock_run(out).release()  # free again
     created = tmp_path / "new"
-    RunLock.take(created).release()
+    lock_run(created).release()
     assert not created.exists(), "a start that wrote nothing leaves no folder"
 
 
@@ -391,7 +391,7 @@ def test_train_refuses_an_out_of_another_kind_before_writing_anything(data, tmp_
 
 
 def test_a_run_folder_with_a_killed_writers_temporary_is_still_a_run_folder(tmp_path):
-    from quackae.runlock import RUN_NAMES, check_run_folder
+    from quackae.runs.lock import RUN_NAMES, check_run_folder
 
     for name in RUN_NAMES:
         (tmp_path / name).mkdir() if name in ("checkpoints", "logs", "tensorboard") else (tmp_path / name).touch()

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from quackae.classifier import ClassifyConfig, classify
-from quackae.probes import (
+from quackae.core.ids import id_hash
+from quackae.eval.probes import (
     FEW_LABELS,
     few_label_draw,
     linear_probe,
@@ -19,8 +19,8 @@ from quackae.probes import (
     tuned_linear_probe,
     tuned_sparse_probe,
 )
-from quackae.selection import id_hash
-from quackae.sparse import SparseProbe, bag_csr, token_columns
+from quackae.eval.sparse import SparseProbe, bag_csr, token_columns
+from quackae.stages.classify import ClassifyConfig, classify
 
 
 def topical_tokens(count: int, vocab: int, classes: int, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:
@@ -131,8 +131,8 @@ def topical_store(tmp_path, count: int = 240, classes: int = 4):
     """A store whose items' text is their tokens, with a run's tokenizer, and encodings that carry the class."""
     from conftest import STORE_HEADER
 
-    from quackae.tokenizer import tokenizer_hash, train_tokenizer
-    from quackae.writer import AutoencoderWriter
+    from quackae.data.tokenizer import tokenizer_hash, train_tokenizer
+    from quackae.store.writer import AutoencoderWriter
 
     words = [f"w{k}" for k in range(60)]
     lists, labels = topical_tokens(count, 60, classes, seed=3)
@@ -152,9 +152,9 @@ def topical_store(tmp_path, count: int = 240, classes: int = 4):
 
 
 def test_classify_reports_the_bag_at_any_size_and_the_few_label_curve(tmp_path, monkeypatch):
-    import quackae.classifier
+    import quackae.stages.classify
 
-    monkeypatch.setattr(quackae.classifier, "MAX_BAG_CELLS", 1000, raising=False)  # no cap reads it any more
+    monkeypatch.setattr(quackae.stages.classify, "MAX_BAG_CELLS", 1000, raising=False)  # no cap reads it any more
     store = topical_store(tmp_path)
     summary = classify(ClassifyConfig(store=str(store), out=str(tmp_path / "c"), max_epochs=2, accelerator="cpu",
                                       devices="1"))  # fmt: skip
@@ -185,7 +185,7 @@ def test_classify_reports_the_bag_at_any_size_and_the_few_label_curve(tmp_path, 
 
 
 def test_the_few_label_curve_chooses_each_sizes_decay_once_and_sums_up_the_draws():
-    from quackae.probes import few_label_curve
+    from quackae.eval.probes import few_label_curve
 
     ids = np.arange(200)
     labels = ["a", "b"] * 100

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from quackae.corpus import CorpusConfig, build_corpus, stdlib_docstrings
-from quackae.pipeline import load_pipeline
+from quackae.data.corpus import CorpusConfig, build_corpus, stdlib_docstrings
+from quackae.stages.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,14 +14,16 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.cli import main
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.layout import LOCK, SHARDS, read_item, shard_files
-from quackae.model import QuackAutoEncoder
-from quackae.prepare import PrepareConfig, prepare
-from quackae.tokenizer import special_ids
-from quackae.writer import AutoencoderWriter, stored_ids
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.data.tokenizer import special_ids
+from quackae.model.autoencoder import QuackAutoEncoder
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.items import read_item
+from quackae.store.job import stored_ids
+from quackae.store.shards import LOCK, SHARDS, shard_files
+from quackae.store.writer import AutoencoderWriter
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
 ROWS = 90
@@ -155,7 +157,7 @@ def test_a_live_encode_holds_the_store(tiny, tmp_path, capsys):
     try:
         assert main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(out)]) == 2
         err = _one_line(capsys)
-        assert len(err) == 1 and "another live encode (job job123)" in err[0], err
+        assert len(err) == 1 and "is being written by quackae encode job job123;" in err[0], err
     finally:
         os.close(fd)
     assert _encode(tiny, out)["items_in_store"] == ROWS
@@ -389,11 +391,11 @@ def test_a_fresh_encode_writes_each_shard_as_one_run_of_consecutive_rows(tiny, t
 
 
 def test_the_encode_progress_bar_redraws_at_most_every_interval_and_at_the_end(monkeypatch):
-    import quackae.runtime as runtime
+    import quackae.model.trainer as trainer
 
     clock = iter([0.0, 0.1, 0.2, 0.6, 0.7, 5.0])
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
-    bar = runtime.progress_bar(0.5)
+    bar = trainer.progress_bar(0.5)
     monkeypatch.setattr(type(bar), "is_enabled", property(lambda self: True))
     drawn = [bar._should_update(n, 100) for n in (1, 2, 3, 4, 5)] + [bar._should_update(100, 100)]
     assert drawn == [True, False, False, True, False, True]
@@ -405,12 +407,12 @@ def test_encode_with_and_without_helper_threads_stores_the_same(tiny, tmp_path, 
     the prediction thread between batches. The stores must be the same, item for item."""
     import threading
 
-    import quackae.runtime
-    from quackae.writer import AutoencoderWriter
+    import quackae.core.cores
+    from quackae.store.writer import AutoencoderWriter
 
     reference = tmp_path / "reference"
     _encode(tiny, reference, layout="shards")
-    monkeypatch.setattr(quackae.runtime, "cores_to_spare", lambda trainer: spare)
+    monkeypatch.setattr(quackae.core.cores, "cores_to_spare", lambda trainer: spare)
     threads = set()
     original = AutoencoderWriter._write_batch
 
@@ -438,7 +440,7 @@ def test_cores_to_spare(monkeypatch):
     import pytorch_lightning as pl
     import torch
 
-    from quackae.runtime import cores_to_spare
+    from quackae.core.cores import cores_to_spare
 
     assert cores_to_spare(None)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
@@ -449,12 +451,14 @@ def test_cores_to_spare(monkeypatch):
     assert cores_to_spare(trainer)
 
 
-def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path, monkeypatch):
-    """The objects alive before the prediction loop are out of the collector's full passes during it (a pass over
-    a loaded process's 300,000+ objects costs a tenth of a small encode), and back in them afterwards."""
+def test_quackae_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path, monkeypatch):
+    """The command (not the library call) keeps the objects alive before the prediction loop out of the collector's
+    full passes during it (a pass over a loaded process's 300,000+ objects costs a tenth of a small encode), and
+    puts them back afterwards."""
     import gc
 
-    from quackae.writer import AutoencoderWriter
+    from quackae.cli import main
+    from quackae.store.writer import AutoencoderWriter
 
     frozen = []
     original = AutoencoderWriter.on_predict_batch_start
@@ -465,15 +469,22 @@ def test_encode_predicts_with_the_heap_settled_and_gives_it_back(tiny, tmp_path,
 
     monkeypatch.setattr(AutoencoderWriter, "on_predict_batch_start", spy)
     before = gc.get_freeze_count()
-    _encode(tiny, tmp_path / "s", layout="shards")
+    flags = ["--batch-size", "8", "--shard-size", "16", "--accelerator", "cpu", "--devices", "1"]
+    assert (
+        main(["encode", str(tiny / "prepared"), "--model", str(tiny / "run1"), "--out", str(tmp_path / "s"), *flags])
+        == 0
+    )
     assert frozen and min(frozen) > max(before, 1000)  # the loaded modules' objects, at every batch
     assert gc.get_freeze_count() == before
+    frozen.clear()
+    _encode(tiny, tmp_path / "library", layout="shards")  # the library call leaves the caller's collector alone
+    assert frozen and max(frozen) == before
 
 
 def test_checkpoint_hash_on_a_thread_is_the_files_sha256_and_raises_its_error(tmp_path):
     import hashlib
 
-    from quackae.encode import _sha256_meanwhile
+    from quackae.stages.encode import _sha256_meanwhile
 
     data = np.random.default_rng(0).bytes(3 << 20)  # three read blocks and a bit
     path = tmp_path / "last.ckpt"
@@ -491,7 +502,7 @@ def test_a_failed_start_stops_the_checkpoint_hash_thread(tmp_path, monkeypatch):
     import threading
     import time
 
-    import quackae.encode as encode_module
+    import quackae.stages.encode as encode_module
 
     blocks = []
 
@@ -516,7 +527,7 @@ def test_a_failed_start_stops_the_checkpoint_hash_thread(tmp_path, monkeypatch):
 def test_encode_failing_while_it_loads_leaves_no_hash_thread(tiny, tmp_path, monkeypatch):
     import threading
 
-    import quackae.encode as encode_module
+    import quackae.stages.encode as encode_module
 
     def refuse(*args):
         raise QuackError("the data was tokenized with another tokenizer")

@@ -17,9 +17,10 @@ from test_store import ROWS, _corpus, _run
 from test_store_hostile import _copy, _encode, _read_table, _write_table
 
 from quackae import EncodingStore
-from quackae.cli import main
-from quackae.layout import item_path, npz_bytes, shard_files
-from quackae.prepare import PrepareConfig, prepare
+from quackae.cli.command import main
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.items import item_path, npz_bytes
+from quackae.store.shards import shard_files
 
 FLAGS = ["--accelerator", "cpu", "--devices", "1", "--batch-size", "8", "--shard-size", "16"]
 
@@ -294,7 +295,7 @@ def test_a_killed_export_leaves_no_partial_file_for_long(made, tmp_path, capsys)
     target = tmp_path / "all.parquet"
     code = (
         "import os, signal, sys\n"
-        "from quackae.atomic import atomic_file\n"
+        "from quackae.core.atomic import atomic_file\n"
         "with atomic_file(sys.argv[1], 'wb') as handle:\n"
         "    handle.write(b'PAR1 half a file')\n"
         "    handle.flush()\n"
@@ -387,7 +388,7 @@ def test_units_with_foreign_ids_never_count(made, tmp_path, capsys, layout):
 
 
 def test_the_manifest_paths_lead_to_the_model_and_data_from_any_working_directory(made, tmp_path, monkeypatch):
-    from quackae.probes import store_tokens
+    from quackae.eval.probes import store_tokens
 
     monkeypatch.chdir(made)
     out = tmp_path / "s"

@@ -20,11 +20,12 @@ import pytest
 from test_store import ROWS, _corpus, _run
 
 from quackae import EncodingStore
-from quackae.cli import main
-from quackae.encode import EncodeConfig, encode
-from quackae.errors import QuackError
-from quackae.layout import item_path, npz_bytes, read_item, shard_files
-from quackae.prepare import PrepareConfig, prepare
+from quackae.cli.command import main
+from quackae.core.errors import QuackError
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.store.items import item_path, npz_bytes, read_item
+from quackae.store.shards import shard_files
 
 
 @pytest.fixture(scope="module")

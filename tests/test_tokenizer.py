@@ -5,8 +5,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quackae.errors import QuackError
-from quackae.tokenizer import PAD, BatchDecoder, decode, load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from quackae.core.errors import QuackError
+from quackae.data.tokenizer import (
+    PAD,
+    BatchDecoder,
+    decode,
+    load_tokenizer,
+    special_ids,
+    tokenizer_hash,
+    train_tokenizer,
+)
 
 SENTENCES = ["the quick brown fox", "jumps over the lazy dog", "a stitch in time saves nine", "naïve café — ok"] * 5
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from quackae.checkpoints import AtomicCheckpointIO
-from quackae.errors import QuackError
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.core.errors import QuackError
+from quackae.model.checkpoints import AtomicCheckpointIO
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 

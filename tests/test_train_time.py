@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from quackae import budget, heldout
-from quackae.prepare import PrepareConfig, prepare
-from quackae.train import TrainConfig, train
+from quackae.runs import budget, heldout
+from quackae.stages.prepare import PrepareConfig, prepare
+from quackae.stages.train import TrainConfig, train
 
 WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 
@@ -38,7 +38,7 @@ def run(data: Path, out: Path, **flags) -> dict:
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
 def test_train_prints_an_estimate_timed_at_the_precision_it_trains_at(data, tmp_path, monkeypatch, caplog, precision):
-    import quackae.bench.train as bench_train
+    import quackae.model.steptime as bench_train
 
     timed = []
 
@@ -55,8 +55,8 @@ def test_train_prints_an_estimate_timed_at_the_precision_it_trains_at(data, tmp_
 
 
 def test_the_pipeline_estimate_times_the_precision_its_train_stage_trains_at(monkeypatch):
-    import quackae.bench.train as bench_train
-    from quackae.pipeline import estimate_line
+    import quackae.model.steptime as bench_train
+    from quackae.stages.pipeline import estimate_line
 
     timed = []
     monkeypatch.setattr(bench_train, "time_training", lambda *a, bf16=False, **k: timed.append(bf16) or 1000.0)
@@ -97,7 +97,7 @@ class Clock:
 
 
 def test_max_time_stops_training_in_time_for_the_validation_and_the_held_out_evaluation(data, tmp_path, monkeypatch):
-    import quackae.train as train_module
+    import quackae.stages.train as train_module
 
     clock = Clock()
     for module in (budget, heldout, train_module):
@@ -110,8 +110,8 @@ def test_max_time_stops_training_in_time_for_the_validation_and_the_held_out_eva
 
 
 def test_held_out_figures_are_a_seeded_sample_and_stop_at_the_deadline(data, tmp_path, monkeypatch):
-    from quackae.checkpoints import load_model
-    from quackae.data import TokenizedDataModule
+    from quackae.data.module import TokenizedDataModule
+    from quackae.model.checkpoints import load_model
 
     run(data, tmp_path / "r", max_steps=2, val_check_interval=2)
     checkpoint = tmp_path / "r/checkpoints/best.ckpt"
@@ -139,8 +139,8 @@ def test_held_out_figures_are_a_seeded_sample_and_stop_at_the_deadline(data, tmp
 
 
 def test_the_two_token_accuracies_are_named_apart(data, tmp_path, capsys):
-    from quackae.cli import main
-    from quackae.curves import PANELS, read_metrics
+    from quackae.cli.command import main
+    from quackae.viz.curves import PANELS, read_metrics
 
     summary = run(data, tmp_path / "r", max_steps=6, val_check_interval=3)
     lines = "\n".join(summary["lines"])
@@ -157,7 +157,7 @@ def test_the_two_token_accuracies_are_named_apart(data, tmp_path, capsys):
 
 
 def test_plot_out_help_shows_one_default(capsys):
-    from quackae.cli import main
+    from quackae.cli.command import main
 
     with pytest.raises(SystemExit):
         main(["plot", "--help"])

@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from quackae import EncodingStore
-from quackae.errors import QuackError
-from quackae.store import read_item
-from quackae.writer import AutoencoderWriter, clean_temporary, item_path, keep_item, npz_bytes, stored_ids
+from quackae.core.errors import QuackError
+from quackae.data.selection import keep_item
+from quackae.store.items import item_path, npz_bytes
+from quackae.store.job import clean_temporary, stored_ids
+from quackae.store.reader import read_item
+from quackae.store.writer import AutoencoderWriter
 
 
 @pytest.mark.parametrize("size", [1, 16, 256])
@@ -183,7 +186,7 @@ def test_a_bug_on_the_writer_thread_stops_the_job_with_its_traceback(tmp_path, l
 def test_a_failed_shard_commit_stops_the_job_and_keeps_earlier_shards(tmp_path, monkeypatch):
     import errno
 
-    import quackae.writer as writer_module
+    import quackae.store.writer as writer_module
 
     real, calls = writer_module.write_shard, []
 

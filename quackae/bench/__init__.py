@@ -4,6 +4,9 @@ One module per bench (``train``, ``prepare``, ``encode``, ``store``, ``quality``
 ``bench_NAME(config)`` that imports the stages it measures (never the other way round). Every
 figure is measured here, on this process's devices, with warm-up steps excluded. Each bench
 returns a flat dict of figures that the CLI prints (and, with ``--json``, dumps).
+
+May import: quackae.core, quackae.data, quackae.model, quackae.runs, quackae.viz, quackae.store,
+quackae.eval, quackae.stages.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from quackae.encode import EncodeConfig, encode
-from quackae.prepared import COMPLETE, DATASET, dataset_fingerprint, open_rows
-from quackae.runtime import default_precision
-from quackae.writer import AutoencoderWriter
+from quackae.data.prepared import COMPLETE, DATASET, dataset_fingerprint, open_rows
+from quackae.model.trainer import default_precision, encode_batch_size
+from quackae.stages.encode import EncodeConfig, encode
+from quackae.store.writer import AutoencoderWriter
 
 DATA_PATH_ITEMS_PER_ITEM = 20  # the data path runs on 20x --items (200,000 by default): fast enough to need it
 DATA_PATH_BATCHES = (128, 1024)
@@ -40,11 +40,10 @@ def bench_encode(config: Any) -> dict[str, Any]:
 
     import datasets
 
-    from quackae.model import QuackAutoEncoder
-    from quackae.modelconfig import PRESETS
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.config import PRESETS
 
     datasets.disable_progress_bars()
-    batch_size = config.batch_size or _default_batch_size()
     items = config.items
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -57,6 +56,7 @@ def bench_encode(config: Any) -> dict[str, Any]:
         "accelerator": "cuda" if on_gpu else "cpu",
         "precision": config.precision or default_precision(device.type),
     }
+    batch_size = config.batch_size or encode_batch_size(flags["accelerator"])  # quackae encode's default here
     bf16 = flags["precision"].startswith("bf16")
     lengths = torch.randint(8, 65, (items,), generator=generator)
     rows = [torch.randint(4, vocab, (int(n) - 1,), generator=generator).tolist() + [3] for n in lengths]
@@ -72,7 +72,7 @@ def bench_encode(config: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="quackae-bench-", dir=config.dir) as tmp:
         root = Path(tmp)
         # model only: the encoder on pre-built, length-sorted batches already in memory
-        from quackae.data import pad_batch
+        from quackae.data.padding import pad_batch
 
         order = sorted(range(items), key=lambda i: len(rows[i]))
         batches = [pad_batch([rows[i] for i in order[s : s + batch_size]], 0) for s in range(0, items, batch_size)]
@@ -148,16 +148,10 @@ def _encode_rate(root: Path, name: str, layout: str, batch_size: int, items: int
     return items / (time.perf_counter() - start)
 
 
-def _default_batch_size() -> int:
-    from dataclasses import fields
-
-    return next(f.default for f in fields(EncodeConfig) if f.name == "batch_size")
-
-
 @contextlib.contextmanager
 def _first_forward(first: list[float]) -> Iterator[None]:
     """``QuackAutoEncoder.forward`` unchanged but for noting, in ``first``, the time of its first call."""
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
 
     original = QuackAutoEncoder.forward
 
@@ -178,7 +172,7 @@ def _stand_in(model: Any, batch_size: int, width: int, first: list[float]) -> It
     """``QuackAutoEncoder.forward`` replaced, for the block, by one that returns slices of zeros of the model's
     output shapes, allocated here once (a stand-in allocating per batch would add page faults a real model
     does not pay); ``first`` gets the time of the first call."""
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
 
     zeros: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -246,8 +240,8 @@ def _write_prepared(folder: Path, lengths: np.ndarray, values: np.ndarray, token
     import datasets
     import pyarrow as pa
 
-    from quackae.data import pad_lists
-    from quackae.tokenizer import BatchDecoder, load_tokenizer, tokenizer_hash
+    from quackae.data.padding import pad_lists
+    from quackae.data.tokenizer import BatchDecoder, load_tokenizer, tokenizer_hash
 
     tokenizer = load_tokenizer(tokenizer_file)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
@@ -279,7 +273,7 @@ def _write_bench_run(root: Path, rows: list[list[int]], model: Any, vocab: int) 
     """A prepared directory and a RUN directory for ``rows`` and ``model``, as prepare and train write them."""
     import pytorch_lightning as pl
 
-    from quackae.tokenizer import train_tokenizer
+    from quackae.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(["quackae benchmark"], vocab_size=300, show_progress=False)
     tokenizer.add_tokens([f"tok{i}" for i in range(vocab - tokenizer.get_vocab_size())])

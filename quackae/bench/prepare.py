@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quackae.prepare import PrepareConfig, prepare
-from quackae.tokenizer import train_tokenizer
+from quackae.data.tokenizer import train_tokenizer
+from quackae.stages.prepare import PrepareConfig, prepare
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ def bench_prepare(config: Any) -> dict[str, Any]:
     """
     import datasets
 
-    from quackae.corpus import stdlib_docstrings, write_jsonl
+    from quackae.data.corpus import stdlib_docstrings, write_jsonl
 
     datasets.disable_progress_bars()
     base = stdlib_docstrings()

@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from quackae.errors import QuackError
-from quackae.selection import id_hash
+from quackae.core.errors import QuackError
+from quackae.core.ids import id_hash
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ DEFAULT_STEPS = 2000
 
 def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
     """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, typed like the fields they set."""
-    from quackae.train import TrainConfig
+    from quackae.stages.train import TrainConfig
 
     types = {f.name: f.type for f in fields(TrainConfig)}
     reserved = {"data", "out", "max_steps", "max_epochs", "max_time", "resume", "accelerator", "devices"}
@@ -79,7 +79,7 @@ def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
 
 def corpus_rows(corpus: str) -> list[dict[str, Any]]:
     """Rows ``{"id", "text", "label"}`` of ``stdlib``, ``site`` or a JSONL file."""
-    from quackae.corpus import site_docstrings, stdlib_docstrings
+    from quackae.data.corpus import site_docstrings, stdlib_docstrings
 
     if corpus == "stdlib":
         return stdlib_docstrings()
@@ -101,16 +101,13 @@ def corpus_rows(corpus: str) -> list[dict[str, Any]]:
 
 def _encode_all(model: Any, sequences: list[list[int]], batch_size: int = 256) -> np.ndarray:
     """Encodings (N, encoding_size) of token id lists, batched by length, in the input order."""
-    from quackae.data import pad_batch
+    from quackae.data.padding import length_sorted_batches
 
     model.eval()
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = np.zeros((len(sequences), model.encoding_size), dtype=np.float32)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            encoding, _ = model(pad_batch([sequences[i] for i in chosen], model.pad_id))  # (B, encoding_size)
-            out[chosen] = encoding.float().numpy()
+        for positions, x in length_sorted_batches(sequences, batch_size, model.pad_id):
+            out[positions] = model(x)[0].float().numpy()  # (B, encoding_size)
     return out
 
 
@@ -144,7 +141,7 @@ class ProbeSplit:
     def accuracy(self, features: np.ndarray, train: np.ndarray | None = None) -> tuple[float, float]:
         """``(test accuracy, chosen weight decay)`` of the probe on ``features`` (N, F) fitted on the items
         ``train`` (default: the whole training split), over the columns that vary there."""
-        from quackae.probes import tuned_linear_probe
+        from quackae.eval.probes import tuned_linear_probe
 
         train = self.train if train is None else train
         x = features[:, features[train].std(axis=0) > 0]  # (N, F')
@@ -184,7 +181,7 @@ class ProbeSplit:
 
 def _write_prepared(root: Path, name: str, rows: list[dict[str, Any]], settings: dict[str, int]) -> Path:
     """``rows`` as ``root/NAME.jsonl``, prepared into ``root/NAME`` with ``settings``' vocabulary and length."""
-    from quackae.prepare import PrepareConfig, prepare
+    from quackae.stages.prepare import PrepareConfig, prepare
 
     with (root / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
         for row in rows:
@@ -203,7 +200,7 @@ def _write_prepared(root: Path, name: str, rows: list[dict[str, Any]], settings:
 
 def _train(data: Path, out: Path, steps: int, seed: int, batch_size: int, options: dict[str, Any]) -> dict[str, Any]:
     """``quackae train`` on ``data`` for ``steps`` steps; its summary plus ``train_seconds``."""
-    from quackae.train import TrainConfig, train
+    from quackae.stages.train import TrainConfig, train
 
     started = time.time()
     summary = train(
@@ -229,8 +226,8 @@ def _held_out(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _models(summary: dict[str, Any], seed: int) -> tuple[Any, Any]:
     """The run's best checkpoint (its last when too short to validate) and the same model untrained."""
-    from quackae.checkpoints import load_model
-    from quackae.model import QuackAutoEncoder
+    from quackae.model.autoencoder import QuackAutoEncoder
+    from quackae.model.checkpoints import load_model
 
     model = load_model(summary["best_checkpoint"] or summary["last_checkpoint"])
     torch.manual_seed(seed)
@@ -242,8 +239,8 @@ def _pretrained(
 ) -> dict[str, Any]:
     """The in-domain pretraining row: train on the site corpus's paragraphs that are not the probe's ``texts``,
     encode ``texts`` with that run's tokenizer and model, and probe them (full and few labels) on ``probe``."""
-    from quackae.corpus import site_docstrings
-    from quackae.encoder import QuackEncoder
+    from quackae.data.corpus import site_docstrings
+    from quackae.model.encoder import QuackEncoder
 
     seen = set(texts)
     rows = [{"id": row["id"], "text": row["text"]} for row in site_docstrings() if row["text"] not in seen]
@@ -283,9 +280,9 @@ def quality_run(
     (``probe_by_pooling``, ``probe_untrained_by_pooling``). ``pretrain`` adds the pretraining row
     (``pretrained``). Returns the figures as a dict (see the module docstring).
     """
-    from quackae.modelconfig import POOLINGS
-    from quackae.prepared import load_prepared
-    from quackae.probes import bag_of_tokens, stratified_split
+    from quackae.data.prepared import load_prepared
+    from quackae.eval.probes import bag_of_tokens, stratified_split
+    from quackae.model.config import POOLINGS
 
     options = dict(options or {})
     settings = CORPORA.get(kind or corpus, CORPORA["stdlib"])

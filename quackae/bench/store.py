@@ -40,8 +40,8 @@ def _text(index: int) -> str:
 def _measure(layout: str, items: int, batch_size: int, shard_size: int, root: str, seed: int) -> dict[str, Any]:
     import pyarrow as pa
 
-    from quackae.store import EncodingStore
-    from quackae.writer import AutoencoderWriter
+    from quackae.store.reader import EncodingStore
+    from quackae.store.writer import AutoencoderWriter
 
     store = Path(root) / f"store-{layout}"
     rng = np.random.default_rng(seed)
@@ -129,7 +129,7 @@ def bench_store(config: Any) -> dict[str, Any]:
     base = Path(config.dir or "storage")
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="quackae-bench-store-", dir=base) as tmp:
-        from quackae.writer import DEFAULT_SHARD_SIZE
+        from quackae.store.shards import DEFAULT_SHARD_SIZE
 
         result = {"bench": "store", "dir": str(base), "hidden": HIDDEN, "batch_size": batch_size}
         result.update(_run_child("shards", config.items, batch_size, DEFAULT_SHARD_SIZE, tmp, config.seed))

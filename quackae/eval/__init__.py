@@ -1,0 +1,7 @@
+"""How good stored encodings are: splits, probes and a classifier folder.
+
+Owns: the linear probe, the bag-of-tokens baseline and the per-class hash order of the probe subsets
+(``probes``), and a classifier folder written whole and read back whole (``folder``).
+
+May import: quackae.core, quackae.data, quackae.model, quackae.viz, quackae.store.
+"""

@@ -1,0 +1,8 @@
+"""A training run: what ``quackae train`` writes into a RUN folder and reads back on a resume.
+
+Owns: one live training per RUN (``lock``), what a RUN trained on (``record``: ``run.json`` and the record in
+every checkpoint), its metrics history and the series read from it (``logs``), how long training takes and
+keeping it to ``--max-time`` (``budget``) and the held-out greedy reconstruction figures (``heldout``).
+
+May import: quackae.core, quackae.data, quackae.model.
+"""

@@ -1,0 +1,175 @@
+"""``quackae verify``: check a store end to end and list every problem.
+
+Every shard (or item) must parse, hold encodings of the manifest's size that are all finite, and
+carry the manifest's provenance; ids must be unique; nothing may be left in staging; with
+``--data`` every id the manifest's selection keeps from the prepared dataset must be stored once
+and nothing else. Prints counts and returns, or prints each problem (file, id, what) and exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quackae.core.errors import QuackError
+from quackae.stages.configs import VerifyConfig
+from quackae.store.items import item_entries, item_files, load_item, unit_kind
+from quackae.store.manifest import differing, ids_digest, manifest_problem
+from quackae.store.ownership import foreign_entries
+from quackae.store.shards import (
+    MANIFEST,
+    QUARANTINE,
+    SHARDS,
+    STAGING,
+    layout_of,
+    open_shard,
+    read_manifest,
+    shard_files,
+    shard_matrix,
+    shard_provenance,
+    store_folder_problem,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 10_000  # problems printed one per line; beyond that, counted
+
+
+def _manifest(store: Path, problems: list[str]) -> dict[str, Any] | None:
+    """The store's manifest when it is a valid one; else None, with what is wrong added to ``problems``."""
+    try:
+        manifest = read_manifest(store)
+    except QuackError as error:
+        problems.append(str(error))
+        return None
+    if manifest is None:
+        problems.append(f"{store / MANIFEST}: missing (provenance unknown)")
+        return None
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        problems.append(f"{store / MANIFEST}: not a valid store manifest ({problem})")
+        return None
+    if not manifest["complete"]:
+        problems.append(f"{store / MANIFEST}: not marked complete (an encode is running or was stopped)")
+    return manifest
+
+
+def _unit_problems(path: Path, ids: np.ndarray, matrix: np.ndarray, provenance: Any, manifest: Any) -> list[str]:
+    """What is wrong with one parsed unit holding ``ids`` (n,) and ``matrix`` (n, H) against a valid ``manifest``."""
+    problems = []
+    if manifest is not None and matrix.shape[1] != manifest["encoding_size"]:
+        problems.append(f"{path}: encodings of size {matrix.shape[1]}, the manifest says {manifest['encoding_size']}")
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    problems.extend(f"{path}: id {ids[r]}: encoding not finite" for r in bad[:MAX_LISTED])
+    if manifest is not None:
+        keys = differing(provenance, manifest)
+        if keys and provenance is None:
+            problems.append(f"{path}: carries no provenance, so what made it is unknown")
+        elif keys:
+            problems.append(f"{path}: provenance differs from the manifest ({', '.join(keys)})")
+    return problems
+
+
+def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """``(counts, problems)`` for ``store``; each problem names the file and, where it applies, the id."""
+    if store_folder_problem(store) is not None:
+        raise QuackError(store_folder_problem(store))
+    problems: list[str] = []
+    manifest = _manifest(store, problems)
+    layout = layout_of(store, manifest)
+    expected = _expected_ids(data, manifest) if data is not None else None
+    foreign = foreign_entries(store, deep=True)
+    problems.extend(f"{p}: not something quackae writes in a store" for p in foreign[:MAX_LISTED])
+    held: list[tuple[Path, np.ndarray]] = []  # (unit, its ids) of every unit that parses
+    paths = shard_files(store) if layout == "shards" else [path for _, path in item_files(store)]
+    for path in paths:
+        try:
+            if layout == "shards":
+                table = open_shard(path)
+                provenance, matrix = shard_provenance(table, path), shard_matrix(table)  # (n, H)
+                ids = table.column("id").to_numpy()  # (n,)
+            else:
+                item = load_item(path)
+                provenance, matrix = item.provenance, item.encoding[None, :]  # (1, H)
+                ids = np.asarray([int(path.name[: -len(".npz")])], dtype=np.int64)
+                if item.metadata.get("id") != ids[0]:
+                    problems.append(f"{path}: id {ids[0]}: its metadata says id {item.metadata.get('id')!r}")
+        except QuackError as error:
+            problems.append(f"{path}: does not parse ({getattr(error, 'reason', error)})")
+            continue
+        problems.extend(_unit_problems(path, ids, matrix, provenance, manifest))
+        held.append((path, ids))
+    problems.extend(
+        f"{p}: stands where quackae writes an item folder or picture but is none (a rerun moves it aside)"
+        for p in item_entries(store).blocking[:MAX_LISTED]
+    )
+    all_ids = np.concatenate([ids for _, ids in held]) if held else np.empty(0, dtype=np.int64)
+    unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (N,) which unit holds each id
+    order = np.argsort(all_ids, kind="stable")
+    unique, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
+    for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
+        units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
+        problems.append(f"{store}: id {unique[k]}: stored {counts[k]} times ({', '.join(units)})")
+    for name in (STAGING, SHARDS, QUARANTINE):
+        kind = unit_kind(store / name)
+        if kind not in ("missing", "a directory"):
+            what = kind or "a file"
+            problems.append(f"{store / name}: is {what}, not a folder (encode refuses the store until it is removed)")
+    staging = store / STAGING
+    left = sum(len(files) for _, _, files in os.walk(staging)) if unit_kind(staging) == "a directory" else 0
+    if left:
+        problems.append(f"{staging}: {left} files left in staging (a stopped encode; a rerun removes them)")
+    if manifest is not None and manifest["complete"]:
+        if manifest["items"] != len(unique):
+            problems.append(f"{store / MANIFEST}: says {manifest['items']} items, the store holds {len(unique)}")
+        elif manifest.get("ids_sha256") not in (None, ids_digest(unique)):
+            problems.append(f"{store / MANIFEST}: the store holds other ids than it counted (a unit was replaced)")
+    result: dict[str, Any] = {"store": str(store), "layout": layout, "units": len(paths), "items": len(unique)}
+    if expected is not None:
+        for path, ids in held:
+            outside = int((~np.isin(ids, expected)).sum())
+            if outside:
+                problems.append(f"{path}: holds {outside} ids not in {data}'s selection (a rerun moves it aside)")
+        missing = np.setdiff1d(expected, unique)
+        extra = np.setdiff1d(unique, expected)
+        problems.extend(f"{store}: id {i}: missing (in {data}, not stored)" for i in missing[:MAX_LISTED].tolist())
+        problems.extend(f"{store}: id {i}: stored but not in {data}'s selection" for i in extra[:MAX_LISTED].tolist())
+        if len(missing) > MAX_LISTED or len(extra) > MAX_LISTED:
+            problems.append(f"{store}: {len(missing)} ids missing and {len(extra)} extra in all")
+        result["expected"] = int(len(expected))
+    return result, problems
+
+
+def _expected_ids(data: str | Path, manifest: dict[str, Any] | None) -> np.ndarray:
+    """The sorted ids of ``data`` that the store's selection keeps (every id when the manifest is not valid)."""
+    from quackae.data.prepared import load_prepared, verify_fingerprint
+    from quackae.data.selection import selected_rows
+
+    dataset, _, _ = load_prepared(data)
+    manifest = manifest or {}
+    fingerprint = manifest.get("dataset_fingerprint")
+    if fingerprint and fingerprint != verify_fingerprint(data):
+        raise QuackError(f"{data} is not the dataset this store was encoded from (its fingerprint differs)")
+    ids = np.asarray(dataset.data.column("id").to_numpy(), dtype=np.int64)
+    return np.unique(ids[selected_rows(dataset, manifest.get("selection") or {})])
+
+
+def verify(config: VerifyConfig) -> dict[str, Any]:
+    """Run ``quackae verify``: the counts, or every problem under ``lines`` with ``exit_code`` 1."""
+    store = Path(config.store)
+    result, problems = check_store(store, config.data)
+    counts = f"{result['items']} items in {result['units']} {'shards' if result['layout'] == 'shards' else 'files'}"
+    if "expected" in result:
+        counts += f", {result['expected']} expected from {config.data}"
+    if problems:
+        return {
+            **result,
+            "problems": len(problems),
+            "exit_code": 1,
+            "lines": [*problems, f"{store}: {len(problems)} problems ({counts})"],
+        }
+    return {**result, "problems": 0, "lines": [f"{store}: ok, {counts}"]}
