@@ -21,12 +21,17 @@ from quackae.runlogs import MERGED_FIX, read_metrics_csv
 
 log = logging.getLogger(__name__)
 
-WIDTH, PANEL_HEIGHT = 640, 220  # pixels of the whole picture and of each panel's plotting area
+WIDTH, PANEL_HEIGHT = 720, 220  # pixels of the whole picture and of each panel's plotting area
 TRAIN_COLOUR, VAL_COLOUR = (120, 160, 220), (214, 96, 28)
 # (panel title, y-axis title, training column, validation column)
 PANELS = (
     ("loss", "loss (sum over time steps)", "train_loss_step", "val_loss"),
-    ("token accuracy", "token accuracy (teacher forced)", "train_token_acc_step", "val_token_acc"),
+    (
+        "teacher-forced token accuracy: each token predicted from the true previous ones (not the greedy figure)",
+        "teacher-forced token accuracy",
+        "train_token_acc_step",
+        "val_token_acc",
+    ),
 )
 
 Series = list[tuple[float, float]]
@@ -85,7 +90,7 @@ def _panel(title: str, y_title: str, train: Series, val: Series, steps: tuple[fl
     line = text_size("Ag", face)[1]
     left = PAD + line + PAD + tick_width + PAD
     top = PAD + text_size("Ag", title_face)[1] + PAD
-    plot_width = WIDTH - left - 150
+    plot_width = WIDTH - left - 230
     bottom = top + PANEL_HEIGHT
     height = bottom + PAD + line + (PAD + line if last else 0) + PAD
     image = Image.new("RGB", (WIDTH, height), "white")
@@ -120,7 +125,8 @@ def _panel(title: str, y_title: str, train: Series, val: Series, steps: tuple[fl
     rotated = vertical_text(y_title, face)
     image.paste(rotated, (PAD, top + max(PANEL_HEIGHT - rotated.height, 0) // 2), rotated)
     legend_x, legend_y = left + plot_width + 2 * PAD, top
-    for name, colour, points in (("training", TRAIN_COLOUR, train), ("validation", VAL_COLOUR, val)):
+    kind = " teacher-forced" if "accuracy" in y_title else ""
+    for name, colour, points in (("training" + kind, TRAIN_COLOUR, train), ("validation" + kind, VAL_COLOUR, val)):
         draw.line([(legend_x, legend_y + line / 2), (legend_x + 18, legend_y + line / 2)], fill=colour, width=2)
         label = f"{name} ({len(points)} points)" if points else f"{name}: none logged"
         draw.text((legend_x + 24, legend_y), label, "black", face)

@@ -58,6 +58,9 @@ class EncodeConfig(TrainerFlags):
         metadata={"help": "also write a PNG per item: attention or encoding", "choices": ("attention", "encoding")},
     )
     png_limit: int = field(default=1000, metadata={"help": "at most this many PNGs per rank"})
+    png_ids: tuple[int, ...] = field(
+        default_factory=tuple, metadata={"help": "with --png, draw only the items with these ids (default: the first)"}
+    )
     label_field: str | None = field(
         default=None, metadata={"help": "metadata column with labels (for --filtered / --evaluate)"}
     )
@@ -88,6 +91,8 @@ class EncodeConfig(TrainerFlags):
             raise ValueError(f"--shard-size must be positive, got {self.shard_size}")
         if self.png_limit < 0:
             raise ValueError(f"--png-limit must not be negative, got {self.png_limit}")
+        if self.png_ids and self.png is None:
+            raise ValueError("--png-ids names the items to draw with --png attention or --png encoding; add one")
 
 
 def _sha256(path: Path, stop: threading.Event) -> str:
@@ -225,6 +230,12 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             store, config.layout, header["encoding_size"], header, job.leader, expected=np.unique(ids[wanted])
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
+        unknown = sorted(set(config.png_ids) - set(ids[wanted].tolist()))
+        if unknown:
+            raise QuackError(
+                f"--png-ids {' '.join(map(str, unknown[:5]))}: no item with this id in {config.data}"
+                + (" among the items --filtered/--evaluate keep" if config.filtered or config.evaluate else "")
+            )
         log.info(
             "%d items to encode (%d already stored, %d not selected)",
             len(todo),
@@ -236,6 +247,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             **selection,  # the writer keeps exactly the items the header's selection names
             png=config.png,
             png_limit=config.png_limit,
+            png_ids=config.png_ids or None,
             threads=config.writer_threads,
             manifest={k: v for k, v in header.items() if k != "model"},
             layout=config.layout,

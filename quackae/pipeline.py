@@ -279,13 +279,6 @@ def print_written(roots: list[str | Path], since: float) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- time estimate
-# Training time / (steps x one timed step): validation, logging and data loading on top of the steps, less
-# what the timed step overstates (its batches are as wide as a third to a half of max_length, wider than
-# most length-bucketed batches). Measured on the demo, 4,000 steps on the idle 2-core VM: 314.9 s and 319.5 s
-# of train stage (two fresh clones), while the few steps timed before it took 60-85 ms each from one run to
-# the next (x0.93-x1.31). An earlier x2.1 came from one run on a shared, busy machine and put the demo's
-# estimate at twice its time.
-OVERHEAD = 1.1
 
 
 def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
@@ -296,33 +289,30 @@ def estimate_line(plan: list[tuple[str, Any, Any]]) -> str | None:
     length-bucketed batch of a corpus of short texts; about a second); stages capped only by epochs
     or wall clock are not estimated.
     """
+    from quackae.budget import OVERHEAD, step_text
+    from quackae.runtime import default_precision
+
     prepare = next((config for name, config, _ in plan if name == "prepare"), None)
     parts, total = [], 0.0
     for name, config, _ in plan:
         if name != "train" or config.max_steps <= 0 or config.accelerator not in ("cpu", "auto"):
             continue
-        seconds_per_step = _time_step(config, prepare)
+        precision = config.precision or default_precision(config.accelerator, training=True)
+        if precision not in ("32-true", "32", "bf16-mixed"):
+            continue
+        seconds_per_step = _time_step(config, prepare, bf16=precision == "bf16-mixed")
         seconds = config.max_steps * seconds_per_step * OVERHEAD
         total += seconds
-        parts.append(f"train {config.max_steps:,} steps ({seconds_per_step * 1000:.0f} ms a step measured now)")
+        parts.append(f"train {config.max_steps:,} steps ({step_text(seconds_per_step, precision)})")
     if not parts:
         return None
     return f"estimated training time on this machine: about {total / 60:.1f} min for " + ", ".join(parts)
 
 
-def _time_step(config: Any, prepare: Any) -> float:
-    import torch
-
-    from quackae.bench.train import random_batches, time_training
-    from quackae.model import QuackAutoEncoder
+def _time_step(config: Any, prepare: Any, bf16: bool) -> float:
+    from quackae.budget import seconds_per_step
 
     vocab = getattr(prepare, "vocab_size", 8000)
     max_length = getattr(prepare, "max_length", 64)
-    generator = torch.Generator().manual_seed(0)
-    batches = random_batches(6, config.batch_size, vocab, max(max_length // 3, 1), max(max_length // 2, 1), generator)
-    state = torch.random.get_rng_state()
-    model = QuackAutoEncoder(vocab, **config.model_settings())  # the model the train stage will build
-    tokens_per_s = time_training(model, batches, warmup=2, device=torch.device("cpu"))
-    torch.random.set_rng_state(state)
-    tokens = sum(int(b.ne(0).sum()) for b in batches[2:]) / len(batches[2:])
-    return tokens / tokens_per_s
+    model = {"num_embeddings": vocab, **config.model_settings()}  # the model the train stage will build
+    return seconds_per_step(model, config.batch_size, max(max_length // 3, 1), max(max_length // 2, 1), bf16=bf16)

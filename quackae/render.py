@@ -22,6 +22,9 @@ from PIL.PngImagePlugin import PngInfo
 PAD = 6  # pixels between the parts of a picture
 BAR = 12  # colour-scale width
 MAX_LABEL = 24  # characters of a label drawn before it is cut with "…"
+# An attention map's cells and token labels, in pixels: a cell holds a label's height with room to spare, so a
+# three-token item is still a picture one can read (16-pixel cells and 11-pixel labels drew it at about 240x170).
+ATTENTION_CELL, ATTENTION_LABEL = 28, 15
 
 
 def _colour(values: np.ndarray) -> np.ndarray:
@@ -83,11 +86,13 @@ def heatmap_image(
     scale: tuple[float, float] | None = None,
     annotations: np.ndarray | None = None,
     scale_title: str = "",
+    label_size: int = 11,
 ) -> Image.Image:
     """``values`` (R, C) as coloured cells with a label per row and column, axis titles and a colour scale.
 
     ``scale`` is the ``(low, high)`` mapped to the ends of the colour ramp (default: 0 and the
-    largest value). ``annotations`` (R, C) strings are written in the cells ('' for none).
+    largest value). ``annotations`` (R, C) strings are written in the cells ('' for none). ``label_size``
+    is the labels' font size in pixels. The PNG text chunks record ``cells`` and the ``cell`` size.
     """
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape != (len(row_labels), len(column_labels)):
@@ -99,7 +104,7 @@ def heatmap_image(
     rows, columns = values.shape
     low, high = scale if scale is not None else (0.0, float(values.max()) if values.size else 1.0)
     span = (high - low) or 1.0
-    face, title_face = font(11), font(12)
+    face, title_face = font(label_size), font(max(12, label_size))
     row_labels = [_cut(label) for label in row_labels]
     column_labels = [_cut(label) for label in column_labels]
     line = text_size("Ag", face)[1]
@@ -158,6 +163,7 @@ def heatmap_image(
     if scale_title:
         draw.text((bar_left, PAD), scale_title, "black", face)
     image.info["cells"] = f"{rows}x{columns}"
+    image.info["cell"] = str(cell)
     return image
 
 
@@ -178,9 +184,11 @@ def attention_image(
     weights: np.ndarray,
     input_labels: Sequence[str] | None = None,
     output_labels: Sequence[str] | None = None,
-    cell: int = 16,
+    cell: int = ATTENTION_CELL,
 ) -> Image.Image:
     """One item's attention weights (S, T) as a labelled heat map: a row per output step, a column per input token.
+
+    Cells are at least ``ATTENTION_CELL`` pixels and token labels ``ATTENTION_LABEL`` pixels high.
 
     The map is cropped to ``len(output_labels)`` rows and ``len(input_labels)`` columns, the item's
     own tokens, whatever padding its batch had; without labels it is drawn whole with numbered axes.
@@ -202,9 +210,10 @@ def attention_image(
         columns,
         row_title="output token",
         column_title="input token",
-        cell=cell,
+        cell=max(cell, ATTENTION_CELL),
         scale=(0.0, 1.0),
         scale_title="weight",
+        label_size=ATTENTION_LABEL,
     )
 
 
@@ -215,7 +224,7 @@ def item_attention_image(
     output_ids: Sequence[int],
     pad_id: int = 0,
     eos_id: int | None = None,
-    cell: int = 16,
+    cell: int = ATTENTION_CELL,
 ) -> Image.Image:
     """``attention_image`` of one item of a padded batch, from its rows as the model gave them.
 

@@ -53,7 +53,17 @@ STAGES: dict[str, Stage] = {
         "train",
         "train a QuackAutoEncoder on a prepared dataset",
         pipeline=True,
-        brief=("run", "global_step", "stop_reason", "best_val_loss", "token_accuracy", "exact_match", "test_items"),
+        brief=(
+            "run",
+            "global_step",
+            "stop_reason",
+            "best_val_loss",
+            "greedy_token_accuracy",
+            "greedy_exact_match",
+            "teacher_forced_val_token_accuracy",
+            "greedy_items",
+            "test_items",
+        ),
     ),
     "encode": Stage(
         "quackae.encode",

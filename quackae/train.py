@@ -12,27 +12,27 @@ import json
 import logging
 import math
 import re
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping
 from tokenizers import Tokenizer
 
 from quackae.atomic import remove_temporaries, write_atomic
+from quackae.budget import FINISH_S, Budget, now, plan_training
 from quackae.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
 from quackae.divergence import FiniteGuard, NonFiniteTraining
 from quackae.errors import QuackError
 from quackae.files import read_bytes, regular_file
+from quackae.heldout import figure_lines, greedy_reconstruction, teacher_forced
 from quackae.modelconfig import ModelFlags, model_problems
 from quackae.runlock import RunLock
 from quackae.runlogs import latest_attempt, merge_metrics, new_attempt
 from quackae.runrecord import RecordTrainedOn, check_resume, check_run, data_record, read_run_record, write_run_record
-from quackae.runtime import TrainerFlags, settled_heap
+from quackae.runtime import TrainerFlags, progress_bar, settled_heap
 from quackae.tokenizer import tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,13 @@ class TrainConfig(TrainerFlags, ModelFlags):
     max_time: str | None = field(
         default=None, metadata={"help": "wall-clock limit DD:HH:MM:SS (00:00:30:00 is 30 minutes)"}
     )
-    val_check_interval: float = field(
-        default=1.0,
-        metadata={"help": "validate every N training steps (a whole number above 1) or after this share of each epoch"},
+    val_check_interval: float | None = field(
+        default=None,
+        metadata={
+            "help": "validate every N training steps (a whole number above 1) or after this share of each epoch; "
+            "none given: after every epoch, or every 5 minutes of steps (by a step timed at the start) when an "
+            "epoch takes longer"
+        },
     )
     gradient_clip: float = field(default=1.0, metadata={"help": "gradient norm clip (0: off)"})
     patience: int = field(default=5, metadata={"help": "early-stopping patience in validation rounds"})
@@ -69,11 +73,15 @@ class TrainConfig(TrainerFlags, ModelFlags):
         default=None, metadata={"path": True, "help": "checkpoint to continue (steps, optimizer, scheduler)"}
     )
     log_every_n_steps: int = field(default=10, metadata={"help": "metrics logging interval in steps"})
+    eval_items: int = field(
+        default=1000,
+        metadata={"help": "test items whose greedy reconstruction is scored at the end, a seeded sample (-1: all)"},
+    )
 
     def __post_init__(self) -> None:
         self.check_trainer_flags()
         for name in ("val_check_interval", "gradient_clip", "val_fraction", "test_fraction"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         problems = model_problems(self, as_flags=True)
         if problems:
@@ -86,9 +94,10 @@ class TrainConfig(TrainerFlags, ModelFlags):
             raise ValueError("--val-fraction must be positive: checkpoints and early stopping watch val_loss")
         if self.max_time is not None and not _MAX_TIME.fullmatch(self.max_time.strip()):
             raise ValueError(f"--max-time must be DD:HH:MM:SS (00:00:02:00 is 2 minutes), got {self.max_time!r}")
-        if not self.val_check_interval > 0 or (
-            self.val_check_interval > 1 and not float(self.val_check_interval).is_integer()
-        ):
+        if self.eval_items < -1:
+            raise ValueError(f"--eval-items must be -1 (all) or at least 0, got {self.eval_items}")
+        interval = self.val_check_interval
+        if interval is not None and (not interval > 0 or (interval > 1 and not float(interval).is_integer())):
             raise ValueError(
                 "--val-check-interval must be a share of an epoch in (0, 1] or a whole number of steps, "
                 f"got {self.val_check_interval}"
@@ -112,6 +121,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     from quackae.data import TokenizedDataModule
     from quackae.tokenizer import special_ids
 
+    started = now()  # --max-time counts from here
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise QuackError(f"--out {out} is a file; give the run a directory")
@@ -170,7 +180,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     try:
         if lock.leader:
             _claim(out, config, record, resume)
-        return _fit(config, datamodule, hparams, record, resume, start_step, lock, trainer_kwargs)
+        return _fit(config, datamodule, hparams, record, resume, start_step, lock, trainer_kwargs, started)
     finally:
         lock.release()
 
@@ -208,6 +218,7 @@ def _fit(
     start_step: int,
     lock: RunLock,
     trainer_kwargs: dict[str, Any],
+    started: float,
 ) -> dict[str, Any]:
     """Train into a locked RUN, then evaluate and write the summary."""
     from pytorch_lightning.callbacks import LearningRateMonitor
@@ -215,9 +226,9 @@ def _fit(
 
     from quackae.model import QuackAutoEncoder
 
-    started = time.time()
     out = Path(config.out)
     checkpoints = out / "checkpoints"
+    interval, budget, eval_items = plan_training(config, datamodule, hparams, trainer_kwargs, start_step, started)
     model = QuackAutoEncoder(**hparams)
     attempt = new_attempt(out, start_step, resume) if lock.leader else latest_attempt(out)
     checkpoint = BestCheckpoint(
@@ -242,20 +253,19 @@ def _fit(
         loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""))
     except ImportError:
         log.debug("tensorboard not installed (pip install tensorboard): CSV metrics only")
-    interval: float | int = config.val_check_interval
     every_epoch: int | None = 1
     if interval > 1:
         interval, every_epoch = int(interval), None  # every N steps, across epoch boundaries
+    callbacks = [guard, RecordTrainedOn(record), checkpoint, record_last, early, LearningRateMonitor("step")]
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         max_steps=config.max_steps,
-        max_time=config.max_time.strip() if config.max_time else None,
         val_check_interval=interval,
         check_val_every_n_epoch=every_epoch,
         gradient_clip_val=config.gradient_clip or None,
         logger=loggers,
         default_root_dir=str(out),
-        callbacks=[guard, RecordTrainedOn(record), checkpoint, record_last, early, LearningRateMonitor("step")],
+        callbacks=[*callbacks, progress_bar(), *([budget] if budget else [])],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=config.log_every_n_steps,
         use_distributed_sampler=False,
@@ -294,7 +304,7 @@ def _fit(
             raise diverged
         return {}
     merge_metrics(out)
-    reason, why = _stop_reason(trainer, early, interrupted, config)
+    reason, why = _stop_reason(trainer, early, interrupted, config, budget)
     best = checkpoints / "best.ckpt"
     has_best = best.is_file() and checkpoint.best_model_score is not None
     last = checkpoints / "last.ckpt"
@@ -320,28 +330,27 @@ def _fit(
             f"no validation ran before the stop, so there is no best checkpoint; held-out figures come from "
             f"{last.name} (validate sooner with --val-check-interval)"
         )
-    for line in lines:
-        log.info(line)
     if interrupted:
-        summary["seconds"] = round(time.time() - started, 1)
+        for line in lines:  # the command prints no lines when interrupted
+            log.info(line)
+        summary["seconds"] = round(now() - started, 1)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         raise KeyboardInterrupt
     evaluated = best if has_best else last
     if not evaluated.is_file():
         summary.update(evaluated_checkpoint=None, token_accuracy=None, exact_match=None)
-        summary["seconds"] = round(time.time() - started, 1)
+        summary["seconds"] = round(now() - started, 1)
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print("no checkpoint was written: training stopped before its first step")
-        return summary
+        return {**summary, "lines": [*lines, "no checkpoint was written: training stopped before its first step"]}
     summary["evaluated_checkpoint"] = str(evaluated)
-    summary.update(evaluate_reconstruction(evaluated, datamodule, datamodule.splits["test"]))
-    summary["seconds"] = round(time.time() - started, 1)
+    deadline = budget.deadline - FINISH_S if budget else None
+    summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline))
+    # the keys of earlier summaries, for the same greedy figures
+    summary.update(token_accuracy=summary["greedy_token_accuracy"], exact_match=summary["greedy_exact_match"])
+    summary["teacher_forced_val_token_accuracy"] = teacher_forced(out, has_best)
+    summary["seconds"] = round(now() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    lines.append(
-        f"held-out reconstruction on {summary['test_items']} test items: token accuracy "
-        f"{summary['token_accuracy']:.3f}, exact match {summary['exact_match']:.3f} "
-        f"({'best' if has_best else 'last'} checkpoint {evaluated})"
-    )
+    lines.extend(figure_lines(summary, len(eval_items), "best" if has_best else "last", evaluated))
     from quackae.curves import write_curves
 
     write_curves(out)  # RUN/curves.png
@@ -354,7 +363,7 @@ def _stopped_non_finite(
     """Record a diverged training in ``RUN/summary.json``; the one-line error the command ends with."""
     kept = sorted(p.name for p in (out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").is_dir() else []
     summary.update(stop_reason="non_finite", stop_detail=str(error), non_finite_step=error.step)
-    summary["seconds"] = round(time.time() - started, 1)
+    summary["seconds"] = round(now() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     where = (
         f"the checkpoints written before it are kept ({', '.join(kept)} in {out / 'checkpoints'})"
@@ -367,48 +376,20 @@ def _stopped_non_finite(
     )
 
 
-def _stop_reason(trainer: Any, early: Any, interrupted: bool, config: TrainConfig) -> tuple[str, str]:
-    """``(reason, what happened)``: interrupted, early_stopping, max_time, max_steps, max_epochs or other."""
-    from pytorch_lightning.callbacks import Timer
-
+def _stop_reason(
+    trainer: Any, early: Any, interrupted: bool, config: TrainConfig, budget: Budget | None
+) -> tuple[str, str]:
+    """``(reason, what happened)``: interrupted, max_time, early_stopping, max_steps, max_epochs or other."""
     if interrupted:
         return "interrupted", "interrupted (Ctrl-C); continue with --resume RUN/checkpoints/last.ckpt"
+    if budget is not None and budget.stopped:
+        return "max_time", f"--max-time {config.max_time} reached (stopped in time for what follows training)"
     stopping = getattr(early, "stopping_reason", None)
     if (stopping is not None and stopping.value != 0) or (stopping is None and early.stopped_epoch > 0):
         detail = getattr(early, "stopping_reason_message", None) or f"val_loss did not improve for {early.patience}"
         return "early_stopping", "early stopping: " + " ".join(str(detail).split())
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is not None and config.max_time and (timer.time_remaining() or 0) <= 0:
-        return "max_time", f"--max-time {config.max_time} reached"
     if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
         return "max_steps", f"--max-steps {trainer.max_steps} reached"
     if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
         return "max_epochs", f"--max-epochs {trainer.max_epochs} reached"
     return "other", "training ended"
-
-
-@torch.no_grad()
-def evaluate_reconstruction(checkpoint: Path, datamodule: Any, indices: Any, limit: int = 2000) -> dict[str, float]:
-    """Greedy reconstruction token accuracy and exact-match rate over (at most ``limit``) items ``indices``."""
-    from quackae.checkpoints import load_model
-    from quackae.data import pad_batch
-
-    model = load_model(str(checkpoint))
-    if not len(indices):
-        return {"token_accuracy": float("nan"), "exact_match": float("nan")}
-    indices = list(indices)[:limit]
-    rows = datamodule.dataset.select_columns(["input_ids"])[indices]["input_ids"]
-    correct = total = exact = 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for start in range(0, len(order), 128):
-        batch = [rows[i] for i in order[start : start + 128]]
-        x = pad_batch(batch, model.pad_id)  # (B, T)
-        out = model.reconstruct(x, max_length=x.size(1))  # (B, S)
-        if out.size(1) < x.size(1):
-            out = torch.nn.functional.pad(out, (0, x.size(1) - out.size(1)), value=model.pad_id)
-        valid = x.ne(model.pad_id)
-        hits = (out[:, : x.size(1)] == x) & valid
-        correct += int(hits.sum())
-        total += int(valid.sum())
-        exact += int((hits | ~valid).all(dim=1).sum())
-    return {"token_accuracy": correct / total, "exact_match": exact / len(rows)}

@@ -64,13 +64,12 @@ class AutoencoderWriter(BasePredictionWriter):
 
     ``prediction`` is ``(metadata, encoding (B, H))`` (optionally a third element with the attention for
     ``png="attention"``); ``metadata`` is a ``pyarrow.Table`` (what ``TokenizedDataModule`` gives), a
-    dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the
-    writer starts are skipped.
-    ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
-    ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the
-    metadata has none. An I/O error stops the job with a ``QuackError`` naming the file; every unit
-    committed before stays valid. Under DDP each rank writes its own shards; rank 0 completes the
-    manifest after every rank has finished.
+    dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the writer
+    starts are skipped. ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
+    ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the metadata has
+    none. ``png_ids``: draw only these items' pictures (at most ``png_limit``). An I/O error stops the job with
+    a ``QuackError`` naming the file; every unit committed before stays valid. Under DDP each rank writes its
+    own shards; rank 0 completes the manifest after every rank has finished.
     """
 
     def __init__(
@@ -87,6 +86,7 @@ class AutoencoderWriter(BasePredictionWriter):
         seed: int = 0,
         png: str | None = None,
         png_limit: int = 1000,
+        png_ids: Any = None,
         threads: int = 2,
         max_pending: int = 8,
         manifest: dict[str, Any] | None = None,
@@ -129,6 +129,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self.seed = seed
         self.png = png
         self.png_limit = png_limit
+        self.png_ids = None if png_ids is None else np.unique(np.asarray(png_ids, dtype=np.int64))  # None: any
         self.layout = layout
         self.shard_size = shard_size
         self.threads = 1 if layout == "shards" else threads  # one thread owns the shard buffer
@@ -390,15 +391,16 @@ class AutoencoderWriter(BasePredictionWriter):
     def _write_pngs(self, ids: np.ndarray, matrix: np.ndarray, extra: Any) -> None:
         if self.png is None:
             return
+        rows = np.arange(len(ids)) if self.png_ids is None else np.flatnonzero(np.isin(ids, self.png_ids))
         with self._lock:  # writer threads share the limit: reserve this batch's share first
-            count = max(0, min(len(ids), self.png_limit - self._pngs))
+            count = max(0, min(len(rows), self.png_limit - self._pngs))
             self._pngs += count
         if not count:
             return
         from quackae.render import item_png
 
         assert self._staging is not None
-        for row in range(count):
+        for row in rows[:count].tolist():
             index = int(ids[row])
             attention = tuple(e[row] for e in extra) if self.png == "attention" and extra is not None else None
             payload = item_png(matrix[row], attention, self.tokenizer)

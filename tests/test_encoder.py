@@ -129,5 +129,7 @@ def test_from_run_takes_a_checkpoint_and_names_what_is_missing(run, tmp_path):
 def test_train_draws_its_curves(run):
     from PIL import Image
 
+    from quackae.curves import WIDTH
+
     with Image.open(run / "run" / "curves.png") as image:
-        assert image.format == "PNG" and image.width == 640
+        assert image.format == "PNG" and image.width == WIDTH

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quackae.curves import read_metrics, write_curves
+from quackae.curves import WIDTH, read_metrics, write_curves
 from quackae.errors import QuackError
 from quackae.render import (
     _colour,
@@ -44,19 +44,19 @@ def test_attention_is_cropped_to_the_item_and_written_with_its_size():
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(reference))
     # one more input token makes the map exactly one cell wider
     wider = _weights(5, 5)
-    assert attention_image(wider, [*inputs, "x"], outputs, cell=16).width - reference.width == 16
+    assert attention_image(wider, [*inputs, "x"], outputs, cell=32).width - reference.width == 32 + 4 * (32 - 28)
 
 
 def test_attention_cells_show_the_weights_on_a_fixed_scale():
     weights = np.array([[1.0, 0.0], [0.25, 0.75]], dtype=np.float32)
-    image = np.asarray(attention_image(weights, ["a", "b"], ["c", "d"], cell=20))
+    image = np.asarray(attention_image(weights, ["a", "b"], ["c", "d"], cell=30))
     # find the map: the top-left cell has weight 1 -> the ramp's top colour
     top = tuple(_colour(np.array(1.0)))
     ys, xs = np.nonzero(np.all(image == top, axis=-1))
     assert ys.size, "no cell with the colour of weight 1"
     y0, x0 = ys.min(), xs.min()
     for (r, c), w in np.ndenumerate(weights):
-        centre = image[y0 + r * 20 + 10, x0 + c * 20 + 10]
+        centre = image[y0 + r * 30 + 15, x0 + c * 30 + 15]
         assert tuple(centre) == tuple(_colour(np.array(w))), (r, c)
 
 
@@ -125,7 +125,7 @@ def test_curves_are_written_from_metrics(tmp_path):
     path = write_curves(tmp_path)
     assert path == tmp_path / "curves.png" and not list(tmp_path.glob(".*.tmp"))
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.width == 640
+        assert image.format == "PNG" and image.width == WIDTH
         assert image.text["points"] == "train_loss_step=3,val_loss=3,train_token_acc_step=3,val_token_acc=3"
 
 

@@ -231,6 +231,29 @@ def test_encode_png(workspace, tmp_path):
     assert image.size[0] > 0 and image.mode == "RGB"
 
 
+def test_encode_draws_the_chosen_ids_readably_and_names_an_unknown_one(workspace, tmp_path, capsys):
+    from PIL import Image
+
+    from quackae.render import ATTENTION_CELL
+
+    chosen = (13, 2003)  # ids are 10 * row + 3: the second and the 201st item
+    flags = ["--model", str(workspace / "run"), "--accelerator", "cpu", "--devices", "1", "--png", "attention"]
+    out = str(tmp_path / "s")
+    assert main(["encode", str(workspace / "prepared"), "--out", out, *flags, "--png-ids", *map(str, chosen)]) == 0
+    pngs = sorted((tmp_path / "s").rglob("*.png"))
+    assert sorted(int(p.stem) for p in pngs) == sorted(chosen)
+    for png in pngs:
+        with Image.open(png) as image:
+            rows, columns = map(int, image.text["cells"].split("x"))
+            assert int(image.text["cell"]) >= ATTENTION_CELL
+            assert image.width >= columns * ATTENTION_CELL + 60 and image.height >= rows * ATTENTION_CELL + 60
+    capsys.readouterr()
+    again = ["encode", str(workspace / "prepared"), "--out", str(tmp_path / "t"), *flags, "--png-ids", "13", "14"]
+    assert main(again) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "--png-ids 14: no item with this id" in error[0], error
+
+
 def test_export_and_classify(workspace, store, tmp_path):
     assert main(["export", str(store), "--out", str(tmp_path / "e.parquet")]) == 0
     table = pq.read_table(tmp_path / "e.parquet")

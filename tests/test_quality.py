@@ -14,7 +14,7 @@ from quackae.bench.quality import _probe_subset, parse_options, quality_run
 from quackae.classifier import ClassifyConfig, classify
 from quackae.corpus import site_docstrings
 from quackae.modelconfig import POOLINGS
-from quackae.probes import bag_of_tokens, store_token_sequences
+from quackae.probes import bag_of_tokens, store_tokens
 
 
 def test_bag_of_tokens_matches_a_counter():
@@ -135,7 +135,7 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
 
 
 @pytest.mark.slow
-def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path, monkeypatch):
+def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(tmp_path):
     from quackae.encode import EncodeConfig, encode
     from quackae.prepare import PrepareConfig, prepare
     from quackae.train import TrainConfig, train
@@ -168,29 +168,25 @@ def test_classify_report_has_the_bag_of_tokens_probe_from_the_prepared_dataset(t
     assert bag["source"].endswith("dataset input_ids")
     manifest = json.loads((tmp_path / "store/manifest.json").read_text())
     assert manifest["model"]["pooling"] == "final+mean" and manifest["encoding_size"] == 32
-    # a bag too large for the dense probe is left out with the reason, not computed
-    import quackae.classifier
-
-    monkeypatch.setattr(quackae.classifier, "MAX_BAG_CELLS", 1000)
-    classify(ClassifyConfig(store=str(tmp_path / "store"), out=str(tmp_path / "clf2"), max_epochs=1, **common))
-    skipped = json.loads((tmp_path / "clf2/report.json").read_text())["baselines"]["bag_of_tokens_probe"]
-    assert skipped["accuracy"] is None and "over the dense probe's 1000 cells" in skipped["source"]
+    assert bag["path"].startswith("sparse: ")  # no size cap: the bag is sparse at every size
     # the same token ids the encoder saw, in the order asked for
     from quackae.prepared import load_prepared
 
     dataset, _, _ = load_prepared(tmp_path / "prepared")
     rows = dataset.select_columns(["id", "input_ids"]).to_dict()
     ids = np.asarray(rows["id"][::-1])
-    (tokens, vocab), _ = store_token_sequences(tmp_path / "store", ids, [{}] * len(ids))
-    assert tokens == rows["input_ids"][::-1] and vocab == 300
+    ((offsets, values), vocab), _ = store_tokens(tmp_path / "store", ids, [{}] * len(ids))
+    assert [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == rows["input_ids"][::-1]
+    assert vocab == 300
     # with the prepared dataset gone, the items' text is tokenized with the manifest's tokenizer
     from quackae.tokenizer import load_tokenizer
 
     (tmp_path / "prepared").rename(tmp_path / "moved")
     texts = [{"text": "duck goose swan"}, {"text": "hammer saw"}]
-    (tokens, vocab), source = store_token_sequences(tmp_path / "store", np.asarray([8, 15]), texts)
+    ((offsets, values), vocab), source = store_tokens(tmp_path / "store", np.asarray([8, 15]), texts)
     tokenizer = load_tokenizer(tmp_path / "run/tokenizer.json")
-    assert tokens == [tokenizer.encode(t["text"], add_special_tokens=False).ids for t in texts]
+    expected = [tokenizer.encode(t["text"], add_special_tokens=False).ids for t in texts]
+    assert [values[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:], strict=True)] == expected
     assert source.startswith("text metadata")
-    assert store_token_sequences(tmp_path / "store", np.asarray([8]), [{}])[0] is None
-    assert store_token_sequences(tmp_path / "nowhere", np.asarray([8]), [{}])[0] is None
+    assert store_tokens(tmp_path / "store", np.asarray([8]), [{}])[0] is None
+    assert store_tokens(tmp_path / "nowhere", np.asarray([8]), [{}])[0] is None

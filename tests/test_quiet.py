@@ -29,7 +29,7 @@ def test_the_listed_warnings_are_filtered_and_others_are_not():
         warnings.warn("Couldn't infer the batch indices fetched from your dataloader: `PredictLoader`", stacklevel=1)
         warnings.warn("something a user should see", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something a user should see"]
-    assert len(LIBRARY_WARNINGS) == 4
+    assert len(LIBRARY_WARNINGS) == 5
 
 
 def test_lightning_start_up_lines_are_filtered_on_its_logger(caplog):
@@ -38,8 +38,13 @@ def test_lightning_start_up_lines_are_filtered_on_its_logger(caplog):
     with caplog.at_level(logging.INFO):
         logger.info("GPU available: False, used: False")
         logger.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing litlogger")
-        logger.info("`Trainer.fit` stopped: `max_steps=40` reached.")
-    assert [r.getMessage() for r in caplog.records] == ["`Trainer.fit` stopped: `max_steps=40` reached."]
+        logger.info("`Trainer.fit` stopped: `max_steps=40` reached.")  # quackae train says why, with the flag
+        logger.info("`Trainer(val_check_interval=1.0)` was configured so validation will run at the end of the epoch.")
+        logger.info("Restoring states from the checkpoint path at RUN/checkpoints/last.ckpt")
+        logging.getLogger("pytorch_lightning.callbacks.model_summary").info("\n  | Name | Type | Params")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Restoring states from the checkpoint path at RUN/checkpoints/last.ckpt"
+    ]
     assert is_library_notice("TPU available: False, using: 0 TPU cores") and LIBRARY_NOTICES
 
 
@@ -106,5 +111,8 @@ def test_a_model_stage_prints_no_library_notice_unless_verbose(tmp_path):
     notices = [line for line in quiet.splitlines() if is_library_notice(line) or "LeafSpec" in line]
     assert notices == []
     assert "files written:" in quiet and str(tmp_path / "quiet" / "curves.png") in quiet
+    # each line once, the estimate among them, and no model summary or validation-schedule notice
+    assert quiet.count("training stopped") == 1 and quiet.count("estimated training time on this machine") == 1
+    assert "Trainable params" not in quiet and "val_check_interval" not in quiet and "Trainer.fit" not in quiet
     verbose = train(str(tmp_path / "verbose"), "--verbose")
-    assert "GPU available: False" in verbose
+    assert "GPU available: False" in verbose and "Trainable params" in verbose
