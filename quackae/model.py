@@ -1,25 +1,30 @@
 """``QuackAutoEncoder``: a sequence-to-sequence autoencoder with attention.
 
-The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is
-depends on ``pooling``: ``final`` (the last layer's final forward and backward states, (B, H)),
-``mean`` (the mean of the encoder states over the item's tokens, (B, H)), ``max`` (their
-element-wise maximum over the item's tokens, (B, H)), or several joined by ``+`` and
-concatenated in that order (``final+mean``: (B, 2H)). The decoder is a GRU started from the final states (whatever
-is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and
-an MLP on ``[context; decoder state]`` that predicts the next token.
+The encoder is a bidirectional GRU over packed sequences. What an item's stored encoding is depends on ``pooling``:
+``final`` (the last layer's final forward and backward states, (B, H)), ``mean`` (the mean of the encoder states over
+the item's tokens, (B, H)), ``max`` (their element-wise maximum over the item's tokens, (B, H)), or several joined by
+``+`` and concatenated in that order (``final+mean``: (B, 2H)). The decoder is a GRU started from the final states
+(whatever is stored) with Luong-style (post-recurrent) scaled dot-product attention over the encoder states, and an
+MLP on ``[context; decoder state]`` that predicts the next token.
 
-Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call
-over all steps, one batched attention, and vocabulary logits and cross-entropy only at the
-target's non-pad positions. Three training-only switches push information through the
-encoding rather than around it: ``word_dropout`` replaces decoder input tokens by the mask id
-(Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder
-steps, and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
+Teacher-forced training runs as whole-sequence tensor operations: one packed recurrent call over all steps, one
+batched attention, and vocabulary logits and cross-entropy only at the target's non-pad positions. Three training-only
+switches push information through the encoding rather than around it: ``word_dropout`` replaces decoder input tokens
+by the mask id (Bowman et al. 2016), ``attention_dropout`` zeroes the attention context at a share of decoder steps,
+and ``denoise`` corrupts the encoder input. Free-running batches (``teacher_forcing_ratio`` < 1) and greedy
 reconstruction go step by step, as they must.
+
+Beside reconstruction (``reconstruction_weight``; at 0 the decoder neither runs nor trains), a bag-of-words term
+(``bow_weight`` > 0; Miao et al. 2016, Zhao et al. 2017): per item, the mean over its tokens of
+``-log_softmax(head(encoding))[token]`` with a linear head on the ``bow_pooling`` encoding, so its gradient reaches
+the encoder only through the encoding. Reconstruction sums over an item's tokens, so the term is multiplied by the
+item's own token count: weight 1 weighs it like one item's reconstruction, and it depends on the item alone.
+``input_word_dropout`` deletes a share of the tokens that term's encoder sees (its own copy when reconstructing).
 
 Shape glossary:
     B  batch size            T  input (encoder) width        S  decoder steps
     E  embedding size        H  hidden size (encoding size)  V  vocabulary size
-    L  GRU layers            N  non-pad target tokens in a batch
+    L  GRU layers            N  non-pad target tokens in a batch   P  a pooled encoding's width (H a part)
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ class QuackAutoEncoder(pl.LightningModule):
         self.pad_id = config.pad_id
         self.pooling = config.pooling
         self.encoding_size = config.encoding_size
+        self.bow_pooling = config.bow_pooling or config.pooling  # fixed here: set_pooling never changes it
 
         self.embed = nn.Embedding(num_embeddings, embed_size, padding_idx=config.pad_id)
         self.drop = nn.Dropout(config.dropout)  # on embeddings and on the predictor's input; identity in eval mode
@@ -91,6 +97,11 @@ class QuackAutoEncoder(pl.LightningModule):
             nn.LayerNorm(hidden_size),
             nn.Linear(hidden_size, num_embeddings),
         )
+        bow_width = len(self.bow_pooling.split("+")) * hidden_size  # P; the head is made after every other weight
+        self.bow = nn.Linear(bow_width, num_embeddings) if config.bow_weight > 0 else None
+        if config.reconstruction_weight == 0:  # the decoder never runs in training: DDP must not wait for its gradients
+            for part in (self.start, self.decoder, self.predict):
+                part.requires_grad_(False)
 
     # ------------------------------------------------------------------ input checks
     def mask_input(self, padded: torch.Tensor) -> torch.Tensor:
@@ -131,19 +142,22 @@ class QuackAutoEncoder(pl.LightningModule):
 
     def set_pooling(self, pooling: str) -> None:
         """Store ``pooling`` from now on (one of ``POOLINGS``); training is unaffected."""
-        self.config = self.config.replace(pooling=pooling)  # checks the name
+        self.config = self.config.replace(pooling=pooling, bow_pooling=self.bow_pooling)  # checks the name
         self.hparams.pooling = self.pooling = pooling
+        self.hparams.bow_pooling = self.bow_pooling  # a reloaded model keeps its head's input
         self.encoding_size = self.config.encoding_size
 
     # ------------------------------------------------------------------ encoder
-    def pool(self, final: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def pool(
+        self, final: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, pooling: str | None = None
+    ) -> torch.Tensor:
         """The stored encoding: ``final`` (B, H), ``states`` (B, T, H) zero at pads, ``mask`` (B, T) true at tokens
         (on the states' device: no host copy per batch).
 
-        Returns (B, k H) for a ``pooling`` of k parts, concatenated in the order named.
+        Returns (B, k H) for a ``pooling`` (default: the stored one) of k parts, concatenated in the order named.
         """
         pooled = []
-        for part in self.pooling.split("+"):
+        for part in (pooling or self.pooling).split("+"):
             if part == "final":
                 pooled.append(final)  # (B, H)
             elif part == "mean":
@@ -170,21 +184,23 @@ class QuackAutoEncoder(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode token ids ``x`` (B, T), right-padded with the pad id.
 
-        Returns ``(encoding (B, encoding_size), states (B, T, H))``: the encoding is pooled as
-        ``pooling`` says; states at padded positions are 0. An item's encoding does not depend on
-        its padding or its batch mates. Raises ``ValueError`` for ids outside ``[0, V)``, empty
-        rows, non-integer or non-2-D input.
+        Returns ``(encoding (B, encoding_size), states (B, T, H))``: the encoding is pooled as ``pooling`` says; states
+        at padded positions are 0. An item's encoding does not depend on its padding or its batch mates. Raises
+        ``ValueError`` for ids outside ``[0, V)``, empty rows, non-integer or non-2-D input.
         """
         x, mask, lengths = self._check(x)
         final, states = self._encode(x, lengths)  # (B, H), (B, T, H)
         return self.pool(final, states, mask), states
 
     # ------------------------------------------------------------------ noise
-    def _corrupt(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token deletion or masking on the encoder input; returns ``(x', mask', lengths' on CPU)``."""
-        p = self.hparams.denoise
+    def _corrupt(
+        self, x: torch.Tensor, mask: torch.Tensor, share: float | None = None, mode: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token deletion or masking of a ``share`` of the encoder input (default: ``denoise`` and ``denoise_mode``);
+        returns ``(x', mask', lengths' on CPU)``."""
+        p = self.hparams.denoise if share is None else share
         drop = (torch.rand(x.shape, device=x.device) < p) & mask  # (B, T)
-        if self.hparams.denoise_mode == "mask":
+        if (mode or self.hparams.denoise_mode) == "mask":
             noisy = x.masked_fill(drop, self.hparams.mask_id)
             return noisy, mask, mask.sum(dim=1).cpu()
         keep = mask & ~drop
@@ -232,12 +248,11 @@ class QuackAutoEncoder(pl.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Whole-sequence teacher forcing; returns ``(cross-entropy (N,), correct (N,) bool, step weights (N,))``.
 
-        The N tokens are the target's non-pad positions within the decoded steps (time-major);
-        each token's step weight is 1 / (items still present at its step), so the weighted sum
-        equals ``loss_over_time`` without computing vocabulary logits at padded positions.
-        ``correct`` is None without ``accuracy`` (the argmax costs a pass over the logits).
-        Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block
-        never has to exist at once, which keeps it in cache on a CPU (about 20% faster here).
+        The N tokens are the target's non-pad positions within the decoded steps (time-major); each token's step weight
+        is 1 / (items still present at its step), so the weighted sum equals ``loss_over_time`` without computing
+        vocabulary logits at padded positions. ``correct`` is None without ``accuracy`` (the argmax costs a pass over
+        the logits). Logits are made ``LOGIT_CHUNK`` tokens at a time: the same numbers, but the (N, V) block never has
+        to exist at once, which keeps it in cache on a CPU (about 20% faster here).
         """
         batch = target.size(0)
         steps = self._steps(target.size(1))
@@ -270,8 +285,8 @@ class QuackAutoEncoder(pl.LightningModule):
 
     def _free_running(
         self, target: torch.Tensor, encoding: torch.Tensor, states: torch.Tensor, enc_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Decoder fed its own samples step by step; returns logits (B, S, V) for every step."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoder fed its own samples step by step: ``(loss_over_time, token cross-entropy, token accuracy)``."""
         batch = target.size(0)
         hidden = self._initial_hidden(encoding)  # (L, B, H)
         token_embed = self.start.expand(batch, -1)  # (B, E)
@@ -282,7 +297,11 @@ class QuackAutoEncoder(pl.LightningModule):
             with torch.no_grad():
                 sampled = torch.multinomial(F.softmax(logits.float(), dim=-1), 1).squeeze(1)  # (B,)
             token_embed = self.drop(self.embed(sampled))  # (B, E)
-        return torch.stack(outputs, dim=1)  # (B, S, V)
+        output = torch.stack(outputs, dim=1)  # (B, S, V)
+        wanted = target[:, : output.size(1)]  # (B, S)
+        valid = wanted.ne(self.pad_id)  # (B, S)
+        token_ce = F.cross_entropy(output.float()[valid], wanted[valid])
+        return self.loss_over_time(target, output), token_ce, (output.argmax(-1) == wanted)[valid].float().mean()
 
     # ------------------------------------------------------------------ losses
     def loss_over_time(self, original: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -293,46 +312,59 @@ class QuackAutoEncoder(pl.LightningModule):
         """
         steps = min(original.size(1), output.size(1))
         target = original[:, :steps]  # (B, S)
-        ce = F.cross_entropy(
-            output[:, :steps].transpose(1, 2).float(), target, ignore_index=self.pad_id, reduction="none"
-        )  # (B, V, S) vs (B, S) -> (B, S), 0 at pads
+        logits = output[:, :steps].transpose(1, 2).float()  # (B, V, S)
+        ce = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="none")  # (B, S), 0 at pads
         present = target.ne(self.pad_id).sum(dim=0).clamp(min=1)  # (S,)
         return (ce.sum(dim=0) / present).sum()
 
-    def _step_loss(self, batch: Any, stage: str) -> torch.Tensor:
-        x = batch[1] if isinstance(batch, (tuple, list)) else batch
-        target, mask, lengths = self._check(x)
-        if self.training and self.hparams.denoise > 0:
+    def bag_of_words(self, pooled: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per item, ``-log_softmax(head(pooled))[token]`` summed over its tokens (``mask`` (B, T)): (B,)."""
+        log_probs = F.log_softmax(self.bow(pooled).float(), dim=-1)  # (B, P) -> (B, V)
+        return -(log_probs.gather(1, target) * mask).sum(dim=1)  # (B, T) -> (B,), padding adds nothing
+
+    def _losses(
+        self, target: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, accuracy: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """``loss`` (the weighted sum of the objectives) and its parts, 0-d each, of checked ids ``target`` (B, T):
+        ``token_loss``/``token_acc`` with reconstruction, ``bow_loss`` (mean over items of the per-token mean)."""
+        hp, rebuild = self.hparams, self.hparams.reconstruction_weight > 0
+        own_view = self.bow is not None and self.training and hp.input_word_dropout > 0  # a copy, words deleted
+        enc_in, enc_mask, enc_lengths = target, mask, lengths
+        if own_view and not rebuild:
+            enc_in, enc_mask, enc_lengths = self._corrupt(target, mask, hp.input_word_dropout, "delete")
+        elif self.training and hp.denoise > 0:
             enc_in, enc_mask, enc_lengths = self._corrupt(target, mask)
-        else:
-            enc_in, enc_mask, enc_lengths = target, mask, lengths
-        encoding, states = self._encode(enc_in, enc_lengths)
-        free = self.training and float(torch.rand(())) >= self.hparams.teacher_forcing_ratio
-        if free:
-            output = self._free_running(target, encoding, states, enc_mask)  # (B, S, V)
-            loss = self.loss_over_time(target, output)
-            valid = target[:, : output.size(1)].ne(self.pad_id)  # (B, S)
-            token_ce = F.cross_entropy(output.float()[valid], target[:, : output.size(1)][valid])
-            accuracy = (output.argmax(-1) == target[:, : output.size(1)])[valid].float().mean()
-        else:
-            ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths)  # (N,) each
-            loss = (ce * weights).sum()
-            token_ce = ce.mean()
-            accuracy = correct.float().mean()
-        on_step = stage == "train"
-        sync = stage != "train"
-        size = target.size(0)
-        self.log(f"{stage}_loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync, batch_size=size)
-        self.log(f"{stage}_token_loss", token_ce, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
-        self.log(f"{stage}_token_acc", accuracy, on_step=on_step, on_epoch=True, sync_dist=sync, batch_size=size)
-        return loss
+        encoding, states = self._encode(enc_in, enc_lengths)  # (B, H), (B, T, H)
+        parts, terms = {}, []
+        if rebuild:
+            if self.training and float(torch.rand(())) >= hp.teacher_forcing_ratio:
+                loss, parts["token_loss"], parts["token_acc"] = self._free_running(target, encoding, states, enc_mask)
+            else:
+                ce, correct, weights = self._teacher_forced(target, encoding, states, enc_mask, lengths, accuracy)
+                loss, parts["token_loss"] = (ce * weights).sum(), ce.mean()
+                if accuracy:
+                    parts["token_acc"] = correct.float().mean()
+            terms.append(loss if hp.reconstruction_weight == 1 else hp.reconstruction_weight * loss)
+        if self.bow is not None:
+            if own_view and rebuild:
+                enc_in, enc_mask, enc_lengths = self._corrupt(target, mask, hp.input_word_dropout, "delete")
+                encoding, states = self._encode(enc_in, enc_lengths)  # (B, H), (B, T, H)
+            summed = self.bag_of_words(self.pool(encoding, states, enc_mask, self.bow_pooling), target, mask)  # (B,)
+            terms.append(hp.bow_weight * summed.mean())
+            parts["bow_loss"] = (summed / mask.sum(dim=1)).mean()
+        return {"loss": sum(terms[1:], terms[0]), **parts}
+
+    def _step_loss(self, batch: Any, stage: str) -> torch.Tensor:
+        target, mask, lengths = self._check(batch[1] if isinstance(batch, (tuple, list)) else batch)
+        parts = self._losses(target, mask, lengths)
+        when = {"on_step": stage == "train", "on_epoch": True, "sync_dist": stage != "train"}
+        for name, value in parts.items():
+            self.log(f"{stage}_{name}", value, prog_bar=name == "loss", batch_size=target.size(0), **when)
+        return parts["loss"]
 
     def training_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch of token ids (B, T), without Lightning logging (benchmarks)."""
-        target, mask, lengths = self._check(x)
-        encoding, states = self._encode(target, lengths)
-        ce, _, weights = self._teacher_forced(target, encoding, states, mask, lengths, accuracy=False)  # (N,), (N,)
-        return (ce * weights).sum()
+        return self._losses(*self._check(x), accuracy=False)["loss"]
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -347,9 +379,9 @@ class QuackAutoEncoder(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> tuple[Any, torch.Tensor]:
         """``(metadata, x (B, T))`` -> ``(metadata, encoding (B, encoding_size))``, pooled as ``pooling`` says.
 
-        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for
-        ``quackae encode --png attention``) also asks for the greedy reconstruction: a third element
-        ``(attention (B, S, T), tokens (B, S), x (B, T))`` for the heat maps.
+        A batch ``(metadata, x, True)`` (``TokenizedDataModule(predict_attention=True)``, for ``quackae encode --png
+        attention``) also asks for the greedy reconstruction: a third element ``(attention (B, S, T), tokens (B, S), x
+        (B, T))`` for the heat maps.
         """
         metadata, x, *request = batch
         encoding, _ = self(x)  # (B, encoding_size)
@@ -361,36 +393,25 @@ class QuackAutoEncoder(pl.LightningModule):
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Move only the token tensor of a ``(metadata, x)`` batch; the metadata (a ``pyarrow.Table`` or a
         list of dicts) stays on the host for the writer."""
-        if (
-            isinstance(batch, (tuple, list))
-            and len(batch) in (2, 3)
-            and not torch.is_tensor(batch[0])
-            and torch.is_tensor(batch[1])
-        ):
+        host_metadata = isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and not torch.is_tensor(batch[0])
+        if host_metadata and torch.is_tensor(batch[1]):
             return batch[0], batch[1].to(device, non_blocking=True), *batch[2:]
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``.
-
-        ``lr_max_epochs`` > 0 anneals over that many epochs; -1 anneals over the trainer's
-        ``max_steps`` when it is set (stepping every optimizer step), else its ``max_epochs``.
-        """
+        """AdamW with cosine annealing from ``learning_rate`` to ``learning_rate_min``: over ``lr_max_epochs`` epochs
+        when > 0, else over the trainer's ``max_steps`` when set (stepped per optimizer step), else ``max_epochs``."""
         trainer = self._trainer
         # A gradient scaler (16-mixed) must unscale before clipping, which Lightning does for unfused optimizers only.
         scaled = trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None
         optimizer = adamw(self.parameters(), self.hparams.learning_rate, self.hparams.weight_decay, fused=not scaled)
         interval, period = "epoch", self.hparams.lr_max_epochs
-        if period <= 0:
-            max_steps = trainer.max_steps if trainer is not None else -1
-            max_epochs = trainer.max_epochs if trainer is not None else None
-            if max_steps is not None and max_steps > 0:
-                interval, period = "step", max_steps
-            else:
-                period = max(1, max_epochs or 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=period, eta_min=self.hparams.learning_rate_min
-        )
+        max_steps, max_epochs = (trainer.max_steps, trainer.max_epochs) if trainer is not None else (-1, None)
+        if period <= 0 and max_steps is not None and max_steps > 0:
+            interval, period = "step", max_steps
+        elif period <= 0:
+            period = max(1, max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, period, self.hparams.learning_rate_min)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def configure_gradient_clipping(
@@ -434,9 +455,7 @@ class QuackAutoEncoder(pl.LightningModule):
                     break
             token_embed = self.embed(token)
         out = torch.stack(tokens, dim=1)  # (B, S)
-        if return_attention:
-            return out, torch.stack(attention, dim=1)  # (B, S, T)
-        return out
+        return (out, torch.stack(attention, dim=1)) if return_attention else out  # (B, S, T) attention
 
 
 def adamw(parameters: Any, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:

@@ -58,6 +58,26 @@ class ModelFlags:
     attention_dropout: float = field(
         default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
     )
+    reconstruction_weight: float = field(
+        default=1.0, metadata={"help": "weight of the reconstruction loss (0: the decoder does not run in training)"}
+    )
+    bow_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the bag-of-words loss from the encoding (1: like one item's reconstruction; 0: off)"
+        },
+    )
+    bow_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "encoding the bag-of-words head reads (default: --pooling, as stored when training starts)",
+            "choices": POOLINGS,
+        },
+    )
+    input_word_dropout: float = field(
+        default=0.0,
+        metadata={"help": "share of the encoder input tokens deleted for the bag-of-words term in training"},
+    )
 
     def __post_init__(self) -> None:
         problems = model_problems(self)
@@ -145,6 +165,23 @@ def model_problems(values: Any, as_flags: bool = False) -> list[str]:
         problems.append(f"{flag('weight_decay')} must not be negative, got {v.weight_decay}")
     if v.pooling not in POOLINGS:
         problems.append(f"{flag('pooling')} must be one of {', '.join(POOLINGS)}, got {v.pooling!r}")
+    if v.bow_pooling is not None and v.bow_pooling not in POOLINGS:
+        problems.append(f"{flag('bow_pooling')} must be one of {', '.join(POOLINGS)}, got {v.bow_pooling!r}")
+    if v.reconstruction_weight < 0 or v.bow_weight < 0:
+        problems.append(
+            f"{flag('reconstruction_weight')} and {flag('bow_weight')} must not be negative, "
+            f"got {v.reconstruction_weight} and {v.bow_weight}"
+        )
+    elif v.reconstruction_weight == 0 and v.bow_weight == 0:
+        problems.append(
+            f"{flag('reconstruction_weight')} 0 needs a {flag('bow_weight')} above 0: otherwise nothing is trained"
+        )
+    if not 0.0 <= v.input_word_dropout < 1.0:
+        problems.append(f"{flag('input_word_dropout')} must be in [0, 1), got {v.input_word_dropout}")
+    elif v.input_word_dropout > 0 and v.bow_weight == 0:
+        problems.append(
+            f"{flag('input_word_dropout')} acts on the bag-of-words term only: set {flag('bow_weight')} above 0"
+        )
     if v.denoise_mode not in DENOISE_MODES:
         problems.append(f"{flag('denoise_mode')} must be 'delete' or 'mask', got {v.denoise_mode!r}")
     if v.denoise_mode == "mask" and v.denoise > 0 and hasattr(v, "mask_id") and v.mask_id is None:

@@ -320,6 +320,8 @@ def _fit(
         "best_val_loss": float(checkpoint.best_model_score) if has_best else None,
         "test_items": len(datamodule.splits["test"]),
     }
+    if hparams.get("bow_weight"):  # the bag-of-words loss per token: the last epoch's mean, the last validation's
+        summary.update({name: _metric(trainer, name) for name in ("train_bow_loss", "val_bow_loss")})
     if diverged is not None:
         raise _stopped_non_finite(diverged, summary, out, hparams, started)
     lines = [
@@ -374,6 +376,12 @@ def _stopped_non_finite(
         f"{error}; training stopped there and {where}; lower --learning-rate (it is "
         f"{hparams.get('learning_rate')}) or clip gradients harder with --gradient-clip"
     )
+
+
+def _metric(trainer: Any, name: str) -> float | None:
+    """The latest value Lightning holds for the logged metric ``name``, or None when it was never logged."""
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
 
 
 def _stop_reason(

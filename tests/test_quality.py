@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from quackae.bench import BenchConfig
-from quackae.bench.quality import _probe_subset, parse_options, quality_run
+from quackae.bench.quality import FEW_LABEL_DRAWS, FEW_LABELS, ProbeSplit, _probe_subset, parse_options, quality_run
 from quackae.classifier import ClassifyConfig, classify
 from quackae.corpus import site_docstrings
 from quackae.modelconfig import POOLINGS
-from quackae.probes import bag_of_tokens, store_tokens
+from quackae.probes import bag_of_tokens, store_tokens, tuned_linear_probe
 
 
 def test_bag_of_tokens_matches_a_counter():
@@ -81,6 +81,60 @@ def test_probe_subset_caps_each_label_deterministically():
     assert np.array_equal(_probe_subset(ids, labels, 0, seed=0), np.arange(300))
 
 
+def toy_split(seed: int = 0) -> tuple[ProbeSplit, np.ndarray]:
+    """Three classes of 40, 30 and 8 items (split 70/15/15 by position), features: the class plus noise."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(3), [40, 30, 8])
+    split = np.concatenate(
+        [np.repeat([0, 1, 2], [round(n * 0.7), n - round(n * 0.7) - n // 6, n // 6]) for n in (40, 30, 8)]
+    )
+    features = (np.eye(3)[y] * 2 + rng.normal(size=(len(y), 3))).astype(np.float32)
+    return ProbeSplit(y, split, 3, seed), features
+
+
+def test_few_label_draws_take_n_training_items_per_class_the_same_way_every_time():
+    probe, _ = toy_split()
+    available = Counter(probe.y[probe.train].tolist())
+    assert available == {0: 28, 1: 21, 2: 6}
+    for per_class in FEW_LABELS:
+        draws = [probe.draw(per_class, n) for n in range(FEW_LABEL_DRAWS)]
+        for number, drawn in enumerate(draws):
+            assert set(drawn) <= set(probe.train) and len(set(drawn)) == len(drawn)
+            assert Counter(probe.y[drawn].tolist()) == {c: min(per_class, available[c]) for c in range(3)}
+            assert np.array_equal(drawn, probe.draw(per_class, number))  # the same draw every time
+        if per_class <= 10:
+            assert len({tuple(d) for d in draws}) == FEW_LABEL_DRAWS  # and different draws differ
+    assert not np.array_equal(toy_split(seed=1)[0].draw(5, 0), probe.draw(5, 0))  # the seed keys the draws
+
+
+def test_few_label_figures_are_the_probe_on_each_draw():
+    probe, features = toy_split()
+    figures = probe.few_label(features)
+    assert list(figures) == [str(n) for n in FEW_LABELS]
+    for per_class in (5, 25):
+        expected = []
+        for number in range(FEW_LABEL_DRAWS):
+            drawn = probe.draw(per_class, number)
+            predicted, _ = tuned_linear_probe(
+                features[drawn], probe.y[drawn], features[probe.val], probe.y[probe.val], features[probe.test], 3, 0
+            )
+            expected.append(round(float((predicted == probe.y[probe.test]).mean()), 4))
+        entry = figures[str(per_class)]
+        assert entry["draws"] == expected
+        assert entry["mean"] == pytest.approx(np.mean(expected), abs=1e-4)
+        assert entry["std"] == pytest.approx(np.std(expected, ddof=1), abs=1e-4)
+        assert len(entry["decays"]) == FEW_LABEL_DRAWS
+
+
+def test_a_column_constant_over_the_training_items_does_not_move_the_probe():
+    probe, features = toy_split()
+    rare = np.zeros((len(probe.y), 1), dtype=np.float32)
+    rare[probe.test[::2]] = 3.0  # a token no training item has, present in test items only
+    assert probe.accuracy(np.hstack([features, rare])) == probe.accuracy(features)
+    drawn = probe.draw(5, 0)
+    assert probe.accuracy(np.hstack([features, rare]), drawn) == probe.accuracy(features, drawn)
+
+
 def test_parse_options_types_values_and_rejects_unknown_names():
     assert parse_options(("pooling=mean", "dropout=0.2", "hidden_size=64", "bucket=false")) == {
         "pooling": "mean",
@@ -119,18 +173,41 @@ def write_corpus(path: Path, rows: int = 240) -> Path:
 
 
 @pytest.mark.slow
-def test_quality_bench_reports_every_figure_on_one_split(tmp_path):
+def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
+    import quackae.corpus
+
     corpus = write_corpus(tmp_path / "c.jsonl")
-    options = {"embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01}
-    result = quality_run(str(corpus), 20, options, workdir=tmp_path)
-    assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean"
+    probe_texts = {json.loads(line)["text"] for line in corpus.read_text().splitlines()}
+    site = [{"id": i, "text": text, "label": None} for i, text in enumerate(sorted(probe_texts))]  # the probe's texts
+    site += [
+        {"id": 1000 + i, "text": f"pretraining text number {i} about {w}", "label": None}
+        for i, w in enumerate("ab" * 30)
+    ]
+    monkeypatch.setattr(quackae.corpus, "site_docstrings", lambda: site)
+    options = {
+        "embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01,
+        "bow_weight": 1.0, "bow_pooling": "mean",
+    }  # fmt: skip
+    result = quality_run(str(corpus), 20, options, seed=3, workdir=tmp_path, pretrain=True)
+    assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean" and result["seed"] == 3
+    assert result["model"]["bow_weight"] == 1.0 and result["model"]["bow_pooling"] == "mean"
+    assert result["train_bow_loss"] > 0 and result["val_bow_loss"] > 0
     assert set(result["probe_by_pooling"]) == set(POOLINGS)
-    assert set(result["probe_weight_decay"]) >= {"bag of tokens", "trained final+mean", "untrained max"}
+    assert set(result["probe_weight_decay"]) >= {"bag of tokens", "trained final+mean", "untrained max", "pretrained"}
     assert result["probe_trained"] == result["probe_by_pooling"]["final+mean"]
-    for key in ("token_accuracy", "probe_trained", "probe_untrained", "probe_bag_of_tokens", "majority"):
+    for key in ("token_accuracy", "exact_match", "probe_trained", "probe_untrained", "probe_bag_of_tokens", "majority"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["probe_bag_of_tokens"] >= 0.9  # topic words are disjoint: counting them separates the topics
     assert result["probe_items"]["classes"] == 3
+    assert set(result["few_label"]) == {"trained", "untrained", "bag_of_tokens"}
+    for figures in result["few_label"].values():
+        assert list(figures) == [str(n) for n in FEW_LABELS]
+        assert all(len(entry["draws"]) == FEW_LABEL_DRAWS for entry in figures.values())
+    assert result["few_label"]["bag_of_tokens"]["50"]["mean"] >= 0.9
+    pretrained = result["pretrained"]
+    assert pretrained["items"] == 60  # the probe's own texts are left out of pretraining
+    assert pretrained["steps"] == 20 and 0.0 <= pretrained["probe_trained"] <= 1.0
+    assert set(pretrained["few_label"]) == {"trained", "untrained"}
     assert not list(tmp_path.glob("quackae-quality-*"))  # its working folder is removed
 
 

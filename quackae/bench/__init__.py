@@ -34,10 +34,17 @@ class BenchConfig:
     precision: str | None = field(
         default=None, metadata={"help": "encode: Lightning precision (default bf16-mixed on a GPU that supports it)"}
     )
-    seed: int = field(default=0, metadata={"help": "random seed for the generated data"})
+    seed: int = field(
+        default=0,
+        metadata={"help": "random seed of the generated data (quality: of training, the probe split and its draws)"},
+    )
     corpus: str = field(default="stdlib", metadata={"help": "quality: stdlib, site (site-packages) or a JSONL file"})
     quality_steps: int = field(default=0, metadata={"help": "quality: training steps (0: 2000)"})
     option: tuple[str, ...] = field(default=(), metadata={"help": "quality: train settings NAME=VALUE to override"})
+    pretrain: bool = field(
+        default=False,
+        metadata={"help": "quality: also train on the site corpus's paragraphs outside the probe, and probe with that"},
+    )
     dir: str | None = field(
         default=None,
         metadata={

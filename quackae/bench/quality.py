@@ -4,12 +4,23 @@ Trains a ``QuackAutoEncoder`` with the ``train`` defaults (or the ``--option`` o
 fixed number of steps on a labelled docstring corpus that needs no download, encodes every
 labelled item, and reports on one stratified split (the one ``quackae classify`` uses):
 
-- held-out greedy reconstruction token accuracy (the training run's test split),
+- held-out greedy reconstruction token accuracy and exact match (the training run's test split),
 - a linear probe on the trained model's encodings (its weight decay chosen on the validation split,
   by the same rule for every feature set),
 - the same probe on the same model untrained (random weights: what training adds),
 - the same probe on bags of tokens from the run's own tokenizer,
-- the majority class.
+- the majority class,
+- the few-label regime: the same probes trained on ``FEW_LABELS`` items per class drawn from the
+  training split (``FEW_LABEL_DRAWS`` seeded draws each, the same draws for every feature set; weight
+  decay still chosen on the whole validation split), mean, sample standard deviation and every draw,
+- with ``pretrain``, an in-domain pretraining row: a second model trained the same way on the site
+  corpus's paragraphs that are not probe items (the larger unlabelled corpus: about 30,000 paragraphs
+  for ``stdlib``, 22,000 for ``site``), then used to encode the probe's items, never seen in training.
+
+Every probe uses only the feature columns that vary over its training items: a column constant
+there (a token none of them has) carries nothing a linear probe can learn, and standardising it
+would divide by zero. ``seed`` keys the training run, the split and the draws: three seeds of a
+setting are three commands (``--seed 0``, ``1``, ``2``).
 
 Corpora: ``stdlib`` (the demo's standard-library docstrings), ``site`` (docstrings of the installed
 site-packages, parsed, never imported) or a JSONL file with ``text`` and ``label``.
@@ -103,6 +114,10 @@ def _encode_all(model: Any, sequences: list[list[int]], batch_size: int = 256) -
     return out
 
 
+FEW_LABELS = (5, 10, 25, 50)  # labelled items per class in the few-label regime
+FEW_LABEL_DRAWS = 5  # seeded draws of those items for each size
+
+
 def _probe_subset(ids: np.ndarray, labels: list[str], per_label: int, seed: int) -> np.ndarray:
     """Positions of at most ``per_label`` items per label (0: all), chosen by a keyed hash of the id."""
     if per_label <= 0:
@@ -118,6 +133,138 @@ def _probe_subset(ids: np.ndarray, labels: list[str], per_label: int, seed: int)
     return np.asarray(sorted(keep), dtype=np.int64)
 
 
+class ProbeSplit:
+    """Labels ``y`` (N,) and the split (0/1/2 train/validation/test per item) every feature set is probed on."""
+
+    def __init__(self, y: np.ndarray, split: np.ndarray, classes: int, seed: int) -> None:
+        self.y, self.classes, self.seed = y, classes, seed
+        self.train, self.val, self.test = (np.flatnonzero(split == part) for part in (0, 1, 2))
+        self.decays: dict[str, float] = {}  # the weight decay each full-label probe chose
+
+    def accuracy(self, features: np.ndarray, train: np.ndarray | None = None) -> tuple[float, float]:
+        """``(test accuracy, chosen weight decay)`` of the probe on ``features`` (N, F) fitted on the items
+        ``train`` (default: the whole training split), over the columns that vary there."""
+        from quackae.probes import tuned_linear_probe
+
+        train = self.train if train is None else train
+        x = features[:, features[train].std(axis=0) > 0]  # (N, F')
+        predicted, decay = tuned_linear_probe(
+            x[train], self.y[train], x[self.val], self.y[self.val], x[self.test], self.classes, self.seed
+        )
+        return round(float((predicted == self.y[self.test]).mean()), 4), decay
+
+    def full(self, features: np.ndarray, name: str) -> float:
+        accuracy, self.decays[name] = self.accuracy(features)
+        return accuracy
+
+    def draw(self, per_class: int, number: int) -> np.ndarray:
+        """Positions of ``per_class`` training items of each class (all of a smaller class), draw ``number``."""
+        rng = np.random.default_rng([self.seed, per_class, number])
+        chosen = []
+        for label in range(self.classes):
+            pool = self.train[self.y[self.train] == label]
+            chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
+        return np.sort(np.concatenate(chosen))
+
+    def few_label(self, features: np.ndarray) -> dict[str, dict[str, Any]]:
+        """Per size in ``FEW_LABELS``: mean and sample standard deviation of the test accuracy over the draws,
+        every draw's accuracy and chosen weight decay."""
+        figures = {}
+        for per_class in FEW_LABELS:
+            runs = [self.accuracy(features, self.draw(per_class, n)) for n in range(FEW_LABEL_DRAWS)]
+            scores = np.asarray([accuracy for accuracy, _ in runs])
+            figures[str(per_class)] = {
+                "mean": round(float(scores.mean()), 4),
+                "std": round(float(scores.std(ddof=1)), 4) if len(scores) > 1 else 0.0,
+                "draws": scores.tolist(),
+                "decays": [decay for _, decay in runs],
+            }
+        return figures
+
+
+def _write_prepared(root: Path, name: str, rows: list[dict[str, Any]], settings: dict[str, int]) -> Path:
+    """``rows`` as ``root/NAME.jsonl``, prepared into ``root/NAME`` with ``settings``' vocabulary and length."""
+    from quackae.prepare import PrepareConfig, prepare
+
+    with (root / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({"id": row["id"], "text": row["text"], "label": row.get("label")}) + "\n")
+    out = root / name
+    prepare(
+        PrepareConfig(
+            inputs=(str(root / f"{name}.jsonl"),),
+            out=str(out),
+            vocab_size=settings["vocab_size"],
+            max_length=settings["max_length"],
+        )
+    )
+    return out
+
+
+def _train(data: Path, out: Path, steps: int, seed: int, batch_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    """``quackae train`` on ``data`` for ``steps`` steps; its summary plus ``train_seconds``."""
+    from quackae.train import TrainConfig, train
+
+    started = time.time()
+    summary = train(
+        TrainConfig(
+            data=str(data), out=str(out), accelerator="cpu", devices="1", max_steps=steps, max_epochs=-1, seed=seed,
+            **({"batch_size": batch_size} if batch_size else {}), **options,
+        )
+    )  # fmt: skip
+    return {**summary, "train_seconds": round(time.time() - started, 1)}
+
+
+def _held_out(summary: dict[str, Any]) -> dict[str, Any]:
+    """A training run's figures the bench reports: steps, time, held-out reconstruction, the bag-of-words loss."""
+    figures = {
+        "steps": summary["global_step"],
+        "train_seconds": summary["train_seconds"],
+        "best_val_loss": summary["best_val_loss"],
+        "token_accuracy": round(summary["token_accuracy"], 4),
+        "exact_match": round(summary["exact_match"], 4),
+    }
+    return figures | {k: summary[k] for k in ("train_bow_loss", "val_bow_loss") if k in summary}
+
+
+def _models(summary: dict[str, Any], seed: int) -> tuple[Any, Any]:
+    """The run's best checkpoint (its last when too short to validate) and the same model untrained."""
+    from quackae.checkpoints import load_model
+    from quackae.model import QuackAutoEncoder
+
+    model = load_model(summary["best_checkpoint"] or summary["last_checkpoint"])
+    torch.manual_seed(seed)
+    return model, QuackAutoEncoder(**dict(model.hparams))
+
+
+def _pretrained(
+    root: Path, texts: list[str], probe: ProbeSplit, steps: int, batch_size: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    """The in-domain pretraining row: train on the site corpus's paragraphs that are not the probe's ``texts``,
+    encode ``texts`` with that run's tokenizer and model, and probe them (full and few labels) on ``probe``."""
+    from quackae.corpus import site_docstrings
+    from quackae.encoder import QuackEncoder
+
+    seen = set(texts)
+    rows = [{"id": row["id"], "text": row["text"]} for row in site_docstrings() if row["text"] not in seen]
+    summary = _train(
+        _write_prepared(root, "pretrain", rows, CORPORA["site"]), root / "pretrain-run", steps, probe.seed,
+        batch_size, options,
+    )  # fmt: skip
+    encoder = QuackEncoder.from_run(root / "pretrain-run", device="cpu")
+    sequences = encoder.tokenize(texts)
+    model, untrained = _models(summary, probe.seed)
+    trained_x, untrained_x = _encode_all(model, sequences), _encode_all(untrained, sequences)
+    return {
+        "corpus": "site paragraphs that are not probe items",
+        "items": len(rows),
+        **_held_out(summary),
+        "probe_trained": probe.full(trained_x, "pretrained"),
+        "probe_untrained": probe.full(untrained_x, "pretrained untrained"),
+        "few_label": {"trained": probe.few_label(trained_x), "untrained": probe.few_label(untrained_x)},
+    }
+
+
 def quality_run(
     corpus: str,
     steps: int,
@@ -126,22 +273,19 @@ def quality_run(
     workdir: str | Path | None = None,
     batch_size: int = 0,
     kind: str | None = None,
+    pretrain: bool = False,
 ) -> dict[str, Any]:
     """Prepare ``corpus``, train ``steps`` steps with the train defaults plus ``options``, and probe.
 
     ``kind`` (``stdlib`` or ``site``) picks the prepare settings for a JSONL ``corpus`` (default:
     ``corpus`` itself, else ``stdlib``'s). Pooling changes only what is stored, not training, so
     the one trained model and its untrained twin are also probed with every pooling
-    (``probe_by_pooling``, ``probe_untrained_by_pooling``). Returns the
-    figures as a dict (see the module docstring).
+    (``probe_by_pooling``, ``probe_untrained_by_pooling``). ``pretrain`` adds the pretraining row
+    (``pretrained``). Returns the figures as a dict (see the module docstring).
     """
-    from quackae.checkpoints import load_model
-    from quackae.model import QuackAutoEncoder
     from quackae.modelconfig import POOLINGS
-    from quackae.prepare import PrepareConfig, prepare
     from quackae.prepared import load_prepared
-    from quackae.probes import bag_of_tokens, stratified_split, tuned_linear_probe
-    from quackae.train import TrainConfig, train
+    from quackae.probes import bag_of_tokens, stratified_split
 
     options = dict(options or {})
     settings = CORPORA.get(kind or corpus, CORPORA["stdlib"])
@@ -149,33 +293,10 @@ def quality_run(
     with tempfile.TemporaryDirectory(prefix="quackae-quality-", dir=workdir) as folder:
         root = Path(folder)
         rows = corpus_rows(corpus)
-        with (root / "corpus.jsonl").open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps({"id": row["id"], "text": row["text"], "label": row.get("label")}) + "\n")
-        prepare(
-            PrepareConfig(
-                inputs=(str(root / "corpus.jsonl"),),
-                out=str(root / "prepared"),
-                vocab_size=settings["vocab_size"],
-                max_length=settings["max_length"],
-            )
-        )
-        train_settings: dict[str, Any] = {
-            "data": str(root / "prepared"),
-            "out": str(root / "run"),
-            "accelerator": "cpu",
-            "devices": "1",
-            "max_steps": steps,
-            "max_epochs": -1,
-            "seed": seed,
-            **({"batch_size": batch_size} if batch_size else {}),
-            **options,
-        }
-        train_started = time.time()
-        summary = train(TrainConfig(**train_settings))
-        train_seconds = time.time() - train_started
+        prepared = _write_prepared(root, "prepared", rows, settings)
+        summary = _train(prepared, root / "run", steps, seed, batch_size, options)
 
-        dataset, tokenizer, _ = load_prepared(root / "prepared")
+        dataset, tokenizer, _ = load_prepared(prepared)
         table = dataset.select_columns(["id", "input_ids", "label"]).to_dict()
         labelled = [i for i, label in enumerate(table["label"]) if label is not None]
         ids = np.asarray([table["id"][i] for i in labelled], dtype=np.int64)
@@ -186,56 +307,50 @@ def quality_run(
         classes = sorted(set(labels))
         y = np.asarray([classes.index(label) for label in labels], dtype=np.int64)
         split, _ = stratified_split(ids, labels, seed, 0.15, 0.15)
-        train_part, val_part, test_part = split == 0, split == 1, split == 2
-        decays: dict[str, float] = {}
+        probe = ProbeSplit(y, split, len(classes), seed)
 
-        def probe(features: np.ndarray, name: str) -> float:
-            """Test accuracy of the linear probe on ``features`` (N, F), its weight decay chosen on validation."""
-            predicted, decays[name] = tuned_linear_probe(
-                features[train_part], y[train_part], features[val_part], y[val_part], features[test_part],
-                len(classes), seed,
-            )  # fmt: skip
-            return round(float((predicted == y[test_part]).mean()), 4)
-
-        # The best checkpoint by validation loss; a run too short to validate has only its last one.
-        model = load_model(summary["best_checkpoint"] or summary["last_checkpoint"])
-        hparams = dict(model.hparams)
-        torch.manual_seed(seed)
-        untrained = QuackAutoEncoder(**hparams)
-        counts = bag_of_tokens(sequences, tokenizer.get_vocab_size())  # (N, V)
-        majority = int(np.bincount(y[train_part], minlength=len(classes)).argmax())
+        model, untrained = _models(summary, seed)
+        pooling = model.pooling
+        counts = np.log1p(bag_of_tokens(sequences, tokenizer.get_vocab_size()))  # (N, V)
+        majority = int(np.bincount(y[probe.train], minlength=len(classes)).argmax())
         by_pooling, untrained_by_pooling = {}, {}
-        for pooling in POOLINGS:
-            for net, figures, name in ((model, by_pooling, "trained"), (untrained, untrained_by_pooling, "untrained")):
-                net.set_pooling(pooling)
-                figures[pooling] = probe(_encode_all(net, sequences), f"{name} {pooling}")
-        model.set_pooling(hparams["pooling"])
+        for name in POOLINGS:
+            for net, figures, which in ((model, by_pooling, "trained"), (untrained, untrained_by_pooling, "untrained")):
+                net.set_pooling(name)
+                figures[name] = probe.full(_encode_all(net, sequences), f"{which} {name}")
+        model.set_pooling(pooling)
+        untrained.set_pooling(pooling)
         result = {
             "bench": "quality",
             "corpus": corpus,
+            "seed": seed,
             "items": len(rows),
-            "probe_items": {
-                "train": int(train_part.sum()),
-                "val": int(val_part.sum()),
-                "test": int(test_part.sum()),
-                "classes": len(classes),
-            },
+            "probe_items": {"train": len(probe.train), "val": len(probe.val), "test": len(probe.test)}
+            | {"classes": len(classes)},
             "options": options,
-            "model": {k: hparams[k] for k in ("embed_size", "hidden_size", "pooling", "dropout", "denoise")},
-            "steps": summary["global_step"],
-            "train_seconds": round(train_seconds, 1),
-            "best_val_loss": summary["best_val_loss"],
-            "token_accuracy": round(summary["token_accuracy"], 4),
-            "exact_match": round(summary["exact_match"], 4),
-            "probe_trained": by_pooling[hparams["pooling"]],
-            "probe_untrained": untrained_by_pooling[hparams["pooling"]],
+            "model": {k: model.hparams[k] for k in ("embed_size", "hidden_size", "pooling", "dropout", "denoise")}
+            | {k: model.hparams.get(k) for k in ("bow_weight", "reconstruction_weight", "input_word_dropout")}
+            | {"bow_pooling": model.bow_pooling},
+            **_held_out(summary),
+            "probe_trained": by_pooling[pooling],
+            "probe_untrained": untrained_by_pooling[pooling],
             "probe_by_pooling": by_pooling,
             "probe_untrained_by_pooling": untrained_by_pooling,
-            "probe_bag_of_tokens": probe(np.log1p(counts), "bag of tokens"),
-            "majority": round(float((y[test_part] == majority).mean()), 4),
-            "probe_weight_decay": decays,
+            "probe_bag_of_tokens": probe.full(counts, "bag of tokens"),
+            "majority": round(float((y[probe.test] == majority).mean()), 4),
+            "few_label": {
+                "trained": probe.few_label(_encode_all(model, sequences)),
+                "untrained": probe.few_label(_encode_all(untrained, sequences)),
+                "bag_of_tokens": probe.few_label(counts),
+            },
+            "few_label_draws": FEW_LABEL_DRAWS,
+            "probe_weight_decay": probe.decays,
             "torch_threads": torch.get_num_threads(),
         }
+        if pretrain:
+            text_of = {row["id"]: row["text"] for row in rows}
+            texts = [text_of[int(i)] for i in ids]
+            result["pretrained"] = _pretrained(root, texts, probe, steps, batch_size, options)
     result["seconds"] = round(time.time() - started, 1)
     return result
 
@@ -250,4 +365,5 @@ def bench_quality(config: Any) -> dict[str, Any]:
         seed=config.seed,
         workdir=config.dir,
         batch_size=config.batch_size,
+        pretrain=config.pretrain,
     )
