@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quackae.store.manifest import LAYOUTS
+from quackae.store.layout import known
 from quackae.store.shards import DEFAULT_SHARD_SIZE
 
 
@@ -59,8 +59,8 @@ class WriterOptions:
             raise ValueError(f"reduction_threshold must be in (0, 1], got {self.reduction_threshold}")
         if self.png not in (None, "attention", "encoding"):
             raise ValueError(f"png must be None, 'attention' or 'encoding', got {self.png!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout not in known():
+            raise ValueError(f"layout must be one of {', '.join(known())}, got {self.layout!r}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {self.shard_size}")
 
