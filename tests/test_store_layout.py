@@ -158,3 +158,14 @@ def test_first_copies_keeps_the_first_copy_in_unit_order_against_a_plain_loop():
     assert ids.tolist() == sorted(first)
     assert list(zip(unit.tolist(), row.tolist(), strict=True)) == [first[i] for i in sorted(first)]
     assert sorted(later.tolist()) == sorted(repeats)
+
+
+def test_the_writer_stores_the_rows_it_is_given_and_records_the_selection(tmp_path):
+    # encode predicts only the rows its selection keeps; the writer does not select a second time
+    selection = {"filtered": True, "label_field": "label", "unlabeled_value": "none"}
+    writer = AutoencoderWriter(storage_path=tmp_path, manifest={**HEADER, "layout": "shards"}, **selection)
+    writer.write_batch([{"id": i, "label": "none" if i % 2 else "yes"} for i in range(6)], np.ones((6, 4), np.float32))
+    writer.flush()
+    manifest = writer.write_manifest()
+    assert writer.written == 6 and stored_ids(tmp_path) == list(range(6))
+    assert manifest["selection"] == HEADER["selection"]  # the header's own selection is the one recorded

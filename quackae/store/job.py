@@ -11,7 +11,6 @@ units count and which are quarantined is ``quackae.store.sound``'s.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,22 +18,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quackae.core.atomic import write_atomic
 from quackae.core.errors import QuackError
 from quackae.core.joblock import JobLock, job_variable, joins
 from quackae.store.layout import LAYOUTS, Layout, known, layout_of
 from quackae.store.manifest import (
     DESCRIPTIONS,
-    DTYPE,
     FORMAT,
     LOCK,
     MANIFEST,
     STAGING,
+    completed,
     differing,
-    ids_digest,
     manifest_problem,
     read_manifest,
     staging_folder,
+    write_manifest,
 )
 from quackae.store.ownership import check_out_folder, overwrite_problem
 from quackae.store.shards import check_store_folders
@@ -157,32 +155,15 @@ def _names_job(store: Path, job: str) -> bool:
     return manifest is not None and manifest.get("job") == job
 
 
-def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None:
-    write_atomic(store / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), staging, durable=True)
-
-
 def complete_manifest(
     store: Path, layout: Layout, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
 ) -> dict[str, Any]:
     """Mark ``store`` complete: ``manifest.json`` with the item count and digest of the ids (``ids_sha256``), the
     encoding size (``size``, else what the manifest or ``fields`` say), ``fields`` (provenance) over what it held,
     and ``selection`` unless one of those names it; returns it."""
-    previous = read_manifest(store) or {}
     ids = stored_ids_checked(store, layout, None, None, move=False)
-    manifest = {
-        **previous,
-        "format": FORMAT,
-        "layout": layout.name,
-        "dtype": DTYPE,
-        "encoding_size": size or previous.get("encoding_size") or fields.get("encoding_size"),
-        **fields,
-        "items": int(len(ids)),
-        "ids_sha256": ids_digest(ids),
-        "complete": True,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    manifest.setdefault("selection", selection)
-    manifest.update(layout.manifest_fields)
+    counted = {"layout": layout.name, "encoding_size": size, "ids": ids, "selection": selection}
+    manifest = completed(read_manifest(store) or {}, fields, layout.manifest_fields, counted)
     staging = staging_folder(store, job, "manifest")
     staging.mkdir(parents=True, exist_ok=True)
     try:

@@ -11,13 +11,16 @@ every provenance key, each of the right kind (so ``{}`` or a manifest with the k
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from quackae.core.atomic import write_atomic
 from quackae.core.files import folder_kind, read_json
 
 FORMAT = "quackae-store-2"
@@ -121,6 +124,35 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
         if key in manifest and not isinstance(manifest[key], str):
             return f"{key} {manifest[key]!r} is not a string"
     return None
+
+
+def completed(
+    previous: dict[str, Any], fields: dict[str, Any], layout_fields: dict[str, Any], counted: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of a complete store: ``previous`` (its header) updated with ``fields`` (provenance), the
+    layout's own ``layout_fields`` and ``counted`` (``layout``, ``encoding_size``, the sorted ``ids`` and
+    ``selection``: the one recorded unless none is)."""
+    ids = counted["ids"]
+    manifest = {
+        **previous,
+        "format": FORMAT,
+        "layout": counted["layout"],
+        "dtype": DTYPE,
+        "encoding_size": counted["encoding_size"] or previous.get("encoding_size") or fields.get("encoding_size"),
+        **fields,
+        "items": int(len(ids)),
+        "ids_sha256": ids_digest(ids),
+        "complete": True,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest.setdefault("selection", counted["selection"])
+    manifest.update(layout_fields)
+    return manifest
+
+
+def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None:
+    """Write ``STORE/manifest.json`` atomically (staged in ``staging``, fsynced)."""
+    write_atomic(store / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), staging, durable=True)
 
 
 def read_manifest(store: Path) -> dict[str, Any] | None:
