@@ -22,7 +22,8 @@ from quackae.stages.encode import EncodeConfig, encode
 from quackae.stages.prepare import PrepareConfig, prepare
 from quackae.store.items import read_item
 from quackae.store.job import stored_ids
-from quackae.store.shards import LOCK, SHARDS, shard_files
+from quackae.store.manifest import LOCK, SHARD_FOLDER
+from quackae.store.shards import shard_files
 from quackae.store.writer import AutoencoderWriter
 
 WORDS = "duck goose swan heron apple pear plum hammer saw drill".split()
@@ -216,7 +217,7 @@ def test_verify_lists_every_problem(tiny, tmp_path, capsys):
     assert f"{ROWS} items" in capsys.readouterr().out
     shards = shard_files(out)
     table = pa.ipc.open_file(pa.memory_map(str(shards[0]))).read_all()
-    with pa.OSFile(str(out / SHARDS / "copy.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+    with pa.OSFile(str(out / SHARD_FOLDER / "copy.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table.slice(0, 2))  # ids twice
     shards[-1].unlink()  # ids missing
     (out / ".staging" / "job-0").mkdir(parents=True)
@@ -260,7 +261,7 @@ def test_export_mistakes_are_one_line(tiny, tmp_path, capsys, setup, args, messa
     out = tmp_path / "s"
     if setup == "empty":
         out.mkdir()
-        (out / SHARDS).mkdir()
+        (out / SHARD_FOLDER).mkdir()
     else:
         _encode(tiny, out)
     if setup == "dir":

@@ -186,9 +186,9 @@ def test_a_bug_on_the_writer_thread_stops_the_job_with_its_traceback(tmp_path, l
 def test_a_failed_shard_commit_stops_the_job_and_keeps_earlier_shards(tmp_path, monkeypatch):
     import errno
 
-    import quackae.store.writer as writer_module
+    import quackae.store.shards as shards_module
 
-    real, calls = writer_module.write_shard, []
+    real, calls = shards_module.write_shard, []
 
     def failing(table, staging, shards, name):
         calls.append(name)
@@ -198,7 +198,7 @@ def test_a_failed_shard_commit_stops_the_job_and_keeps_earlier_shards(tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device", str(shards / name))
         return real(table, staging, shards, name)
 
-    monkeypatch.setattr(writer_module, "write_shard", failing)
+    monkeypatch.setattr(shards_module, "write_shard", failing)
     writer = AutoencoderWriter(storage_path=tmp_path, shard_size=4)
     with pytest.raises(QuackError, match="No space left on device.*rerun the same command"):
         for start in range(0, 40, 3):

@@ -68,20 +68,3 @@ def selected_rows(dataset: Any, selection: dict[str, Any]) -> np.ndarray:
         labels = dataset.data.column(field_name).to_pylist()
     ids = dataset.data.column("id").to_numpy()
     return np.flatnonzero(selected_mask(ids.tolist() if labels is not None else ids, labels, selection))
-
-
-def rows_to_store(
-    ids: np.ndarray, labels: list[Any] | None, selection: dict[str, Any], known: np.ndarray | None
-) -> tuple[np.ndarray, int, int]:
-    """``(rows, skipped, dropped)`` of a batch of ``ids`` (B,): the rows to store (selected by ``selection`` when
-    ``labels`` are given, and not among the sorted ``known`` ids), how many selected ones were stored already
-    and how many the selection left out."""
-    keep = np.ones(len(ids), dtype=bool) if labels is None else selected_mask(ids.tolist(), labels, selection)
-    if known is not None and len(known):
-        found = np.searchsorted(known, ids).clip(max=len(known) - 1)
-        stored = known[found] == ids
-        skipped, dropped = int((stored & keep).sum()), int((~keep).sum())
-        keep &= ~stored
-    else:
-        skipped, dropped = 0, int((~keep).sum())
-    return np.flatnonzero(keep), skipped, dropped

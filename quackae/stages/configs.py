@@ -16,8 +16,10 @@ from quackae.data.readers import FORMATS
 from quackae.data.tokenizer import DEFAULT_MAX_LENGTH, MIN_VOCAB, TRAIN_CHARS_PER_TOKEN
 from quackae.model.config import ModelFlags, model_problems
 from quackae.model.trainer import TrainerFlags
-from quackae.store.manifest import LAYOUTS
+from quackae.store.layout import known
 from quackae.store.shards import DEFAULT_SHARD_SIZE
+
+LAYOUTS = known()  # the registered store layouts, the default first
 
 MAX_VOCAB = 2**24  # the largest vocabulary prepare trains or accepts
 

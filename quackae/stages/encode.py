@@ -29,7 +29,8 @@ from quackae.model.checkpoints import resolve_run
 from quackae.model.trainer import encode_batch_size, progress_bar
 from quackae.stages.configs import EncodeConfig
 from quackae.store.job import StoreJob, stored_ids_checked
-from quackae.store.shards import read_manifest
+from quackae.store.layout import layout_named
+from quackae.store.manifest import DTYPE, read_manifest
 from quackae.store.writer import AutoencoderWriter
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         "layout": config.layout,
         "encoding_size": int(model.encoding_size),
         "pooling": model.pooling,  # what each stored encoding is (one of modelconfig.POOLINGS)
-        "dtype": "float32",
+        "dtype": DTYPE,
         "text": config.text,
         "selection": selection,
         "model": {k: v for k, v in model.hparams.items()},
@@ -167,7 +168,12 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         wanted = selected_rows(dataset, selection)
         ids = np.asarray(dataset.data.column("id").to_numpy())
         existing = stored_ids_checked(
-            store, config.layout, header["encoding_size"], header, job.leader, expected=np.unique(ids[wanted])
+            store,
+            layout_named(config.layout),
+            header["encoding_size"],
+            header,
+            job.leader,
+            expected=np.unique(ids[wanted]),
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
         unknown = sorted(set(config.png_ids) - set(ids[wanted].tolist()))
@@ -184,7 +190,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         )
         writer = AutoencoderWriter(
             storage_path=store,
-            **selection,  # the writer keeps exactly the items the header's selection names
+            **selection,  # recorded in the manifest; the rows predicted (todo) are the ones the selection keeps
             png=config.png,
             png_limit=config.png_limit,
             png_ids=config.png_ids or None,
@@ -205,7 +211,7 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             pad_id=model.pad_id,
             predict_indices=todo,
             predict_attention=config.png == "attention",
-            predict_pool=config.shard_size if config.layout == "shards" else 0,
+            predict_pool=config.shard_size if layout_named(config.layout).buffered else 0,
             prepared=(dataset, data_tokenizer),
         )
         trainer = pl.Trainer(

@@ -17,22 +17,19 @@ import numpy as np
 
 from quackae.core.errors import QuackError
 from quackae.stages.configs import VerifyConfig
-from quackae.store.items import item_entries, item_files, load_item, unit_kind
-from quackae.store.manifest import differing, ids_digest, manifest_problem
-from quackae.store.ownership import foreign_entries
-from quackae.store.shards import (
+from quackae.store.items import item_entries, unit_kind
+from quackae.store.layout import CorruptUnit, layout_named, layout_of
+from quackae.store.manifest import (
     MANIFEST,
-    QUARANTINE,
-    SHARDS,
     STAGING,
-    layout_of,
-    open_shard,
+    STORE_FOLDERS,
+    ids_digest,
+    manifest_problem,
     read_manifest,
-    shard_files,
-    shard_matrix,
-    shard_provenance,
     store_folder_problem,
 )
+from quackae.store.ownership import foreign_entries
+from quackae.store.sound import first_copies, unit_problems
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +55,6 @@ def _manifest(store: Path, problems: list[str]) -> dict[str, Any] | None:
     return manifest
 
 
-def _unit_problems(path: Path, ids: np.ndarray, matrix: np.ndarray, provenance: Any, manifest: Any) -> list[str]:
-    """What is wrong with one parsed unit holding ``ids`` (n,) and ``matrix`` (n, H) against a valid ``manifest``."""
-    problems = []
-    if manifest is not None and matrix.shape[1] != manifest["encoding_size"]:
-        problems.append(f"{path}: encodings of size {matrix.shape[1]}, the manifest says {manifest['encoding_size']}")
-    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-    problems.extend(f"{path}: id {ids[r]}: encoding not finite" for r in bad[:MAX_LISTED])
-    if manifest is not None:
-        keys = differing(provenance, manifest)
-        if keys and provenance is None:
-            problems.append(f"{path}: carries no provenance, so what made it is unknown")
-        elif keys:
-            problems.append(f"{path}: provenance differs from the manifest ({', '.join(keys)})")
-    return problems
-
-
 def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, Any], list[str]]:
     """``(counts, problems)`` for ``store``; each problem names the file and, where it applies, the id."""
     if store_folder_problem(store) is not None:
@@ -85,36 +66,29 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
     foreign = foreign_entries(store, deep=True)
     problems.extend(f"{p}: not something quackae writes in a store" for p in foreign[:MAX_LISTED])
     held: list[tuple[Path, np.ndarray]] = []  # (unit, its ids) of every unit that parses
-    paths = shard_files(store) if layout == "shards" else [path for _, path in item_files(store)]
+    paths = layout.units(store)
     for path in paths:
         try:
-            if layout == "shards":
-                table = open_shard(path)
-                provenance, matrix = shard_provenance(table, path), shard_matrix(table)  # (n, H)
-                ids = table.column("id").to_numpy()  # (n,)
-            else:
-                item = load_item(path)
-                provenance, matrix = item.provenance, item.encoding[None, :]  # (1, H)
-                ids = np.asarray([int(path.name[: -len(".npz")])], dtype=np.int64)
-                if item.metadata.get("id") != ids[0]:
-                    problems.append(f"{path}: id {ids[0]}: its metadata says id {item.metadata.get('id')!r}")
-        except QuackError as error:
-            problems.append(f"{path}: does not parse ({getattr(error, 'reason', error)})")
+            unit = layout.read(path)
+        except CorruptUnit as error:
+            problems.append(f"{path}: does not parse ({error.reason})")
             continue
-        problems.extend(_unit_problems(path, ids, matrix, provenance, manifest))
-        held.append((path, ids))
+        problems.extend(f"{path}: {problem}" for problem in unit_problems(unit, manifest))
+        held.append((path, unit.ids))
     problems.extend(
         f"{p}: stands where quackae writes an item folder or picture but is none (a rerun moves it aside)"
         for p in item_entries(store).blocking[:MAX_LISTED]
     )
-    all_ids = np.concatenate([ids for _, ids in held]) if held else np.empty(0, dtype=np.int64)
-    unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (N,) which unit holds each id
-    order = np.argsort(all_ids, kind="stable")
-    unique, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
-    for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
-        units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
-        problems.append(f"{store}: id {unique[k]}: stored {counts[k]} times ({', '.join(units)})")
-    for name in (STAGING, SHARDS, QUARANTINE):
+    unique, _, _, later = first_copies([ids for _, ids in held])
+    if len(later):  # some id is stored more than once: name the units holding each copy
+        all_ids = np.concatenate([ids for _, ids in held])  # (T,) every copy
+        unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (T,) which unit holds each
+        order = np.argsort(all_ids, kind="stable")
+        repeated, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
+        for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
+            units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
+            problems.append(f"{store}: id {repeated[k]}: stored {counts[k]} times ({', '.join(units)})")
+    for name in STORE_FOLDERS:
         kind = unit_kind(store / name)
         if kind not in ("missing", "a directory"):
             what = kind or "a file"
@@ -128,7 +102,7 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
             problems.append(f"{store / MANIFEST}: says {manifest['items']} items, the store holds {len(unique)}")
         elif manifest.get("ids_sha256") not in (None, ids_digest(unique)):
             problems.append(f"{store / MANIFEST}: the store holds other ids than it counted (a unit was replaced)")
-    result: dict[str, Any] = {"store": str(store), "layout": layout, "units": len(paths), "items": len(unique)}
+    result: dict[str, Any] = {"store": str(store), "layout": layout.name, "units": len(paths), "items": len(unique)}
     if expected is not None:
         for path, ids in held:
             outside = int((~np.isin(ids, expected)).sum())
@@ -162,7 +136,7 @@ def verify(config: VerifyConfig) -> dict[str, Any]:
     """Run ``quackae verify``: the counts, or every problem under ``lines`` with ``exit_code`` 1."""
     store = Path(config.store)
     result, problems = check_store(store, config.data)
-    counts = f"{result['items']} items in {result['units']} {'shards' if result['layout'] == 'shards' else 'files'}"
+    counts = f"{result['items']} items in {result['units']} {layout_named(result['layout']).unit_word}"
     if "expected" in result:
         counts += f", {result['expected']} expected from {config.data}"
     if problems:

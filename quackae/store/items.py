@@ -10,12 +10,10 @@ every way an item can be wrong is a ``CorruptUnit`` naming it, which a rerun qua
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import math
 import os
-import stat
 import struct
 import zipfile
 import zlib
@@ -26,68 +24,29 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from quackae.core.atomic import write_atomic
-from quackae.core.errors import QuackError
-from quackae.core.files import MAX_SMALL_FILE, entry_kind
-from quackae.store.manifest import provenance_of
+from quackae.store.layout import MAX_UNIT, CorruptUnit, Layout, Unit, open_unit, register, unit_kind
+from quackae.store.manifest import ITEM_PATH, ITEMS_PER_FOLDER, ITEMS_PER_TOP, provenance_of
 
-MAX_UNIT = MAX_SMALL_FILE  # an item larger than this is not one quackae wrote
+__all__ = ["FILES", "CorruptUnit", "item_path", "load_item", "npz_bytes", "read_item", "unit_kind"]
 _MEMBERS = ("encoding.npy", "metadata.npy", "provenance.npy")
 
 
-class CorruptUnit(QuackError):
-    """A damaged or foreign unit (shard or item); ``reason`` alone is what the quarantine line repeats."""
-
-    def __init__(self, path: str | Path, reason: str, what: str = "shard") -> None:
-        super().__init__(f"{what} {path} is corrupt ({reason}); rerun quackae encode to quarantine and redo it")
-        self.path = Path(path)
-        self.reason = reason
-
-
 def item_path(index: int, suffix: str = "png", dir_only: bool = False, is_collection: bool = False) -> str:
-    """Relative path of item ``index``: ``f"{index // 100000}/{index % 100000 // 1000}/{index}.{suffix}"``.
+    """Relative path of item ``index``: ``manifest.ITEM_PATH`` with ``suffix`` (at most 1000 items a folder).
 
-    At most 1000 items share a folder. With ``is_collection`` the item gets a folder of its own
+    With ``is_collection`` the item gets a folder of its own
     (``.../{index}/{index}.{suffix}``); ``dir_only`` returns only the enclosing folder. Raises
     ``ValueError`` for a negative or non-integer index.
     """
     if isinstance(index, bool) or not isinstance(index, Integral) or index < 0:
         raise ValueError(f"item index must be a non-negative integer, got {index!r}")
     index = int(index)
-    folder = f"{index // 100000}/{index % 100000 // 1000}"
+    folder = f"{index // ITEMS_PER_TOP}/{index % ITEMS_PER_TOP // ITEMS_PER_FOLDER}"
     if is_collection:
         folder = f"{folder}/{index}"
     if dir_only:
         return folder
     return f"{folder}/{index}.{suffix}"
-
-
-unit_kind = entry_kind  # None for a regular file, else what a unit's path itself is
-
-
-def open_unit(path: str | Path, what: str = "shard") -> tuple[int, int]:
-    """``(fd, size)`` of a unit opened for reading, only when it is a non-empty regular file of at most
-    ``MAX_UNIT`` bytes (shards: any size); the kind is checked before the open and again on the open file,
-    which never blocks and never follows a link. The caller closes ``fd``."""
-    kind = unit_kind(path)
-    if kind is not None:
-        raise CorruptUnit(path, f"it is {kind}, not a file" if kind != "missing" else "it is missing", what)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    except OSError as error:
-        reason = "it is a symbolic link" if error.errno == errno.ELOOP else f"it cannot be read: {error.strerror}"
-        raise CorruptUnit(path, reason, what) from None
-    info = os.fstat(fd)
-    reason = None
-    if not stat.S_ISREG(info.st_mode):
-        reason = "it is not a regular file"
-    elif info.st_size == 0:
-        reason = "it is empty"
-    elif what != "shard" and info.st_size > MAX_UNIT:
-        reason = f"it is {info.st_size:,} bytes, more than an item ever holds"
-    if reason is not None:
-        os.close(fd)
-        raise CorruptUnit(path, reason, what)
-    return fd, info.st_size
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -160,31 +119,19 @@ def npz_bytes(encoding: np.ndarray, metadata_json: str, provenance: bytes | None
 
 
 def write_items(
-    store: Path,
-    ids: np.ndarray,
-    matrix: np.ndarray,
-    metadata: list[dict[str, Any]],
-    texts: Any,
-    text: bool,
-    staging: Path,
-    folders: set[str],
-    provenance: dict[str, Any] | None = None,
+    store: Path, ids: np.ndarray, matrix: np.ndarray, columns: Any, staging: Path, header: dict[str, Any] | None
 ) -> int:
-    """Write one ``.npz`` per row at ``item_path(id, "npz")`` (files layout), each atomically through ``staging``;
-    ``texts`` (a string array) adds each row's text, ``text=False`` drops any; ``folders`` remembers the folders
-    made so far; ``provenance`` (the store's header) goes into every item. Returns how many items were written."""
-    rows = texts.to_pylist() if texts is not None else None
-    member = provenance_member(provenance)
+    """Write one ``.npz`` per row at ``item_path(id, "npz")``, each atomically through ``staging``, with the row's
+    metadata (``columns``: a pyarrow table, or None) and ``header``'s provenance. Returns how many it wrote."""
+    metadata = columns.to_pylist() if columns is not None else [{"id": int(i)} for i in ids]
+    member = provenance_member(header)
+    made: set[str] = set()  # the folders made for this batch
     for row, meta in enumerate(metadata):
         index = int(ids[row])
         folder = f"{store}/{item_path(index, dir_only=True)}"
-        if folder not in folders:
+        if folder not in made:
             os.makedirs(folder, exist_ok=True)
-            folders.add(folder)
-        if rows is not None:
-            meta = {**meta, "text": rows[row]}
-        elif not text and "text" in meta:
-            meta = {k: v for k, v in meta.items() if k != "text"}
+            made.add(folder)
         payload = npz_bytes(matrix[row], json.dumps(meta, ensure_ascii=False, default=str), member)
         write_atomic(f"{folder}/{index}.npz", payload, staging, durable=False)
     return len(metadata)
@@ -296,7 +243,7 @@ class ItemEntries(NamedTuple):
 
 
 def item_entries(store: Path) -> ItemEntries:
-    """Walk the item folders (``{id // 100000}/{id % 100000 // 1000}/``) of ``store`` without following links.
+    """Walk the item folders (``item_path``'s) of ``store`` without following links.
 
     A name that is not the id's own address (``01.npz``, ``1.npz`` in the wrong folder) never counts as an
     item, so each id maps to one entry; it is listed as foreign instead.
@@ -313,7 +260,7 @@ def item_entries(store: Path) -> ItemEntries:
             middles = list(middles)
         for middle in middles:
             number = _canonical(middle.name)
-            if number is None or number >= 100:
+            if number is None or number >= ITEMS_PER_TOP // ITEMS_PER_FOLDER:
                 foreign.append(Path(middle.path))
                 continue
             if not middle.is_dir(follow_symlinks=False):
@@ -356,3 +303,53 @@ def write_pngs(
         folder = store / item_path(index, dir_only=True)
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / f"{index}.png", payload, staging, durable=False)
+
+
+# ---------------------------------------------------------------------------------------------- the layout
+class ItemsLayout(Layout):
+    """``files``: one ``.npz`` per item at its ``item_path``; a unit is one item, its address names its id."""
+
+    name = "files"
+    rank = 1
+    unit_word = "files"
+    manifest_fields = {"item_path": ITEM_PATH}
+
+    def units(self, store: Path) -> list[Path]:
+        return [path for _, path in item_files(store)]
+
+    def ids(self, path: Path) -> np.ndarray:
+        return np.asarray([int(Path(path).name[: -len(".npz")])], dtype=np.int64)
+
+    def read(self, path: Path) -> Unit:
+        item = load_item(path)
+        named = item.metadata.get("id")
+        named_ids = np.asarray([named if isinstance(named, int) and not isinstance(named, bool) else -1])
+        return Unit(Path(path), self.ids(path), item.encoding[None, :], item.provenance, [item.metadata], named_ids)
+
+    def row(self, unit: Unit, row: int) -> dict[str, Any]:
+        return unit.metadata[row]
+
+    def holds(self, store: Path) -> bool:
+        return bool(item_files(store))
+
+    def commit(
+        self, store: Path, staging: Path, name: str, ids: np.ndarray, matrix: np.ndarray, columns: Any, header: Any
+    ) -> int:
+        return write_items(store, ids, matrix, columns, staging, header)
+
+    def table(self, units: list[Unit]) -> Any:
+        import pyarrow as pa
+
+        from quackae.store.shards import shard_table
+        from quackae.store.tables import arrow_column
+
+        metadata = [meta for unit in units for meta in unit.metadata]
+        ids = np.concatenate([u.ids for u in units]) if units else np.empty(0, dtype=np.int64)
+        size = units[0].matrix.shape[1] if units else 0
+        matrix = np.concatenate([u.matrix for u in units]) if units else np.empty((0, size), np.float32)
+        names = list(dict.fromkeys(k for meta in metadata for k in meta if k not in ("id", "encoding")))
+        columns = pa.table({name: arrow_column(name, [m.get(name) for m in metadata]) for name in names})
+        return shard_table(ids, matrix, columns if names else None, None)
+
+
+FILES = register(ItemsLayout())

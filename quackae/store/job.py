@@ -11,7 +11,6 @@ units count and which are quarantined is ``quackae.store.sound``'s.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -19,22 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quackae.core.atomic import write_atomic
 from quackae.core.errors import QuackError
 from quackae.core.joblock import JobLock, job_variable, joins
-from quackae.store.items import item_files
-from quackae.store.manifest import DESCRIPTIONS, differing, ids_digest, manifest_problem
-from quackae.store.ownership import check_out_folder, overwrite_problem
-from quackae.store.shards import (
+from quackae.store.layout import LAYOUTS, Layout, known, layout_of
+from quackae.store.manifest import (
+    DESCRIPTIONS,
+    FORMAT,
     LOCK,
     MANIFEST,
-    SHARDS,
     STAGING,
-    check_store_folders,
-    layout_of,
+    completed,
+    differing,
+    manifest_problem,
     read_manifest,
-    shard_files,
+    staging_folder,
+    write_manifest,
 )
+from quackae.store.ownership import check_out_folder, overwrite_problem
+from quackae.store.shards import check_store_folders
 from quackae.store.sound import quarantine, stored_ids_checked
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ class StoreJob:
                 log.info("--overwrite: emptied %s (%d entries)", store, removed)
         else:
             previous = read_manifest(store)
+        held = next((name for name in known() if LAYOUTS[name].holds(store)), None)
         if previous is not None:
-            held = "shards" if shard_files(store) else "files" if item_files(store) else None
             if held is not None and held != header.get("layout"):
                 raise QuackError(
                     f"{store} holds a {held} store, not {header.get('layout')}; pass --layout {held}, "
@@ -103,7 +104,7 @@ class StoreJob:
                     f"{store} holds encodings made with {DESCRIPTIONS[key]} ({key} {previous.get(key)!r}, now "
                     f"{header.get(key)!r}); pass --overwrite to replace them or choose another --out"
                 )
-        elif not overwrite and (shard_files(store) or item_files(store)):
+        elif not overwrite and held is not None:
             raise QuackError(
                 f"{store} holds items but no {MANIFEST}, so what made them is unknown; pass --overwrite to "
                 "replace them or choose another --out"
@@ -114,7 +115,7 @@ class StoreJob:
         manifest = {
             **(previous or {}),
             **header,
-            "format": "quackae-store-2",
+            "format": FORMAT,
             "complete": False,
             "job": self.job,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -125,12 +126,12 @@ class StoreJob:
 
     def staging(self, rank: int) -> Path:
         """This job's staging folder for ``rank`` (created on first use)."""
-        folder = self.store / STAGING / f"{self.job}-{rank}"
+        folder = staging_folder(self.store, self.job, rank)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
     def drop_staging(self, rank: int) -> None:
-        folder = self.store / STAGING / f"{self.job}-{rank}"
+        folder = staging_folder(self.store, self.job, rank)
         shutil.rmtree(folder, ignore_errors=True)
         try:
             (self.store / STAGING).rmdir()
@@ -154,34 +155,16 @@ def _names_job(store: Path, job: str) -> bool:
     return manifest is not None and manifest.get("job") == job
 
 
-def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None:
-    write_atomic(store / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), staging, durable=True)
-
-
 def complete_manifest(
-    store: Path, layout: str, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
+    store: Path, layout: Layout, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
 ) -> dict[str, Any]:
     """Mark ``store`` complete: ``manifest.json`` with the item count and digest of the ids (``ids_sha256``), the
     encoding size (``size``, else what the manifest or ``fields`` say), ``fields`` (provenance) over what it held,
     and ``selection`` unless one of those names it; returns it."""
-    previous = read_manifest(store) or {}
     ids = stored_ids_checked(store, layout, None, None, move=False)
-    manifest = {
-        **previous,
-        "format": "quackae-store-2",
-        "layout": layout,
-        "dtype": "float32",
-        "encoding_size": size or previous.get("encoding_size") or fields.get("encoding_size"),
-        **fields,
-        "items": int(len(ids)),
-        "ids_sha256": ids_digest(ids),
-        "complete": True,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    manifest.setdefault("selection", selection)
-    if layout == "files":
-        manifest["item_path"] = "{id // 100000}/{id % 100000 // 1000}/{id}.npz"
-    staging = store / STAGING / f"{job}-manifest"
+    counted = {"layout": layout.name, "encoding_size": size, "ids": ids, "selection": selection}
+    manifest = completed(read_manifest(store) or {}, fields, layout.manifest_fields, counted)
+    staging = staging_folder(store, job, "manifest")
     staging.mkdir(parents=True, exist_ok=True)
     try:
         write_manifest(store, manifest, staging)
@@ -230,8 +213,7 @@ def stored_ids(store: str | Path) -> list[int]:
     store = Path(store)
     if not store.is_dir():
         return []
-    layout = layout_of(store, read_manifest(store))
-    return stored_ids_checked(store, layout, None, None, move=False).tolist()
+    return stored_ids_checked(store, layout_of(store, read_manifest(store)), None, None, move=False).tolist()
 
 
-__all__ = ["JOB_ENV", "SHARDS", "StoreJob", "quarantine", "stored_ids_checked"]
+__all__ = ["JOB_ENV", "StoreJob", "quarantine", "stored_ids_checked"]

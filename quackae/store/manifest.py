@@ -11,13 +11,30 @@ every provenance key, each of the right kind (so ``{}`` or a manifest with the k
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-LAYOUTS = ("shards", "files")
+from quackae.core.atomic import write_atomic
+from quackae.core.files import folder_kind, read_json
+
 FORMAT = "quackae-store-2"
+DTYPE = "float32"  # of every stored encoding
+MANIFEST = "manifest.json"
+SHARD_FOLDER = "shards"  # STORE/shards/ holds the shards layout's units
+STAGING = ".staging"  # STORE/.staging/{job}-{rank}/ holds one writer job's unfinished units
+QUARANTINE = ".quarantine"  # corrupt units an encode moved aside
+LOCK = ".lock"
+STORE_FOLDERS = (STAGING, SHARD_FOLDER, QUARANTINE)  # folders units are renamed between: never links
+# the files layout's addresses: item ``id`` at ``{id // ITEMS_PER_TOP}/{id % ITEMS_PER_TOP // ITEMS_PER_FOLDER}/``
+ITEMS_PER_TOP = 100_000
+ITEMS_PER_FOLDER = 1_000
+ITEM_PATH = f"{{id // {ITEMS_PER_TOP}}}/{{id % {ITEMS_PER_TOP} // {ITEMS_PER_FOLDER}}}/{{id}}.npz"
 # What must match for a rerun to add to a store: anything else would mix encodings.
 PROVENANCE_KEYS = (
     "checkpoint_sha256",
@@ -38,6 +55,11 @@ DESCRIPTIONS = {
     "selection": "another selection (--filtered/--evaluate/--label-field/--reduction-threshold)",
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def staging_folder(store: Path, job: str, rank: int | str) -> Path:
+    """Where job ``job``'s rank ``rank`` (or ``"manifest"``) stages its units: ``STORE/.staging/{job}-{rank}``."""
+    return Path(store) / STAGING / f"{job}-{rank}"
 
 
 def ids_digest(sorted_ids: np.ndarray) -> str:
@@ -71,8 +93,10 @@ def provenance_problem(provenance: dict[str, Any]) -> str | None:
             return f"{key} {provenance[key]!r} is not a sha256"
     if not isinstance(provenance["dataset_fingerprint"], str) or not provenance["dataset_fingerprint"]:
         return f"dataset_fingerprint {provenance['dataset_fingerprint']!r} is not a fingerprint"
-    if provenance["layout"] not in LAYOUTS:
-        return f"layout {provenance['layout']!r} is none of {', '.join(LAYOUTS)}"
+    from quackae.store.layout import known
+
+    if provenance["layout"] not in known():
+        return f"layout {provenance['layout']!r} is none of {', '.join(known())}"
     if not _is_int(provenance["encoding_size"]) or provenance["encoding_size"] < 1:
         return f"encoding_size {provenance['encoding_size']!r} is not a positive integer"
     if not isinstance(provenance["text"], bool):
@@ -100,3 +124,60 @@ def manifest_problem(manifest: dict[str, Any]) -> str | None:
         if key in manifest and not isinstance(manifest[key], str):
             return f"{key} {manifest[key]!r} is not a string"
     return None
+
+
+def completed(
+    previous: dict[str, Any], fields: dict[str, Any], layout_fields: dict[str, Any], counted: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest of a complete store: ``previous`` (its header) updated with ``fields`` (provenance), the
+    layout's own ``layout_fields`` and ``counted`` (``layout``, ``encoding_size``, the sorted ``ids`` and
+    ``selection``: the one recorded unless none is)."""
+    ids = counted["ids"]
+    manifest = {
+        **previous,
+        "format": FORMAT,
+        "layout": counted["layout"],
+        "dtype": DTYPE,
+        "encoding_size": counted["encoding_size"] or previous.get("encoding_size") or fields.get("encoding_size"),
+        **fields,
+        "items": int(len(ids)),
+        "ids_sha256": ids_digest(ids),
+        "complete": True,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    manifest.setdefault("selection", counted["selection"])
+    manifest.update(layout_fields)
+    return manifest
+
+
+def write_manifest(store: Path, manifest: dict[str, Any], staging: Path) -> None:
+    """Write ``STORE/manifest.json`` atomically (staged in ``staging``, fsynced)."""
+    write_atomic(store / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), staging, durable=True)
+
+
+def read_manifest(store: Path) -> dict[str, Any] | None:
+    """``STORE/manifest.json`` as a JSON object, None when there is none; ``QuackError`` naming it when it cannot
+    be read as one (a directory, FIFO, link loop, empty, cut short, not JSON, not an object). Whether it is a
+    valid manifest is ``quackae.store.manifest.manifest_problem``'s to say."""
+    path = store / MANIFEST
+    if not os.path.lexists(path):
+        return None
+    return read_json(path, "store manifest", f"replace the store with quackae encode --out {store} --overwrite")
+
+
+def store_folder_problem(store: Path) -> str | None:
+    """Why ``store`` cannot be read as a store folder (it is missing, a file, a FIFO, a link loop, ...), else None."""
+    kind = folder_kind(store)
+    if kind is None:
+        return None
+    if kind == "missing":
+        return f"encoding store {store} does not exist; run quackae encode --out {store}"
+    return f"encoding store {store} is {kind}, not a store folder; pass the folder quackae encode --out wrote"
+
+
+def manifest_path(store: Path, recorded: str) -> Path:
+    """A path ``STORE/manifest.json`` records: absolute as encode writes it; a relative one (an older quackae
+    wrote them relative to encode's working directory) is taken from the store's parent folder when it is there,
+    else as it stands."""
+    beside = Path(store).parent / recorded
+    return beside if not Path(recorded).is_absolute() and os.path.lexists(beside) else Path(recorded)

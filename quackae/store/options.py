@@ -1,4 +1,4 @@
-"""What an ``AutoencoderWriter`` is told: which items it keeps, how it writes them and what it records."""
+"""What an ``AutoencoderWriter`` is told: how it writes the items it is given and what it records."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from quackae.store.manifest import LAYOUTS
+from quackae.store.layout import known
 from quackae.store.shards import DEFAULT_SHARD_SIZE
 
 
@@ -16,13 +16,15 @@ class WriterOptions:
 
     ``filtered`` keeps labelled items, ``evaluate`` unlabelled ones (both need ``label_field``; a label equal to
     ``unlabeled_value`` or null is unlabelled); ``reduction_threshold`` keeps that share of ``reduce_label``'s
-    items (seeded by ``seed``). ``png`` also draws ``attention`` or ``encoding`` pictures, at most ``png_limit``
-    a rank, only of the items ``png_ids`` names when given. ``layout`` is ``shards`` (``shard_size`` items a
-    shard) or ``files`` (``threads`` writer threads); ``max_pending`` batches wait at most. ``manifest`` is
-    recorded in the store's manifest, ``schema`` gives the metadata columns' Arrow types, ``tokenizer`` with
-    ``text`` adds a decoded ``text`` column. ``job`` is the ``StoreJob`` that holds the store, ``known_ids`` the
-    ids already stored (read from the store when None), and ``background`` whether batches are stored by a
-    thread (None: decided when prediction starts).
+    items (seeded by ``seed``): the selection the manifest records, which the caller applies by predicting only
+    the items it keeps (``quackae.data.selection.selected_rows``, once, in ``quackae encode``). ``png`` also
+    draws ``attention`` or ``encoding`` pictures, at most ``png_limit`` a rank, only of the items ``png_ids``
+    names when given. ``layout`` names a registered layout (``quackae.store.layout``): ``shards``
+    (``shard_size`` items a shard) or ``files`` (``threads`` writer threads); ``max_pending`` batches wait at
+    most. ``manifest`` is recorded in the store's manifest, ``schema`` gives the metadata columns' Arrow types,
+    ``tokenizer`` with ``text`` adds a decoded ``text`` column. ``job`` is the ``StoreJob`` that holds the store,
+    ``known_ids`` the ids already stored (read from the store when None), and ``background`` whether batches
+    are stored by a thread (None: decided when prediction starts).
     """
 
     filtered: bool = False
@@ -59,8 +61,8 @@ class WriterOptions:
             raise ValueError(f"reduction_threshold must be in (0, 1], got {self.reduction_threshold}")
         if self.png not in (None, "attention", "encoding"):
             raise ValueError(f"png must be None, 'attention' or 'encoding', got {self.png!r}")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout not in known():
+            raise ValueError(f"layout must be one of {', '.join(known())}, got {self.layout!r}")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be positive, got {self.shard_size}")
 

@@ -15,19 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from quackae.core.errors import QuackError
-from quackae.store.items import item_entries, item_files, load_item
-from quackae.store.manifest import manifest_problem, provenance_problem
-from quackae.store.shards import (
+from quackae.store.items import item_entries
+from quackae.store.layout import LAYOUTS, known
+from quackae.store.manifest import (
     LOCK,
     MANIFEST,
     QUARANTINE,
-    SHARD_SUFFIX,
-    SHARDS,
     STAGING,
-    open_shard,
+    manifest_problem,
+    provenance_problem,
     read_manifest,
-    shard_files,
-    shard_provenance,
 )
 
 _OURS = (MANIFEST, LOCK, STAGING, QUARANTINE)
@@ -43,15 +40,17 @@ def foreign_entries(store: Path, deep: bool) -> list[Path]:
     if not store.is_dir():
         return []
     foreign = []
+    suffixes = {LAYOUTS[name].folder: LAYOUTS[name].suffix for name in known() if LAYOUTS[name].folder}
     with os.scandir(store) as entries:
         for entry in entries:
             if entry.name in _OURS or (_is_number(entry.name) and entry.is_dir(follow_symlinks=False)):
                 continue
-            if entry.name == SHARDS:  # of another kind than a folder: check_store_folders refuses it
+            if entry.name in suffixes:  # a layout's folder; of another kind than a folder: check_store_folders refuses
                 if entry.is_dir(follow_symlinks=False):
-                    with os.scandir(entry.path) as shards:
+                    suffix = suffixes[entry.name]
+                    with os.scandir(entry.path) as units:
                         foreign.extend(
-                            Path(s.path) for s in shards if not s.name.endswith(SHARD_SUFFIX) or s.name.startswith(".")
+                            Path(u.path) for u in units if not u.name.endswith(suffix) or u.name.startswith(".")
                         )
                 continue
             foreign.append(Path(entry.path))
@@ -110,20 +109,15 @@ def _holds_nothing(store: Path) -> bool:
 
 def _carries_provenance(store: Path) -> bool:
     """Whether one of the first shards or items of ``store`` carries a complete quackae provenance."""
-    for path in shard_files(store)[:_PROOF_UNITS]:
-        try:
-            provenance = shard_provenance(open_shard(path), path)
-        except QuackError:
-            continue
-        if provenance is not None and provenance_problem(provenance) is None:
-            return True
-    for _, path in item_files(store)[:_PROOF_UNITS]:
-        try:
-            provenance = load_item(path).provenance
-        except QuackError:
-            continue
-        if provenance is not None and provenance_problem(provenance) is None:
-            return True
+    for name in known():
+        layout = LAYOUTS[name]
+        for path in layout.units(store)[:_PROOF_UNITS]:
+            try:
+                provenance = layout.read(path).provenance
+            except QuackError:
+                continue
+            if provenance is not None and provenance_problem(provenance) is None:
+                return True
     return False
 
 

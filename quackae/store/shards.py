@@ -1,11 +1,11 @@
-"""The two store layouts on disk and their atomic commits.
+"""The shards layout (``SHARDS``) on disk and its atomic commits.
 
 ``shards`` (the default): ``STORE/shards/*.arrow``, each one complete Arrow IPC file (Feather v2,
 uncompressed) with ``id`` int64, ``encoding`` ``fixed_size_list<float32>[H]`` and the metadata
 columns with their Arrow types; the store's provenance is in every shard's schema metadata.
 ``files``: one ``.npz`` per item at ``STORE/item_path(id, "npz")`` (``quackae.store.items``).
 
-A unit (shard or item) is written under ``STORE/.staging/{job}/``, flushed, and renamed into place;
+A unit (shard or item) is written under ``STORE/.staging/{job}-{rank}/``, flushed, and renamed into place;
 a shard is fsynced and so is its folder after the rename. Nothing here pickles; reading never
 executes code, never opens what is not a regular file and never trusts a size a file declares.
 Glossary: N items, H encoding size.
@@ -23,21 +23,15 @@ import numpy as np
 
 from quackae.core.atomic import TEMPORARY_SUFFIX, fsync_dir
 from quackae.core.errors import QuackError
-from quackae.core.files import folder_kind, read_json
-from quackae.store.items import (
-    CorruptUnit,
-    item_files,
-    open_unit,
-    unit_kind,
+from quackae.store.layout import CorruptUnit, Layout, Unit, open_unit, register, unit_kind
+from quackae.store.manifest import (  # manifest_path, read_manifest: read from here by older callers
+    SHARD_FOLDER,
+    STORE_FOLDERS,
+    manifest_path,  # noqa: F401
+    read_manifest,  # noqa: F401
 )
-from quackae.store.manifest import LAYOUTS  # noqa: F401
 
 DEFAULT_SHARD_SIZE = 16_384  # items per shard and rank
-MANIFEST = "manifest.json"
-SHARDS = "shards"
-STAGING = ".staging"  # STORE/.staging/{job}/ holds one writer job's unfinished units
-QUARANTINE = ".quarantine"  # corrupt shards or items an encode moved aside
-LOCK = ".lock"
 SHARD_SUFFIX = ".arrow"
 PROVENANCE_KEY = b"quackae"
 
@@ -45,7 +39,7 @@ PROVENANCE_KEY = b"quackae"
 def check_store_folders(store: Path) -> None:
     """Refuse a store whose staging, shard or quarantine folder is a symbolic link or not a folder at all: units
     are renamed between them, and a rename across file systems is not atomic (nor is deleting through a link safe)."""
-    for name in (STAGING, SHARDS, QUARANTINE):
+    for name in STORE_FOLDERS:
         kind = unit_kind(store / name)
         if kind == "a symbolic link":
             raise QuackError(
@@ -207,47 +201,10 @@ def all_finite(matrix: np.ndarray) -> bool:
 
 def shard_files(store: Path) -> list[Path]:
     """Every entry of ``STORE/shards/`` named like a shard, whatever it is (a reader refuses what is not a file)."""
-    folder = store / SHARDS
+    folder = store / SHARD_FOLDER
     if not folder.is_dir() or folder.is_symlink():
         return []
     return sorted(p for p in folder.iterdir() if p.name.endswith(SHARD_SUFFIX) and not p.name.startswith("."))
-
-
-def read_manifest(store: Path) -> dict[str, Any] | None:
-    """``STORE/manifest.json`` as a JSON object, None when there is none; ``QuackError`` naming it when it cannot
-    be read as one (a directory, FIFO, link loop, empty, cut short, not JSON, not an object). Whether it is a
-    valid manifest is ``quackae.store.manifest.manifest_problem``'s to say."""
-    path = store / MANIFEST
-    if not os.path.lexists(path):
-        return None
-    return read_json(path, "store manifest", f"replace the store with quackae encode --out {store} --overwrite")
-
-
-def store_folder_problem(store: Path) -> str | None:
-    """Why ``store`` cannot be read as a store folder (it is missing, a file, a FIFO, a link loop, ...), else None."""
-    kind = folder_kind(store)
-    if kind is None:
-        return None
-    if kind == "missing":
-        return f"encoding store {store} does not exist; run quackae encode --out {store}"
-    return f"encoding store {store} is {kind}, not a store folder; pass the folder quackae encode --out wrote"
-
-
-def manifest_path(store: Path, recorded: str) -> Path:
-    """A path ``STORE/manifest.json`` records: absolute as encode writes it; a relative one (an older quackae
-    wrote them relative to encode's working directory) is taken from the store's parent folder when it is there,
-    else as it stands."""
-    beside = Path(store).parent / recorded
-    return beside if not Path(recorded).is_absolute() and os.path.lexists(beside) else Path(recorded)
-
-
-def layout_of(store: Path, manifest: dict[str, Any] | None) -> str:
-    """``shards`` or ``files``: the manifest's word, else what is on disk."""
-    if manifest and manifest.get("layout") in LAYOUTS:
-        return str(manifest["layout"])
-    if (store / SHARDS).is_dir():
-        return "shards"
-    return "files" if item_files(store) else "shards"
 
 
 class ShardBuffer:
@@ -313,3 +270,46 @@ class ShardBuffer:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             pending.result()
+
+
+class ShardsLayout(Layout):
+    """``shards``: Arrow IPC files under ``STORE/shards/``, in name order; each memory-mapped when read."""
+
+    name = "shards"
+    buffered = True
+    mapped = True
+    rank = 0
+    unit_word = "shards"
+    folder = SHARD_FOLDER
+    suffix = SHARD_SUFFIX
+
+    def units(self, store: Path) -> list[Path]:
+        return shard_files(store)
+
+    def read(self, path: Path) -> Unit:
+        table = open_shard(path)
+        ids = table.column("id").to_numpy()  # (n,)
+        return Unit(Path(path), ids, shard_matrix(table), shard_provenance(table, path), table)
+
+    def row(self, unit: Unit, row: int) -> dict[str, Any]:
+        return unit.metadata.drop_columns(["encoding"]).slice(row, 1).to_pylist()[0]
+
+    def prepare(self, store: Path) -> None:
+        (store / SHARD_FOLDER).mkdir(exist_ok=True)
+
+    def commit(
+        self, store: Path, staging: Path, name: str, ids: np.ndarray, matrix: np.ndarray, columns: Any, header: Any
+    ) -> int:
+        write_shard(shard_table(ids, matrix, columns, header or None), staging, store / SHARD_FOLDER, name)
+        return len(ids)
+
+    def table(self, units: list[Unit]) -> Any:
+        import pyarrow as pa
+
+        if not units:
+            return pa.table({"id": pa.array([], pa.int64())})
+        tables = [unit.metadata.replace_schema_metadata(None) for unit in units]
+        return pa.concat_tables(tables, promote_options="permissive")
+
+
+SHARDS = register(ShardsLayout())

@@ -1,8 +1,11 @@
-"""Which units of a store count: a shard or item counts when it is a regular file that parses, matches the
-store (encoding size; at a job's start also provenance and finite values, and, for an item, the id its
-metadata names) and holds only ids the dataset's selection keeps; the first unit to hold an id keeps it.
-The rest are set aside: the job's leader moves them to ``STORE/.quarantine/`` and their ids are encoded
-again. Checks that read every unit run only at a job's start, never per batch.
+"""Whether a stored unit is sound, and which copy of a repeated id wins: the one place for both rules.
+
+``unit_problems`` says what is wrong with one unit read whole (encoding size, the id its metadata names,
+provenance, finite values); a job's start, ``quackae verify`` and ``EncodingStore.check_usable`` all ask it.
+``first_copies`` says which copy of each id counts: the first, in the order the layout lists its units.
+A unit counts when it parses, has no problem, holds only ids the dataset's selection keeps and holds no
+later copy of an id; the rest are set aside: the job's leader moves them to ``STORE/.quarantine/`` and
+their ids are encoded again. Checks that read every unit run only at a job's start, never per batch.
 """
 
 from __future__ import annotations
@@ -16,14 +19,51 @@ from typing import Any
 
 import numpy as np
 
-from quackae.core.errors import QuackError
-from quackae.store.items import item_entries, item_files, load_item
-from quackae.store.manifest import differing
-from quackae.store.shards import QUARANTINE, all_finite, open_shard, shard_files, shard_matrix, shard_provenance
+from quackae.store.items import item_entries
+from quackae.store.layout import CorruptUnit, Layout, Unit
+from quackae.store.manifest import QUARANTINE, differing
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_LINES = 10  # quarantined units named one per line; beyond that, counted
+MAX_LISTED = 10_000  # per-id problems of one unit listed one by one; beyond that, left out
+
+
+def unit_problems(unit: Unit, manifest: dict[str, Any] | None, whole: bool = True) -> list[str]:
+    """What is wrong with ``unit`` against the store's ``manifest`` (None: nothing to compare with): an encoding
+    size other than the manifest's; with ``whole``, also an id its metadata names differently, a provenance other
+    than the manifest's (or none), and each encoding that is not finite (by id). Empty when it is sound."""
+    ids, matrix = unit.ids, unit.matrix  # (n,), (n, H)
+    size = (manifest or {}).get("encoding_size")
+    problems = []
+    if size is not None and matrix.shape[1] != size:
+        problems.append(f"encodings of size {matrix.shape[1]}, the manifest says {size}")
+    if not whole:
+        return problems
+    if unit.named is not None:
+        other = np.flatnonzero(unit.named != ids)
+        problems.extend(f"id {ids[r]}: its metadata says id {unit.named[r]!r}" for r in other[:MAX_LISTED])
+    if manifest is not None:
+        keys = differing(unit.provenance, manifest)
+        if keys and unit.provenance is None:
+            problems.append("carries no provenance, so what made it is unknown")
+        elif keys:
+            problems.append(f"provenance differs from the manifest ({', '.join(keys)})")
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    problems.extend(f"id {ids[r]}: encoding not finite" for r in bad[:MAX_LISTED])
+    return problems
+
+
+def first_copies(id_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Which copy of each id counts: the first, in unit order. ``(ids (N,) sorted unique, unit (N,) and row (N,)
+    of each id's first copy, later (M,) the unit of every later copy)`` of the units' ids ``id_lists``."""
+    every = np.concatenate(id_lists) if id_lists else np.empty(0, dtype=np.int64)  # (T,)
+    unit = np.repeat(np.arange(len(id_lists), dtype=np.int64), [len(ids) for ids in id_lists])  # (T,)
+    row = np.concatenate([np.arange(len(ids), dtype=np.int64) for ids in id_lists]) if id_lists else every
+    ids, first = np.unique(every, return_index=True)  # the first index of each id: the lowest unit, then row
+    later = np.ones(len(every), dtype=bool)
+    later[first] = False
+    return ids, unit[first], row[first], unit[later]
 
 
 def quarantine(store: Path, path: Path, reason: str, quiet: bool = False) -> Path | None:
@@ -53,27 +93,6 @@ def _quarantine_all(store: Path, bad: list[tuple[Path, str]]) -> None:
         )
 
 
-def _repeats(sorted_ids: np.ndarray) -> bool:
-    """Whether a sorted id array holds some id twice."""
-    return len(sorted_ids) > 1 and bool((sorted_ids[1:] == sorted_ids[:-1]).any())
-
-
-def _overlaps(sorted_a: np.ndarray, sorted_b: np.ndarray) -> bool:
-    """Whether two sorted id arrays share an id (a binary search per id of the smaller one)."""
-    if not len(sorted_a) or not len(sorted_b):
-        return False
-    small, large = (sorted_a, sorted_b) if len(sorted_a) <= len(sorted_b) else (sorted_b, sorted_a)
-    found = np.searchsorted(large, small).clip(max=len(large) - 1)
-    return bool((large[found] == small).any())
-
-
-def _merge_sorted(sorted_a: np.ndarray, sorted_b: np.ndarray) -> np.ndarray:
-    """The sorted union of two sorted, disjoint id arrays."""
-    merged = np.concatenate([sorted_a, sorted_b])
-    merged.sort(kind="stable")  # two sorted runs: timsort merges them in one pass
-    return merged
-
-
 def _outside(sorted_ids: np.ndarray, expected: np.ndarray | None) -> bool:
     """Whether some id is not among the sorted ``expected`` ids (None: every id belongs)."""
     if expected is None or not len(sorted_ids):
@@ -84,79 +103,32 @@ def _outside(sorted_ids: np.ndarray, expected: np.ndarray | None) -> bool:
     return not bool((expected[found] == sorted_ids).all())
 
 
-def _sound_shards(
-    store: Path, encoding_size: int | None, provenance: dict[str, Any] | None, expected: np.ndarray | None
-) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
-    """``(sorted ids of each sound shard, (shard, reason) of the others)``; see ``stored_ids_checked``."""
-    candidates, bad = [], []  # (path, sorted ids) of the shards that parse and match, in file order
-    for path in shard_files(store):
+def _sound_units(
+    store: Path, layout: Layout, header: dict[str, Any] | None, whole: bool, expected: np.ndarray | None
+) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]]]:
+    """``((unit, ids) of the units that parse and have no problem, (unit, reason) of the others)``; ``whole``:
+    every problem ``unit_problems`` knows, else only the encoding size."""
+    candidates, bad = [], []
+    for path in layout.units(store):
         try:
-            table = open_shard(path)
-            size = table.schema.field("encoding").type.list_size
-            if encoding_size is not None and size != encoding_size:
-                raise QuackError(f"encoding size {size}, the store's is {encoding_size}")
-            stored = shard_provenance(table, path)
-            if provenance is not None:
-                keys = differing(stored, provenance)
-                if keys:
-                    raise QuackError(f"its provenance differs from the store's ({', '.join(keys)})")
-                if not all_finite(shard_matrix(table)):
-                    raise QuackError("it holds encodings that are not finite")
-            ids = np.sort(table.column("id").to_numpy())  # (n,)
-            if _outside(ids, expected):
-                raise QuackError("it holds ids that are not in the dataset's selection")
+            unit = layout.read(path)
+        except CorruptUnit as error:
+            bad.append((path, error.reason))
+            continue
+        ids = unit.ids
+        problems = unit_problems(unit, header, whole)
+        if not problems and _outside(np.sort(ids), expected):
+            problems = ["it holds ids that are not in the dataset's selection"]
+        if problems:
+            bad.append((path, problems[0]))
+        else:
             candidates.append((path, ids))
-        except QuackError as error:
-            bad.append((path, getattr(error, "reason", str(error))))
-    every = np.sort(np.concatenate([ids for _, ids in candidates])) if candidates else np.empty(0, np.int64)
-    if not _repeats(every):
-        return [every], bad  # no id twice anywhere: every shard counts
-    # the first shard (in file order) to hold an id keeps it; a later one repeating it is set aside
-    chunks, seen = [], np.empty(0, dtype=np.int64)  # sorted ids of the shards accepted so far
-    for path, ids in candidates:
-        if _repeats(ids) or _overlaps(seen, ids):
-            bad.append((path, "it repeats ids"))
-            continue
-        seen = _merge_sorted(seen, ids)
-        chunks.append(ids)
-    return chunks, bad
-
-
-def _sound_items(
-    store: Path, encoding_size: int | None, provenance: dict[str, Any] | None, expected: np.ndarray | None
-) -> tuple[list[np.ndarray], list[tuple[Path, str]]]:
-    """``(ids of the sound items, (item, reason) of the others)``; see ``stored_ids_checked``."""
-    kept, bad = [], []
-    for index, path in item_files(store):
-        try:
-            item = load_item(path)
-            if encoding_size is not None and item.encoding.shape != (encoding_size,):
-                raise QuackError(f"encoding shape {item.encoding.shape}, the store's is ({encoding_size},)")
-            if provenance is not None:
-                keys = differing(item.provenance, provenance)
-                if keys:
-                    raise QuackError(f"its provenance differs from the store's ({', '.join(keys)})")
-                if not all_finite(item.encoding):
-                    raise QuackError("its encoding is not finite")
-                if item.metadata.get("id") != index:
-                    raise QuackError(f"its metadata names id {item.metadata.get('id')!r}")
-        except QuackError as error:
-            bad.append((path, getattr(error, "reason", str(error))))
-            continue
-        kept.append((index, path))
-    ids = np.asarray([index for index, _ in kept], dtype=np.int64)  # (n,) sorted
-    if expected is not None and _outside(ids, expected):
-        inside = np.isin(ids, expected)
-        bad.extend(
-            (path, "its id is not in the dataset's selection") for k, (_, path) in enumerate(kept) if not inside[k]
-        )
-        ids = ids[inside]
-    return [ids], bad
+    return candidates, bad
 
 
 def stored_ids_checked(
     store: Path,
-    layout: str,
+    layout: Layout,
     encoding_size: int | None,
     provenance: dict[str, Any] | None,
     move: bool,
@@ -164,20 +136,26 @@ def stored_ids_checked(
 ) -> np.ndarray:
     """Sorted unique ids of the sound units in ``store``.
 
-    A unit that is not a regular file, does not parse or has another encoding size is skipped. With
-    ``provenance`` (the store's header, at the start of a job) every unit is read whole and one whose
-    provenance differs, that holds a non-finite encoding, or (an item) whose metadata names another id is
-    skipped too; with ``expected`` (the sorted ids the dataset's selection keeps) so is one holding any other
-    id. With ``move`` (the job's leader) each skipped unit is quarantined, and so is anything that stands
-    where an item's folder or picture goes but is not one (a rerun's write there would fail).
+    A unit that is not a regular file or does not parse is skipped, and so is one of another encoding size
+    (``encoding_size``). With ``provenance`` (the store's header, at the start of a job) every unit is read
+    whole and one with a problem (``unit_problems``) is skipped too; with ``expected`` (the sorted ids the
+    dataset's selection keeps) so is one holding any other id; a unit holding a later copy of an id
+    (``first_copies``) is skipped. With ``move`` (the job's leader) each skipped unit is quarantined, and so
+    is anything that stands where an item's folder or picture goes but is not one (a rerun's write there
+    would fail).
     """
-    finder = _sound_shards if layout == "shards" else _sound_items
-    chunks, bad = finder(store, encoding_size, provenance, expected)
+    header = dict(provenance or {})
+    if encoding_size is not None:
+        header["encoding_size"] = encoding_size
+    candidates, bad = _sound_units(store, layout, header or None, provenance is not None, expected)
+    ids, _, _, later = first_copies([unit_ids for _, unit_ids in candidates])
+    if len(later):
+        repeating = set(later.tolist())
+        bad.extend((path, "it repeats ids") for k, (path, _) in enumerate(candidates) if k in repeating)
+        kept = [unit_ids for k, (_, unit_ids) in enumerate(candidates) if k not in repeating]
+        ids = first_copies(kept)[0]
     if move:
         if provenance is not None:
             bad.extend((path, "it stands where quackae writes") for path in item_entries(store).blocking)
         _quarantine_all(store, bad)
-    chunks = [c for c in chunks if len(c)]
-    if len(chunks) < 2:
-        return chunks[0] if chunks else np.empty(0, dtype=np.int64)
-    return np.sort(np.concatenate(chunks))  # sorted, disjoint runs (a unit repeating an id was set aside)
+    return ids

@@ -3,12 +3,14 @@
 Batches (metadata as Arrow columns, encodings after one device-to-host copy, overlapped on a GPU:
 ``quackae.store.transfer``) leave the prediction thread through a bounded queue (``max_pending`` batches), each
 when the next batch starts, so the writer thread's Python overlaps the model rather than the loader.
-``shards``: the writer thread checks each batch (selection, finite encodings) and keeps it in a shard buffer
-without copying; each full one goes to ``COMMITTERS`` threads that put its rows in id order (the one copy)
-and write and fsync it, so memory stays flat (``COMMITTERS + 1`` shards and the queue). When the model
-computes on every CPU core that check runs on the prediction thread between batches (``background``): a
-writer thread there would stall the model. ``files``: ``threads`` threads write one ``.npz`` per item.
-Formats and commits: ``quackae.store.shards``; lock and provenance: ``quackae.store.job``.
+The writer stores every row it is given that is not stored yet: which items a store keeps is the caller's
+choice (``quackae encode`` predicts only the rows its selection keeps, ``quackae.data.selection``).
+A buffered layout (``shards``): the writer thread checks each batch (finite encodings) and keeps it in a shard
+buffer without copying; each full one goes to ``COMMITTERS`` threads that put its rows in id order (the one
+copy) and commit it, so memory stays flat (``COMMITTERS + 1`` shards and the queue). When the model computes
+on every CPU core that check runs on the prediction thread between batches (``background``): a writer thread
+there would stall the model. Other layouts (``files``): ``threads`` threads commit each batch as it comes.
+Units and commits: the layout (``quackae.store.layout``); lock and provenance: ``quackae.store.job``.
 Glossary: B batch, H encoding.
 """
 
@@ -27,20 +29,13 @@ import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from quackae.core.errors import QuackError
-from quackae.data.selection import rows_to_store
 from quackae.data.tokenizer import BatchDecoder
-from quackae.store.items import write_items, write_pngs
+from quackae.store.items import write_pngs
 from quackae.store.job import complete_manifest, stored_ids_checked
+from quackae.store.layout import layout_named
+from quackae.store.manifest import staging_folder
 from quackae.store.options import WRITER_FIELDS, WriterOptions
-from quackae.store.shards import (
-    SHARDS,
-    STAGING,
-    ShardBuffer,
-    column_names,
-    metadata_table,
-    shard_table,
-    write_shard,
-)
+from quackae.store.shards import ShardBuffer, column_names, metadata_table
 from quackae.store.transfer import host_array, non_finite_error, to_host
 
 log = logging.getLogger(__name__)
@@ -49,16 +44,17 @@ COMMITTERS = 2  # threads that write and fsync full shards
 
 
 class AutoencoderWriter(BasePredictionWriter):
-    """Stores each predicted item's encoding and metadata in ``storage_path`` (layout ``shards`` or ``files``).
+    """Stores each predicted item's encoding and metadata in ``storage_path`` (in the layout ``layout`` names).
 
     ``prediction`` is ``(metadata, encoding (B, H))`` (optionally a third element with the attention for
     ``png="attention"``); ``metadata`` is a ``pyarrow.Table`` (what ``TokenizedDataModule`` gives), a
     dict of columns or a list of per-item dicts, each with an ``id``. Items already stored when the writer
     starts are skipped. ``schema`` gives the metadata columns' Arrow types (else they are inferred per batch);
     ``tokenizer`` with ``text`` adds a ``text`` column decoded from the batch's tokens when the metadata has
-    none. ``png_ids``: draw only these items' pictures (at most ``png_limit``). An I/O error stops the job with
-    a ``QuackError`` naming the file; every unit committed before stays valid. Under DDP each rank writes its
-    own shards; rank 0 completes the manifest after every rank has finished.
+    none. The selection (``filtered``, ``evaluate``, ...) is recorded in the manifest; the rows predicted
+    are the ones stored. ``png_ids``: draw only these items' pictures (at most ``png_limit``). An I/O error
+    stops the job with a ``QuackError`` naming the file; every unit committed before stays valid. Under DDP
+    each rank writes its own units; rank 0 completes the manifest after every rank has finished.
     """
 
     def __init__(
@@ -87,22 +83,21 @@ class AutoencoderWriter(BasePredictionWriter):
         for name in WRITER_FIELDS:  # the options, as the attributes the writer's threads read
             setattr(self, name, getattr(options, name))
         self.png_ids = None if options.png_ids is None else np.unique(np.asarray(options.png_ids, dtype=np.int64))
-        self.threads = 1 if options.layout == "shards" else options.threads  # one thread owns the shard buffer
+        self._layout = layout_named(options.layout)
+        self.threads = 1 if self._layout.buffered else options.threads  # one thread owns the shard buffer
         self.manifest = dict(options.manifest or {})
         # batches are stored by a writer thread (True) or on the calling thread between batches (False); None:
-        # a thread, unless the shards layout runs with the model computing on every core
+        # a thread, unless a buffered layout runs with the model computing on every core
         # (``runtime.cores_to_spare``), decided when prediction starts (``write_batch`` alone: a thread).
         # Shards are written and fsynced by their own threads either way.
         self._inline = options.background is False
         self.written = 0
         self.skipped = 0
-        self.filtered_out = 0
         self.shards_written = 0
         known_ids = options.known_ids
         self._known = None if known_ids is None else np.sort(np.asarray(known_ids, dtype=np.int64))
         self._pool: ThreadPoolExecutor | None = None
         self._slots = threading.BoundedSemaphore(options.max_pending)
-        self._folders: set[str] = set()
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._rank = 0
@@ -127,7 +122,7 @@ class AutoencoderWriter(BasePredictionWriter):
         if self.background is None:
             from quackae.core.cores import cores_to_spare
 
-            self._inline = self.layout == "shards" and not cores_to_spare(trainer)
+            self._inline = self._layout.buffered and not cores_to_spare(trainer)
         self._start()
 
     def _start(self) -> None:
@@ -137,14 +132,13 @@ class AutoencoderWriter(BasePredictionWriter):
         if self.job is not None:
             self._staging = self.job.staging(self._rank)
         else:
-            self._staging = self.storage_path / STAGING / f"{self._job_id}-{self._rank}"
+            self._staging = staging_folder(self.storage_path, self._job_id, self._rank)
             self._staging.mkdir(parents=True, exist_ok=True)
-        if self.layout == "shards":
-            (self.storage_path / SHARDS).mkdir(exist_ok=True)
+        self._layout.prepare(self.storage_path)
         if self._known is None:
-            self._known = stored_ids_checked(self.storage_path, self.layout, None, None, move=False)
+            self._known = stored_ids_checked(self.storage_path, self._layout, None, None, move=False)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="quackae-writer")
-        if self.layout == "shards":
+        if self._layout.buffered:
             self._committer = ThreadPoolExecutor(max_workers=COMMITTERS, thread_name_prefix="quackae-commit")
 
     def write_on_batch_end(
@@ -219,18 +213,13 @@ class AutoencoderWriter(BasePredictionWriter):
             if columns.num_rows != len(matrix):
                 raise ValueError(f"{columns.num_rows} metadata rows for {len(matrix)} encodings")
             ids = columns.column("id").to_numpy().astype(np.int64, copy=False)  # (B,)
-            labels = None
-            if self.label_field is not None and (self.filtered or self.evaluate):
-                present = self.label_field in columns.column_names
-                labels = columns.column(self.label_field).to_pylist() if present else [None] * len(ids)
-            rows, skipped, dropped = rows_to_store(ids, labels, self.options.selection, self._known)
+            rows = self._not_stored(ids)
             error = non_finite_error(ids, matrix, self.manifest.get("checkpoint"))
             if error is not None:  # nothing of the batch is stored, nor the rest of its shard
                 self._fail(error)
                 return
             with self._lock:
-                self.skipped += skipped
-                self.filtered_out += dropped
+                self.skipped += len(ids) - len(rows)
             if not len(rows):
                 return
             if len(rows) != len(ids):
@@ -246,11 +235,11 @@ class AutoencoderWriter(BasePredictionWriter):
                 texts = self._decoder(tokens)  # pyarrow string array (B',)
             self._size = int(matrix.shape[1])
             self._write_pngs(ids, matrix, extra)
-            if self.layout == "shards":
-                current = str(self.storage_path / SHARDS)
-                self._buffer_rows(ids, matrix, columns, texts)
+            columns = self._text_column(columns, texts)
+            if self._layout.buffered:
+                self._buffer_rows(ids, matrix, columns)
             else:
-                self._write_items(ids, matrix, columns.to_pylist(), texts)
+                self._commit_rows(ids, matrix, columns)
         except (OSError, QuackError) as error:
             where = getattr(error, "filename", None) or current
             reason = getattr(error, "strerror", None) or error
@@ -269,12 +258,25 @@ class AutoencoderWriter(BasePredictionWriter):
             if self._error is None:
                 self._error = error
 
-    def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any, texts: Any) -> None:
-        """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
+    def _not_stored(self, ids: np.ndarray) -> np.ndarray:
+        """Positions (B',) of the batch's ``ids`` (B,) that are not among the ids stored when the job started."""
+        known = self._known
+        if known is None or not len(known):
+            return np.arange(len(ids))
+        found = np.searchsorted(known, ids).clip(max=len(known) - 1)
+        return np.flatnonzero(known[found] != ids)
+
+    def _text_column(self, columns: Any, texts: Any) -> Any:
+        """The batch's metadata with its decoded ``texts`` (a string array, or None) as ``text``; without ``text``
+        when the store keeps no text."""
         if texts is not None:
             columns = columns.append_column("text", texts)
         if not self.text and "text" in columns.column_names:
             columns = columns.drop_columns(["text"])
+        return columns
+
+    def _buffer_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any) -> None:
+        """Copy a batch's rows into the filling shard buffer; a full buffer goes to the committer."""
         if not self._buffers:
             self._buffers = [ShardBuffer(self.shard_size, matrix.shape[1]) for _ in range(COMMITTERS + 1)]
         start = 0
@@ -294,22 +296,20 @@ class AutoencoderWriter(BasePredictionWriter):
         self._sequence += 1
         name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
         assert self._staging is not None and self._committer is not None
-        staging, shards, provenance = self._staging, self.storage_path / SHARDS, self.manifest or None
+        staging, header = self._staging, self.manifest
 
         def commit() -> None:
             ids, matrix, columns = buffer.rows(pieces)  # in id order, in the buffer's own memory
-            write_shard(shard_table(ids, matrix, columns, provenance), staging, shards, name)
+            self._layout.commit(self.storage_path, staging, name, ids, matrix, columns, header)
             with self._lock:
                 self.written += count
                 self.shards_written += 1
 
         buffer.pending = self._committer.submit(commit)
 
-    def _write_items(self, ids: np.ndarray, matrix: np.ndarray, metadata: list[dict[str, Any]], texts: Any) -> None:
+    def _commit_rows(self, ids: np.ndarray, matrix: np.ndarray, columns: Any) -> None:
         assert self._staging is not None
-        written = write_items(
-            self.storage_path, ids, matrix, metadata, texts, self.text, self._staging, self._folders, self.manifest
-        )
+        written = self._layout.commit(self.storage_path, self._staging, "", ids, matrix, columns, self.manifest)
         with self._lock:
             self.written += written
 
@@ -394,5 +394,5 @@ class AutoencoderWriter(BasePredictionWriter):
     def write_manifest(self) -> dict[str, Any]:
         """Mark the store complete: ``manifest.json`` with the item count, provenance and selection."""
         return complete_manifest(
-            self.storage_path, self.layout, self._size, self.manifest, self.options.selection, self._job_id
+            self.storage_path, self._layout, self._size, self.manifest, self.options.selection, self._job_id
         )
