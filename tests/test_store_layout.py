@@ -160,12 +160,13 @@ def test_first_copies_keeps_the_first_copy_in_unit_order_against_a_plain_loop():
     assert sorted(later.tolist()) == sorted(repeats)
 
 
-def test_the_writer_stores_the_rows_it_is_given_and_records_the_selection(tmp_path):
-    # encode predicts only the rows its selection keeps; the writer does not select a second time
+def test_the_writer_keeps_its_selection_for_callers_that_give_every_row(tmp_path):
+    # encode predicts only the rows its selection keeps; a caller driving the writer itself may give every row,
+    # and filtered=True still keeps only labelled items (the writer's documented meaning)
     selection = {"filtered": True, "label_field": "label", "unlabeled_value": "none"}
     writer = AutoencoderWriter(storage_path=tmp_path, manifest={**HEADER, "layout": "shards"}, **selection)
     writer.write_batch([{"id": i, "label": "none" if i % 2 else "yes"} for i in range(6)], np.ones((6, 4), np.float32))
     writer.flush()
     manifest = writer.write_manifest()
-    assert writer.written == 6 and stored_ids(tmp_path) == list(range(6))
+    assert writer.written == 3 and stored_ids(tmp_path) == [0, 2, 4] and writer.filtered_out == 3
     assert manifest["selection"] == HEADER["selection"]  # the header's own selection is the one recorded

@@ -60,6 +60,16 @@ def selected_mask(ids: Sequence[int], labels: Sequence[Any] | None, selection: d
     )
 
 
+def batch_selection(ids: np.ndarray, columns: Any, selection: dict[str, Any]) -> np.ndarray:
+    """Which rows (B,) of a batch (``ids`` (B,), its metadata ``columns``, a pyarrow table) ``selection`` keeps: a
+    writer given every row (a caller driving it itself) keeps what the store's selection says."""
+    field = selection.get("label_field")
+    if field is None or not (selection.get("filtered") or selection.get("evaluate")):
+        return np.ones(len(ids), dtype=bool)
+    labels = columns.column(field).to_pylist() if field in columns.column_names else [None] * len(ids)
+    return selected_mask(ids.tolist(), labels, selection)
+
+
 def selected_rows(dataset: Any, selection: dict[str, Any]) -> np.ndarray:
     """Row indices of the items a store with ``selection`` keeps: the others are not worth encoding."""
     field_name = selection.get("label_field")

@@ -3,8 +3,7 @@
 Batches (metadata as Arrow columns, encodings after one device-to-host copy, overlapped on a GPU:
 ``quackae.store.transfer``) leave the prediction thread through a bounded queue (``max_pending`` batches), each
 when the next batch starts, so the writer thread's Python overlaps the model rather than the loader.
-The writer stores every row it is given that is not stored yet: which items a store keeps is the caller's
-choice (``quackae encode`` predicts only the rows its selection keeps, ``quackae.data.selection``).
+The writer stores each row not stored yet that its selection keeps (``quackae.data.selection``).
 A buffered layout (``shards``): the writer thread checks each batch (finite encodings) and keeps it in a shard
 buffer without copying; each full one goes to ``COMMITTERS`` threads that put its rows in id order (the one
 copy) and commit it, so memory stays flat (``COMMITTERS + 1`` shards and the queue). When the model computes
@@ -29,6 +28,7 @@ import numpy as np
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from quackae.core.errors import QuackError
+from quackae.data.selection import batch_selection
 from quackae.data.tokenizer import BatchDecoder
 from quackae.store.items import write_pngs
 from quackae.store.job import complete_manifest, stored_ids_checked
@@ -93,6 +93,7 @@ class AutoencoderWriter(BasePredictionWriter):
         self._inline = options.background is False
         self.written = 0
         self.skipped = 0
+        self.filtered_out = 0  # rows of the batches given that the selection leaves out
         self.shards_written = 0
         known_ids = options.known_ids
         self._known = None if known_ids is None else np.sort(np.asarray(known_ids, dtype=np.int64))
@@ -213,13 +214,16 @@ class AutoencoderWriter(BasePredictionWriter):
             if columns.num_rows != len(matrix):
                 raise ValueError(f"{columns.num_rows} metadata rows for {len(matrix)} encodings")
             ids = columns.column("id").to_numpy().astype(np.int64, copy=False)  # (B,)
-            rows = self._not_stored(ids)
+            selected = batch_selection(ids, columns, self.options.selection)  # encode gives selected rows only
             error = non_finite_error(ids, matrix, self.manifest.get("checkpoint"))
             if error is not None:  # nothing of the batch is stored, nor the rest of its shard
                 self._fail(error)
                 return
+            fresh = np.isin(np.arange(len(ids)), self._not_stored(ids))  # (B,) not stored yet
             with self._lock:
-                self.skipped += len(ids) - len(rows)
+                self.skipped += int((selected & ~fresh).sum())  # kept by the selection, stored already
+                self.filtered_out += int((~selected).sum())
+            rows = np.flatnonzero(selected & fresh)
             if not len(rows):
                 return
             if len(rows) != len(ids):
@@ -267,8 +271,7 @@ class AutoencoderWriter(BasePredictionWriter):
         return np.flatnonzero(known[found] != ids)
 
     def _text_column(self, columns: Any, texts: Any) -> Any:
-        """The batch's metadata with its decoded ``texts`` (a string array, or None) as ``text``; without ``text``
-        when the store keeps no text."""
+        """The batch's metadata with its decoded ``texts`` (strings, or None) as ``text``; none if no text kept."""
         if texts is not None:
             columns = columns.append_column("text", texts)
         if not self.text and "text" in columns.column_names:
@@ -290,8 +293,7 @@ class AutoencoderWriter(BasePredictionWriter):
                 self._active = (self._active + 1) % len(self._buffers)
 
     def _commit_buffer(self, buffer: ShardBuffer) -> None:
-        """Hand ``buffer``'s rows to a committer thread, which puts them in id order and writes them as one shard;
-        ``buffer.wait()`` returns once it is committed."""
+        """A committer thread puts ``buffer``'s rows in id order, writes one shard, then ``buffer.wait()`` returns."""
         count, pieces = buffer.fill, buffer.detach()
         self._sequence += 1
         name = f"{self._job_id}-{self._rank:05d}-{self._sequence:06d}.arrow"
