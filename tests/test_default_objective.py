@@ -127,3 +127,12 @@ def test_the_quality_bench_reports_null_reconstruction_figures_for_a_run_without
     figures = _held_out({**summary, "exact_match": None})
     assert figures["token_accuracy"] is None and figures["exact_match"] is None
     assert _held_out({**summary, "token_accuracy": 0.123456, "exact_match": 0.5})["token_accuracy"] == 0.1235
+
+
+def test_a_pipeline_names_why_train_has_no_reconstruction_figures_rather_than_printing_none():
+    from quackae.stages.pipeline import _brief
+    from quackae.stages.train import SKIPPED_GREEDY
+
+    summary = {"run": "r", "global_step": 4, "greedy_token_accuracy": None, "greedy_exact_match": None}
+    brief = _brief("train", {**summary, "greedy_items": 0, "greedy_skipped": SKIPPED_GREEDY})
+    assert brief == {"run": "r", "global_step": 4, "greedy_items": 0, "greedy_skipped": SKIPPED_GREEDY}
