@@ -40,6 +40,7 @@ def test_no_objective_is_refused_in_one_line_naming_the_old_flags(tmp_path, caps
 def test_the_old_flags_give_the_reconstruction_autoencoder():
     config = ModelConfig(**OLD)
     assert config.input_word_dropout == 0.0  # nothing for it to act on: recorded as what acts
+    assert TrainConfig(**OLD).input_word_dropout == 0.0  # the RUN's config.yaml and a --resume agree with it
     model = QuackAutoEncoder(num_embeddings=20, embed_size=8, hidden_size=16, **OLD)
     assert model.bow is None and all(p.requires_grad for p in model.parameters())
     assert model.hparams["input_word_dropout"] == 0.0

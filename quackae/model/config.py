@@ -87,8 +87,7 @@ class ModelFlags:
         problems = model_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
-        if self.bow_weight == 0 and self.input_word_dropout:  # nothing for it to act on: record what acts
-            object.__setattr__(self, "input_word_dropout", 0.0)
+        settle_objective(self)
 
     def model_settings(self) -> dict[str, Any]:
         """The model flags of this config (a ``ModelFlags`` or a config inheriting them) as keyword arguments."""
@@ -143,6 +142,12 @@ def decoder_trained(hparams: Any) -> bool:
     """Whether a model with these settings (a config or its saved dict) trained its decoder."""
     weight = hparams.get("reconstruction_weight") if isinstance(hparams, dict) else hparams.reconstruction_weight
     return weight is None or weight > 0
+
+
+def settle_objective(flags: ModelFlags) -> None:
+    """With ``bow_weight`` 0, ``input_word_dropout`` has nothing to act on: record 0, what acts."""
+    if flags.bow_weight == 0 and flags.input_word_dropout:
+        object.__setattr__(flags, "input_word_dropout", 0.0)
 
 
 def unknown_fields(names: Any) -> list[str]:
