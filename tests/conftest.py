@@ -27,6 +27,10 @@ def write_hand_made_store(path, matrix, metas):
     return path
 
 
+# the reconstruction autoencoder (train's objective before the bag-of-words default): tests of reconstruction
+RECONSTRUCTION = {"reconstruction_weight": 1.0, "bow_weight": 0.0}
+
+
 def random_padded(count: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> torch.Tensor:
     """(count, max_len) right-padded random ids in [1, vocab) with lengths uniform in [min_len, max_len]."""
     generator = torch.Generator().manual_seed(seed)

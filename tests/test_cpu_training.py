@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import random_padded
+from conftest import RECONSTRUCTION, random_padded
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -55,6 +55,7 @@ def test_unpacked_gru_gives_the_packed_states_finals_and_gradients(layers):
 
 def tiny(**kwargs) -> QuackAutoEncoder:
     settings = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "dropout": 0.0, "word_dropout": 0.0}
+    settings.update(RECONSTRUCTION)
     return QuackAutoEncoder(**{**settings, **kwargs})
 
 

@@ -6,7 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import random_padded
+from conftest import RECONSTRUCTION, random_padded
 
 import quackae.model.autoencoder
 from quackae.model.autoencoder import QuackAutoEncoder
@@ -16,7 +16,7 @@ from quackae.model.noise import corrupt
 
 def tiny(**kwargs) -> QuackAutoEncoder:
     defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "pooling": "final"}
-    defaults.update(dropout=0.0, word_dropout=0.0)  # the plain model: the regularisers have tests of their own
+    defaults.update(dropout=0.0, word_dropout=0.0, **RECONSTRUCTION)  # the plain model: regularisers tested apart
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 
@@ -118,7 +118,7 @@ def test_overfits_random_sequences():
     torch.manual_seed(0)
     x = random_padded(64, 20, 3, 12, seed=6)
     model = QuackAutoEncoder(
-        20, embed_size=32, hidden_size=64, learning_rate=1e-2, dropout=0.0, word_dropout=0.0
+        20, embed_size=32, hidden_size=64, learning_rate=1e-2, dropout=0.0, word_dropout=0.0, **RECONSTRUCTION
     ).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     accuracy = 0.0

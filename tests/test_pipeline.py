@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import RECONSTRUCTION
 
 from quackae.cli.command import main
 from quackae.core.errors import QuackError
@@ -57,6 +58,7 @@ def tiny_train(data: Path, out: Path, **flags) -> dict:
         "learning_rate": 1e-2,
         "accelerator": "cpu",
         "devices": "1",
+        **RECONSTRUCTION,  # these tests reconstruct and draw attention: a trained decoder
         **flags,
     }
     return train(TrainConfig(data=str(data), out=str(out), **config))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_padded
+from conftest import RECONSTRUCTION, random_padded
 
 from quackae.data.predict import PredictBatch
 from quackae.model.autoencoder import QuackAutoEncoder
@@ -18,7 +18,7 @@ from quackae.model.noise import word_dropout
 
 def tiny(**kwargs) -> QuackAutoEncoder:
     defaults = {"num_embeddings": 20, "embed_size": 8, "hidden_size": 16, "layers": 1, "mask_id": 1, "pooling": "final"}
-    defaults.update(dropout=0.0, word_dropout=0.0)  # switches off unless a test turns one on
+    defaults.update(dropout=0.0, word_dropout=0.0, **RECONSTRUCTION)  # switches off unless a test turns one on
     defaults.update(kwargs)
     return QuackAutoEncoder(**defaults).eval()
 

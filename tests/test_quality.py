@@ -186,7 +186,7 @@ def test_quality_bench_reports_every_figure_on_one_split(tmp_path, monkeypatch):
     monkeypatch.setattr(quackae.data.corpus, "site_docstrings", lambda: site)
     options = {
         "embed_size": 8, "hidden_size": 16, "batch_size": 16, "pooling": "final+mean", "learning_rate": 0.01,
-        "bow_weight": 1.0, "bow_pooling": "mean",
+        "bow_weight": 1.0, "bow_pooling": "mean", "reconstruction_weight": 1.0,  # both terms: reconstruction scored
     }  # fmt: skip
     result = quality_run(str(corpus), 20, options, seed=3, workdir=tmp_path, pretrain=True)
     assert result["steps"] == 20 and result["model"]["pooling"] == "final+mean" and result["seed"] == 3

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import RECONSTRUCTION
 
 from quackae.runs import budget, heldout
 from quackae.stages.prepare import PrepareConfig, prepare
@@ -32,7 +33,8 @@ def data(tmp_path_factory) -> Path:
 
 def run(data: Path, out: Path, **flags) -> dict:
     values = {"embed_size": 8, "hidden_size": 8, "batch_size": 8, "learning_rate": 1e-2, "accelerator": "cpu"}
-    values.update(devices="1", log_every_n_steps=1, **flags)
+    values.update(devices="1", log_every_n_steps=1, **RECONSTRUCTION)  # the held-out figures need a decoder
+    values.update(flags)
     return train(TrainConfig(data=str(data), out=str(out), **values))
 
 

@@ -218,8 +218,8 @@ def _held_out(summary: dict[str, Any]) -> dict[str, Any]:
         "steps": summary["global_step"],
         "train_seconds": summary["train_seconds"],
         "best_val_loss": summary["best_val_loss"],
-        "token_accuracy": round(summary["token_accuracy"], 4),
-        "exact_match": round(summary["exact_match"], 4),
+        # None where no reconstruction was trained (summary's greedy_skipped says so)
+        **{k: None if summary[k] is None else round(summary[k], 4) for k in ("token_accuracy", "exact_match")},
     }
     return figures | {k: summary[k] for k in ("train_bow_loss", "val_bow_loss") if k in summary}
 

@@ -30,7 +30,7 @@ from quackae.core.atomic import atomic_file
 from quackae.core.errors import QuackError, unpickling_reason
 from quackae.core.files import regular_file
 from quackae.model.autoencoder import QuackAutoEncoder
-from quackae.model.config import unknown_fields
+from quackae.model.config import saved_settings, unknown_fields
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def load_model_and_record(
             f"than the one it is used with (sha256 {tokenizer_sha256[:12]}); use the tokenizer.json of the RUN that "
             "trained it"
         )
-    hparams = dict(checkpoint["hyper_parameters"])
+    hparams = saved_settings(dict(checkpoint["hyper_parameters"]))
     state = checkpoint["state_dict"]
     unknown = unknown_fields(hparams)
     if unknown:

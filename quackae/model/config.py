@@ -59,10 +59,11 @@ class ModelFlags:
         default=0.0, metadata={"help": "share of decoder steps whose attention context is zeroed in training"}
     )
     reconstruction_weight: float = field(
-        default=1.0, metadata={"help": "weight of the reconstruction loss (0: the decoder does not run in training)"}
+        default=0.0,
+        metadata={"help": "weight of the reconstruction loss (0: the decoder neither runs nor trains in training)"},
     )
     bow_weight: float = field(
-        default=0.0,
+        default=1.0,
         metadata={
             "help": "weight of the bag-of-words loss from the encoding (1: like one item's reconstruction; 0: off)"
         },
@@ -75,14 +76,18 @@ class ModelFlags:
         },
     )
     input_word_dropout: float = field(
-        default=0.0,
-        metadata={"help": "share of the encoder input tokens deleted for the bag-of-words term in training"},
+        default=0.5,
+        metadata={
+            "help": "share of the encoder input tokens deleted for the bag-of-words term in training "
+            "(none with --bow-weight 0)"
+        },
     )
 
     def __post_init__(self) -> None:
         problems = model_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+        settle_objective(self)
 
     def model_settings(self) -> dict[str, Any]:
         """The model flags of this config (a ``ModelFlags`` or a config inheriting them) as keyword arguments."""
@@ -114,6 +119,35 @@ class ModelConfig(ModelFlags):
 
 
 MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelConfig))
+
+# The objective of a checkpoint saved before these fields existed: reconstruction alone. A saved model keeps it
+# rather than taking today's defaults (the bag-of-words term alone), which would change what it is.
+OBJECTIVE_BEFORE_BOW = {"reconstruction_weight": 1.0, "bow_weight": 0.0, "bow_pooling": None, "input_word_dropout": 0.0}
+
+# Said wherever an untrained decoder would be used: reconstructions and attention maps of such a model are noise.
+UNTRAINED_DECODER = (
+    "the decoder of this model was not trained (--reconstruction-weight 0: the encoding was trained by the "
+    "bag-of-words term alone), so its reconstructions and attention maps are noise; train with "
+    "--reconstruction-weight 1 --bow-weight 0 (or a reconstruction weight above 0) for a decoder"
+)
+
+
+def saved_settings(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved hyper-parameters with the objective of its own time filled in where it predates the
+    objective fields (``OBJECTIVE_BEFORE_BOW``)."""
+    return {**{k: v for k, v in OBJECTIVE_BEFORE_BOW.items() if k not in hparams}, **hparams}
+
+
+def decoder_trained(hparams: Any) -> bool:
+    """Whether a model with these settings (a config or its saved dict) trained its decoder."""
+    weight = hparams.get("reconstruction_weight") if isinstance(hparams, dict) else hparams.reconstruction_weight
+    return weight is None or weight > 0
+
+
+def settle_objective(flags: ModelFlags) -> None:
+    """With ``bow_weight`` 0, ``input_word_dropout`` has nothing to act on: record 0, what acts."""
+    if flags.bow_weight == 0 and flags.input_word_dropout:
+        object.__setattr__(flags, "input_word_dropout", 0.0)
 
 
 def unknown_fields(names: Any) -> list[str]:
@@ -180,14 +214,11 @@ def model_problems(values: Any, as_flags: bool = False) -> list[str]:
         )
     elif v.reconstruction_weight == 0 and v.bow_weight == 0:
         problems.append(
-            f"{flag('reconstruction_weight')} 0 needs a {flag('bow_weight')} above 0: otherwise nothing is trained"
+            f"{flag('bow_weight')} 0 with {flag('reconstruction_weight')} 0 trains nothing; for the reconstruction "
+            f"autoencoder pass {flag('reconstruction_weight')} 1 {flag('bow_weight')} 0"
         )
     if not 0.0 <= v.input_word_dropout < 1.0:
         problems.append(f"{flag('input_word_dropout')} must be in [0, 1), got {v.input_word_dropout}")
-    elif v.input_word_dropout > 0 and v.bow_weight == 0:
-        problems.append(
-            f"{flag('input_word_dropout')} acts on the bag-of-words term only: set {flag('bow_weight')} above 0"
-        )
     if v.denoise_mode not in DENOISE_MODES:
         problems.append(f"{flag('denoise_mode')} must be 'delete' or 'mask', got {v.denoise_mode!r}")
     if v.denoise_mode == "mask" and v.denoise > 0 and hasattr(v, "mask_id") and v.mask_id is None:

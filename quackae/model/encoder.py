@@ -149,9 +149,13 @@ class QuackEncoder:
         return out[0] if single else out
 
     def reconstruct(self, texts: str | Sequence[str], batch_size: int = 64) -> list[str]:
-        """Greedy reconstruction of each text from its own encoding, in input order."""
+        """Greedy reconstruction of each text from its own encoding, in input order (noise, with a warning, from a
+        model whose decoder was not trained: ``--reconstruction-weight 0``)."""
         from quackae.data.tokenizer import decode
+        from quackae.model.config import UNTRAINED_DECODER, decoder_trained
 
+        if not decoder_trained(self.model.hparams):
+            log.warning("reconstruct: %s", UNTRAINED_DECODER)
         rows = self.tokenize([texts] if isinstance(texts, str) else texts)
         out: list[str] = [""] * len(rows)
         with torch.inference_mode():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from quackae.data.readers import FORMATS
 from quackae.data.tokenizer import DEFAULT_MAX_LENGTH, MIN_VOCAB, TRAIN_CHARS_PER_TOKEN
-from quackae.model.config import ModelFlags, model_problems
+from quackae.model.config import ModelFlags, model_problems, settle_objective
 from quackae.model.trainer import TrainerFlags
 from quackae.store.layout import known
 from quackae.store.shards import DEFAULT_SHARD_SIZE
@@ -131,6 +131,7 @@ class TrainConfig(TrainerFlags, ModelFlags):
         problems = model_problems(self, as_flags=True)
         if problems:
             raise ValueError("; ".join(problems))
+        settle_objective(self)
         if self.log_every_n_steps <= 0:
             raise ValueError(f"--log-every-n-steps must be positive, got {self.log_every_n_steps}")
         if self.max_epochs == 0 or self.max_epochs < -1 or self.max_steps == 0 or self.max_steps < -1:

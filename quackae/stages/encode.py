@@ -26,6 +26,7 @@ import numpy as np
 from quackae.core.errors import QuackError
 from quackae.data.selection import is_labelled, selected_rows
 from quackae.model.checkpoints import resolve_run
+from quackae.model.config import UNTRAINED_DECODER, decoder_trained
 from quackae.model.trainer import encode_batch_size, progress_bar
 from quackae.stages.configs import EncodeConfig
 from quackae.store.job import StoreJob, stored_ids_checked
@@ -137,6 +138,8 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
         dataset, data_tokenizer, model_tokenizer, model_hash = _open_inputs(config, checkpoint, tokenizer_file)
         model = load_model(str(checkpoint), tokenizer_sha256=model_hash)  # refuses another run's tokenizer
         checkpoint_digest = checkpoint_sha256()
+    if config.png == "attention" and not decoder_trained(model.hparams):
+        log.warning("--png attention: %s", UNTRAINED_DECODER)
     store = Path(config.out)
     selection = {
         "filtered": config.filtered,

@@ -204,7 +204,7 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
 
 def _brief(name: str, summary: dict[str, Any]) -> dict[str, Any]:
     keys = PIPELINE_STAGES[name].brief
-    brief = {k: summary.get(k) for k in keys if k in summary}
+    brief = {k: summary[k] for k in keys if summary.get(k) is not None}  # a figure not measured is left out
     if name == "prepare":
         brief["out"] = summary.get("config", {}).get("out")
     return brief

@@ -73,6 +73,7 @@ STAGES: dict[str, Stage] = {
             "teacher_forced_val_token_accuracy",
             "greedy_items",
             "test_items",
+            "greedy_skipped",
         ),
     ),
     "encode": Stage(

@@ -25,6 +25,7 @@ from quackae.core.files import read_bytes, regular_file
 from quackae.core.joblock import JobLock
 from quackae.data.tokenizer import tokenizer_hash
 from quackae.model.checkpoints import AtomicCheckpointIO, BestCheckpoint, SaveLast, non_finite_weights, read_checkpoint
+from quackae.model.config import decoder_trained, saved_settings
 from quackae.model.guard import FiniteGuard, NonFiniteTraining
 from quackae.model.trainer import progress_bar
 from quackae.runs.budget import FINISH_S, Budget, now, plan_training
@@ -35,6 +36,12 @@ from quackae.runs.record import RecordTrainedOn, check_resume, check_run, data_r
 from quackae.stages.configs import TrainConfig
 
 log = logging.getLogger(__name__)
+
+# Why a RUN trained without reconstruction has no held-out greedy figures (summary.json and the printed line).
+SKIPPED_GREEDY = (
+    "no reconstruction trained (--reconstruction-weight 0), so the decoder is untrained; "
+    "--reconstruction-weight 1 --bow-weight 0 trains the reconstruction autoencoder"
+)
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -96,7 +103,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 f"--resume {resume} holds non-finite weights ({', '.join(broken[:3])}); resume an earlier checkpoint"
             )
         start_step = int(saved_checkpoint.get("global_step", 0))
-        saved = dict(saved_checkpoint["hyper_parameters"])
+        saved = saved_settings(dict(saved_checkpoint["hyper_parameters"]))
         del saved_checkpoint
         if saved.get("num_embeddings") != hparams["num_embeddings"]:
             raise QuackError(
@@ -276,13 +283,20 @@ def _fit(
         return {**summary, "lines": [*lines, "no checkpoint was written: training stopped before its first step"]}
     summary["evaluated_checkpoint"] = str(evaluated)
     deadline = budget.deadline - FINISH_S if budget else None
-    summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline))
+    if decoder_trained(hparams):
+        summary.update(greedy_reconstruction(evaluated, datamodule.dataset, eval_items, deadline))
+        summary["teacher_forced_val_token_accuracy"] = teacher_forced(out, has_best)
+    else:  # an untrained decoder rebuilds nothing: its figures would only measure noise
+        summary.update(greedy_items=0, greedy_token_accuracy=None, greedy_exact_match=None)
+        summary.update(teacher_forced_val_token_accuracy=None, greedy_skipped=SKIPPED_GREEDY)
     # the keys of earlier summaries, for the same greedy figures
     summary.update(token_accuracy=summary["greedy_token_accuracy"], exact_match=summary["greedy_exact_match"])
-    summary["teacher_forced_val_token_accuracy"] = teacher_forced(out, has_best)
     summary["seconds"] = round(now() - started, 1)
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    lines.extend(figure_lines(summary, len(eval_items), "best" if has_best else "last", evaluated))
+    if decoder_trained(hparams):
+        lines.extend(figure_lines(summary, len(eval_items), "best" if has_best else "last", evaluated))
+    else:
+        lines.append(f"held-out greedy reconstruction skipped: {SKIPPED_GREEDY}")
     from quackae.viz.curves import write_curves
 
     write_curves(out)  # RUN/curves.png
