@@ -154,9 +154,20 @@ def test_parse_options_types_values_and_rejects_unknown_names():
         "hidden_size": 64,
         "bucket": False,
     }
-    for bad in ("pooling", "nonsense=1", "max_steps=5"):
+    for bad in ("pooling", "nonsense=1", "max_steps=5", "hidden_size=x", "pooling=nope", "bucket=maybe"):
         with pytest.raises(ValueError, match="--option"):
             parse_options((bad,))
+
+
+def test_an_option_is_read_as_quackae_train_reads_its_flag():
+    from quackae.cli.command import build_parser
+
+    options = ("pooling=final+mean", "dropout=0.25", "hidden_size=48", "bucket=no", "denoise=0.1", "gradient_clip=5e-1")
+    flags = ["--pooling", "final+mean", "--dropout", "0.25", "--hidden-size", "48", "--no-bucket", "--denoise", "0.1"]
+    namespace = build_parser("train").parse_args(["train", "data", *flags, "--gradient-clip", "5e-1"])
+    parsed = parse_options(options)
+    assert parsed == {name: getattr(namespace, name) for name in parsed}
+    assert type(parsed["hidden_size"]) is int and type(parsed["gradient_clip"]) is float
 
 
 def test_bench_config_accepts_quality():

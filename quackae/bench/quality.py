@@ -28,11 +28,12 @@ site-packages, parsed, never imported) or a JSONL file with ``text`` and ``label
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import tempfile
 import time
-from dataclasses import fields
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -52,28 +53,47 @@ CORPORA: dict[str, dict[str, int]] = {
 DEFAULT_STEPS = 2000
 
 
-def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
-    """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, typed like the fields they set."""
-    from quackae.stages.train import TrainConfig
+class _OptionParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
 
-    types = {f.name: f.type for f in fields(TrainConfig)}
+
+def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
+    """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, each ``NAME=VALUE`` read as ``quackae train``
+    reads ``--NAME VALUE`` (``table.add_config_arguments``; a boolean takes true/false, 1/0 or yes/no)."""
+    from quackae.stages.table import STAGES, add_config_arguments
+
+    parser = _OptionParser(add_help=False, allow_abbrev=False)
+    add_config_arguments(parser, STAGES["train"].load_config())
+    switches = {a.dest: a for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)}
     reserved = {"data", "out", "max_steps", "max_epochs", "max_time", "resume", "accelerator", "devices"}
+    names = {action.dest for action in parser._actions if action.option_strings}
     parsed: dict[str, Any] = {}
     for option in options:
         name, sep, value = option.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in types or name in reserved:
+        flag = "--" + name.replace("_", "-")
+        if not sep or name not in names or name in reserved:
             raise ValueError(f"--option {option!r} is not NAME=VALUE with NAME a quackae train setting")
-        kind = str(types[name])
-        if "bool" in kind:
-            parsed[name] = value.lower() in ("1", "true", "yes")
-        elif "int" in kind:
-            parsed[name] = int(value)
-        elif "float" in kind:
-            parsed[name] = float(value)
+        if name in switches:
+            if value.strip().lower() not in _BOOLEANS:
+                raise ValueError(f"--option {option!r}: {name} takes true or false")
+            argv = [flag if _BOOLEANS[value.strip().lower()] else "--no-" + flag[2:]]
         else:
-            parsed[name] = value
+            argv = [flag, value]
+        try:
+            parsed[name] = getattr(parser.parse_args([*_required(parser), *argv]), name)
+        except ValueError as error:
+            raise ValueError(f"--option {option!r}: {error}") from None
     return parsed
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _required(parser: argparse.ArgumentParser) -> list[str]:
+    """Placeholder values for the positional arguments, so that one flag can be parsed alone."""
+    return ["-" for action in parser._actions if not action.option_strings]
 
 
 def corpus_rows(corpus: str) -> list[dict[str, Any]]:
