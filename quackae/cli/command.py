@@ -40,15 +40,15 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"quackae {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show the libraries' start-up notices and warnings that quackae hides by default",
-    )
+    verbose_help = "also show the libraries' start-up notices and warnings that quackae hides by default"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     parser.command = command
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, stage in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=stage.help, description=stage.help)
+        sub_parser.add_argument(  # after the command too; absent there, the value before the command stands
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
         if name == command:
             add_config_arguments(sub_parser, stage.load_config())
             if name == "bench":
