@@ -1,0 +1,92 @@
+"""What the README promises about prepare, train and the writer, each checked here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quackae.cli import main
+
+LEGACY = Path(__file__).resolve().parent / "legacy" / "store-ee38aa6"
+
+
+def _words(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = "duck goose swan apple pear plum river stone".split()
+    return [" ".join(rng.choice(words, size=5)) for _ in range(count)]
+
+
+def test_a_rerun_into_a_store_of_another_dataset_is_refused_in_one_line(tmp_path, capsys):
+    for name in ("prepared", "run"):
+        shutil.copytree(LEGACY / name, tmp_path / name)
+    store = tmp_path / "store"
+    encode = ["encode", "--model", str(tmp_path / "run"), "--out", str(store)]
+    assert main([*encode[:1], str(tmp_path / "prepared"), *encode[1:]]) == 0
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(_words(20, 1))))
+    tokenizer = str(tmp_path / "run" / "tokenizer.json")
+    assert main(["prepare", str(corpus), "--tokenizer", tokenizer, "--out", str(tmp_path / "other")]) == 0
+    before = sorted(p.name for p in (store / "shards").iterdir())
+    capsys.readouterr()
+    assert main([*encode[:1], str(tmp_path / "other"), *encode[1:]]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(store) in line and "dataset" in line, line
+    assert sorted(p.name for p in (store / "shards").iterdir()) == before
+
+
+def test_prepare_format_reads_a_file_whose_name_does_not_say_it(tmp_path, capsys):
+    rows = tmp_path / "rows.data"
+    rows.write_text("".join(json.dumps({"id": 10 + i, "text": t}) + "\n" for i, t in enumerate(_words(30, 2))))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(rows), "--vocab-size", "280", "--out", str(out)]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["prepare", str(rows), "--format", "jsonl", "--vocab-size", "280", "--out", str(out)]) == 0
+    from quackae.data.prepared import load_prepared
+
+    assert sorted(load_prepared(out)[0]["id"]) == list(range(10, 40))
+
+
+def test_resume_restores_the_optimizer_state(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(_words(80, 3)) + "\n")
+    assert main(["prepare", str(corpus), "--vocab-size", "280", "--out", str(tmp_path / "p")]) == 0
+    flags = ["--embed-size", "8", "--hidden-size", "8", "--batch-size", "8", "--accelerator", "cpu"]
+    flags += ["--devices", "1", "--val-check-interval", "1.0", "--eval-items", "0"]
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "2", *flags]) == 0
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    last = str(run / "checkpoints" / "last.ckpt")
+    assert main(["train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "3", "--resume", last, *flags]) == 0
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    steps = [
+        {int(state["step"]) for state in saved["optimizer_states"][0]["state"].values()} for saved in (first, resumed)
+    ]
+    assert steps == [{2}, {3}]  # a fresh optimizer would have taken one step, not three
+
+
+def test_the_writers_memory_stays_flat_over_many_batches(tmp_path):
+    from quackae.store.writer import AutoencoderWriter
+    from tests.conftest import STORE_HEADER
+
+    def peak(batches: int, where: Path) -> int:
+        header = {**STORE_HEADER, "layout": "shards", "encoding_size": 32, "selection": {}}
+        writer = AutoencoderWriter(storage_path=where, manifest=header, shard_size=256)
+        rng = np.random.default_rng(0)
+        tracemalloc.start()
+        for number in range(batches):
+            metas = [{"id": number * 64 + k} for k in range(64)]
+            writer.write_batch(metas, rng.standard_normal((64, 32)).astype(np.float32))
+        writer.flush()
+        writer.write_manifest()
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    few, many = peak(40, tmp_path / "few"), peak(400, tmp_path / "many")
+    # ten times the items (6.5 MB of encodings more) may not take more than half as much memory again
+    assert many < few * 1.5, (few, many)
