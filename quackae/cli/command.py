@@ -40,7 +40,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"quackae {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    verbose_help = "also show the libraries' start-up notices and warnings that quackae hides by default"
+    verbose_help = "also show the libraries' start-up notices and warnings, which quackae hides otherwise"
     parser.add_argument("--verbose", action="store_true", help=verbose_help)
     parser.command = command
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
