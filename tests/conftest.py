@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """The tests hide the library warnings the command line hides: the one list in ``quackae.cli.quiet``."""
+    from quackae.cli.quiet import LIBRARY_WARNINGS
+
+    for pattern, category in LIBRARY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}:{category.__name__}")
+
+
 # what encode writes into a store's manifest before its first item: stores made by hand in tests carry it too (a
 # store without it is not one that classify or export reads)
 STORE_HEADER = {"checkpoint_sha256": "0" * 64, "tokenizer_sha256": "1" * 64, "dataset_fingerprint": "f", "text": False}

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from quackae.bench import BenchConfig
-from quackae.bench.quality import FEW_LABEL_DRAWS, FEW_LABELS, ProbeSplit, _probe_subset, parse_options, quality_run
+from quackae.bench.quality import FEW_LABEL_DRAWS, ProbeSplit, _probe_subset, parse_options, quality_run
 from quackae.data.corpus import site_docstrings
-from quackae.eval.probes import bag_of_tokens, store_tokens, tuned_linear_probe
+from quackae.eval.probes import FEW_LABELS, PROBE_DECAYS, bag_of_tokens, store_tokens, tuned_linear_probe
 from quackae.model.config import POOLINGS
 from quackae.stages.classify import ClassifyConfig, classify
 
@@ -89,7 +89,7 @@ def toy_split(seed: int = 0) -> tuple[ProbeSplit, np.ndarray]:
         [np.repeat([0, 1, 2], [round(n * 0.7), n - round(n * 0.7) - n // 6, n // 6]) for n in (40, 30, 8)]
     )
     features = (np.eye(3)[y] * 2 + rng.normal(size=(len(y), 3))).astype(np.float32)
-    return ProbeSplit(y, split, 3, seed), features
+    return ProbeSplit(np.arange(1000, 1000 + len(y)), y, split, 3, seed), features
 
 
 def test_few_label_draws_take_n_training_items_per_class_the_same_way_every_time():
@@ -112,18 +112,30 @@ def test_few_label_figures_are_the_probe_on_each_draw():
     figures = probe.few_label(features)
     assert list(figures) == [str(n) for n in FEW_LABELS]
     for per_class in (5, 25):
-        expected = []
-        for number in range(FEW_LABEL_DRAWS):
+        expected, decay = [], None
+        for number in range(FEW_LABEL_DRAWS):  # the first draw chooses the decay on validation, the others reuse it
             drawn = probe.draw(per_class, number)
-            predicted, _ = tuned_linear_probe(
-                features[drawn], probe.y[drawn], features[probe.val], probe.y[probe.val], features[probe.test], 3, 0
-            )
+            predicted, chosen = tuned_linear_probe(
+                features[drawn], probe.y[drawn], features[probe.val], probe.y[probe.val], features[probe.test], 3, 0,
+                PROBE_DECAYS if decay is None else (decay,),
+            )  # fmt: skip
+            decay = chosen if decay is None else decay
             expected.append(round(float((predicted == probe.y[probe.test]).mean()), 4))
         entry = figures[str(per_class)]
         assert entry["draws"] == expected
         assert entry["mean"] == pytest.approx(np.mean(expected), abs=1e-4)
         assert entry["std"] == pytest.approx(np.std(expected, ddof=1), abs=1e-4)
-        assert len(entry["decays"]) == FEW_LABEL_DRAWS
+        assert entry["weight_decay"] == decay
+
+
+def test_the_bench_draws_the_few_labelled_items_classify_draws():
+    from quackae.eval.probes import few_label_draw
+
+    probe, _ = toy_split()
+    labels = [str(c) for c in probe.y.tolist()]
+    for per_class, number in ((5, 0), (10, 2), (25, 4)):
+        expected = few_label_draw(probe.ids, labels, probe.train, per_class, number, probe.seed)
+        assert np.array_equal(probe.draw(per_class, number), expected)
 
 
 def test_a_column_constant_over_the_training_items_does_not_move_the_probe():
@@ -142,9 +154,20 @@ def test_parse_options_types_values_and_rejects_unknown_names():
         "hidden_size": 64,
         "bucket": False,
     }
-    for bad in ("pooling", "nonsense=1", "max_steps=5"):
+    for bad in ("pooling", "nonsense=1", "max_steps=5", "hidden_size=x", "pooling=nope", "bucket=maybe"):
         with pytest.raises(ValueError, match="--option"):
             parse_options((bad,))
+
+
+def test_an_option_is_read_as_quackae_train_reads_its_flag():
+    from quackae.cli.command import build_parser
+
+    options = ("pooling=final+mean", "dropout=0.25", "hidden_size=48", "bucket=no", "denoise=0.1", "gradient_clip=5e-1")
+    flags = ["--pooling", "final+mean", "--dropout", "0.25", "--hidden-size", "48", "--no-bucket", "--denoise", "0.1"]
+    namespace = build_parser("train").parse_args(["train", "data", *flags, "--gradient-clip", "5e-1"])
+    parsed = parse_options(options)
+    assert parsed == {name: getattr(namespace, name) for name in parsed}
+    assert type(parsed["hidden_size"]) is int and type(parsed["gradient_clip"]) is float
 
 
 def test_bench_config_accepts_quality():

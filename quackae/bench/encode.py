@@ -72,11 +72,9 @@ def bench_encode(config: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="quackae-bench-", dir=config.dir) as tmp:
         root = Path(tmp)
         # model only: the encoder on pre-built, length-sorted batches already in memory
-        from quackae.data.padding import pad_batch
+        from quackae.data.padding import length_sorted_batches
 
-        order = sorted(range(items), key=lambda i: len(rows[i]))
-        batches = [pad_batch([rows[i] for i in order[s : s + batch_size]], 0) for s in range(0, items, batch_size)]
-        batches = [x.to(device) for x in batches]
+        batches = [x.to(device) for _, x in length_sorted_batches(rows, batch_size, 0)]
         model.to(device)
 
         def model_only() -> float:

@@ -28,11 +28,12 @@ site-packages, parsed, never imported) or a JSONL file with ``text`` and ``label
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import tempfile
 import time
-from dataclasses import fields
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,6 @@ import numpy as np
 import torch
 
 from quackae.core.errors import QuackError
-from quackae.core.ids import id_hash
 
 log = logging.getLogger(__name__)
 
@@ -53,28 +53,47 @@ CORPORA: dict[str, dict[str, int]] = {
 DEFAULT_STEPS = 2000
 
 
-def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
-    """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, typed like the fields they set."""
-    from quackae.stages.train import TrainConfig
+class _OptionParser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise ValueError(message)
 
-    types = {f.name: f.type for f in fields(TrainConfig)}
+
+def parse_options(options: tuple[str, ...]) -> dict[str, Any]:
+    """``("pooling=mean", "dropout=0.2")`` -> TrainConfig overrides, each ``NAME=VALUE`` read as ``quackae train``
+    reads ``--NAME VALUE`` (``table.add_config_arguments``; a boolean takes true/false, 1/0 or yes/no)."""
+    from quackae.stages.table import STAGES, add_config_arguments
+
+    parser = _OptionParser(add_help=False, allow_abbrev=False)
+    add_config_arguments(parser, STAGES["train"].load_config())
+    switches = {a.dest: a for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)}
     reserved = {"data", "out", "max_steps", "max_epochs", "max_time", "resume", "accelerator", "devices"}
+    names = {action.dest for action in parser._actions if action.option_strings}
     parsed: dict[str, Any] = {}
     for option in options:
         name, sep, value = option.partition("=")
         name = name.strip().replace("-", "_")
-        if not sep or name not in types or name in reserved:
+        flag = "--" + name.replace("_", "-")
+        if not sep or name not in names or name in reserved:
             raise ValueError(f"--option {option!r} is not NAME=VALUE with NAME a quackae train setting")
-        kind = str(types[name])
-        if "bool" in kind:
-            parsed[name] = value.lower() in ("1", "true", "yes")
-        elif "int" in kind:
-            parsed[name] = int(value)
-        elif "float" in kind:
-            parsed[name] = float(value)
+        if name in switches:
+            if value.strip().lower() not in _BOOLEANS:
+                raise ValueError(f"--option {option!r}: {name} takes true or false")
+            argv = [flag if _BOOLEANS[value.strip().lower()] else "--no-" + flag[2:]]
         else:
-            parsed[name] = value
+            argv = [flag, value]
+        try:
+            parsed[name] = getattr(parser.parse_args([*_required(parser), *argv]), name)
+        except ValueError as error:
+            raise ValueError(f"--option {option!r}: {error}") from None
     return parsed
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _required(parser: argparse.ArgumentParser) -> list[str]:
+    """Placeholder values for the positional arguments, so that one flag can be parsed alone."""
+    return ["-" for action in parser._actions if not action.option_strings]
 
 
 def corpus_rows(corpus: str) -> list[dict[str, Any]]:
@@ -111,43 +130,43 @@ def _encode_all(model: Any, sequences: list[list[int]], batch_size: int = 256) -
     return out
 
 
-FEW_LABELS = (5, 10, 25, 50)  # labelled items per class in the few-label regime
-FEW_LABEL_DRAWS = 5  # seeded draws of those items for each size
+FEW_LABEL_DRAWS = 5  # draws of the few labelled items for each size (``probes.few_label_draw``)
 
 
 def _probe_subset(ids: np.ndarray, labels: list[str], per_label: int, seed: int) -> np.ndarray:
-    """Positions of at most ``per_label`` items per label (0: all), chosen by a keyed hash of the id."""
+    """Positions of at most ``per_label`` items per label (0: all), the first in the keyed id hash order."""
+    from quackae.eval.probes import hash_order
+
     if per_label <= 0:
         return np.arange(len(ids))
-    key = f"probe{seed}".encode()
-    by_label: dict[str, list[int]] = {}
-    for position, label in enumerate(labels):
-        by_label.setdefault(label, []).append(position)
-    keep: list[int] = []
-    for _, positions in sorted(by_label.items()):
-        positions.sort(key=lambda p: id_hash(ids[p], key))
-        keep.extend(positions[:per_label])
+    keep = [p for positions in hash_order(ids, labels, f"probe{seed}").values() for p in positions[:per_label]]
     return np.asarray(sorted(keep), dtype=np.int64)
 
 
 class ProbeSplit:
-    """Labels ``y`` (N,) and the split (0/1/2 train/validation/test per item) every feature set is probed on."""
+    """Ids ``ids`` (N,), labels ``y`` (N,) and the split (0/1/2 train/validation/test per item) every feature set
+    is probed on."""
 
-    def __init__(self, y: np.ndarray, split: np.ndarray, classes: int, seed: int) -> None:
-        self.y, self.classes, self.seed = y, classes, seed
+    def __init__(self, ids: np.ndarray, y: np.ndarray, split: np.ndarray, classes: int, seed: int) -> None:
+        self.ids, self.y, self.classes, self.seed = ids, y, classes, seed
+        self.labels = [str(label) for label in y.tolist()]
         self.train, self.val, self.test = (np.flatnonzero(split == part) for part in (0, 1, 2))
         self.decays: dict[str, float] = {}  # the weight decay each full-label probe chose
 
-    def accuracy(self, features: np.ndarray, train: np.ndarray | None = None) -> tuple[float, float]:
-        """``(test accuracy, chosen weight decay)`` of the probe on ``features`` (N, F) fitted on the items
-        ``train`` (default: the whole training split), over the columns that vary there."""
-        from quackae.eval.probes import tuned_linear_probe
+    def accuracy(
+        self, features: np.ndarray, train: np.ndarray | None = None, decay: float | None = None
+    ) -> tuple[float, float]:
+        """``(test accuracy, weight decay)`` of the probe on ``features`` (N, F) fitted on the items ``train``
+        (default: the whole training split), over the columns that vary there, with the weight decay ``decay``
+        (default: chosen on validation)."""
+        from quackae.eval.probes import PROBE_DECAYS, tuned_linear_probe
 
         train = self.train if train is None else train
         x = features[:, features[train].std(axis=0) > 0]  # (N, F')
         predicted, decay = tuned_linear_probe(
-            x[train], self.y[train], x[self.val], self.y[self.val], x[self.test], self.classes, self.seed
-        )
+            x[train], self.y[train], x[self.val], self.y[self.val], x[self.test], self.classes, self.seed,
+            PROBE_DECAYS if decay is None else (decay,),
+        )  # fmt: skip
         return round(float((predicted == self.y[self.test]).mean()), 4), decay
 
     def full(self, features: np.ndarray, name: str) -> float:
@@ -155,28 +174,21 @@ class ProbeSplit:
         return accuracy
 
     def draw(self, per_class: int, number: int) -> np.ndarray:
-        """Positions of ``per_class`` training items of each class (all of a smaller class), draw ``number``."""
-        rng = np.random.default_rng([self.seed, per_class, number])
-        chosen = []
-        for label in range(self.classes):
-            pool = self.train[self.y[self.train] == label]
-            chosen.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
-        return np.sort(np.concatenate(chosen))
+        """Positions of ``per_class`` training items of each class (all of a smaller class), draw ``number``: the
+        few-label draw ``quackae classify`` makes (``probes.few_label_draw``)."""
+        from quackae.eval.probes import few_label_draw
+
+        return few_label_draw(self.ids, self.labels, self.train, per_class, number, self.seed)
 
     def few_label(self, features: np.ndarray) -> dict[str, dict[str, Any]]:
-        """Per size in ``FEW_LABELS``: mean and sample standard deviation of the test accuracy over the draws,
-        every draw's accuracy and chosen weight decay."""
-        figures = {}
-        for per_class in FEW_LABELS:
-            runs = [self.accuracy(features, self.draw(per_class, n)) for n in range(FEW_LABEL_DRAWS)]
-            scores = np.asarray([accuracy for accuracy, _ in runs])
-            figures[str(per_class)] = {
-                "mean": round(float(scores.mean()), 4),
-                "std": round(float(scores.std(ddof=1)), 4) if len(scores) > 1 else 0.0,
-                "draws": scores.tolist(),
-                "decays": [decay for _, decay in runs],
-            }
-        return figures
+        """Per size in ``probes.FEW_LABELS``: the few-label curve ``quackae classify`` reports
+        (``probes.few_label_curve``) over ``FEW_LABEL_DRAWS`` draws."""
+        from quackae.eval.probes import few_label_curve
+
+        def probe(train: np.ndarray, decay: float | None) -> tuple[float, float]:
+            return self.accuracy(features, train, decay)
+
+        return few_label_curve(probe, self.ids, self.labels, self.train, self.seed, draws=FEW_LABEL_DRAWS)
 
 
 def _write_prepared(root: Path, name: str, rows: list[dict[str, Any]], settings: dict[str, int]) -> Path:
@@ -304,7 +316,7 @@ def quality_run(
         classes = sorted(set(labels))
         y = np.asarray([classes.index(label) for label in labels], dtype=np.int64)
         split, _ = stratified_split(ids, labels, seed, 0.15, 0.15)
-        probe = ProbeSplit(y, split, len(classes), seed)
+        probe = ProbeSplit(ids, y, split, len(classes), seed)
 
         model, untrained = _models(summary, seed)
         pooling = model.pooling

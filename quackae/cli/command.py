@@ -9,14 +9,12 @@ on stderr and exit code 2; a refused ``--strict`` run exits 1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import logging
 import pickle
 import sys
 import time
-import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,71 +22,11 @@ from typing import Any
 from quackae import __version__
 from quackae.core.errors import StrictError, unpickling_reason
 from quackae.core.ranks import global_rank
-from quackae.stages.table import STAGES
+from quackae.stages.table import STAGES, add_config_arguments, config_from_namespace
 
 log = logging.getLogger(__name__)
 
 COMMANDS = STAGES  # every command is a stage of the one table in quackae.stages
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Add one argument per field of the dataclass ``config_cls``; ``positional`` metadata makes it positional."""
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        meta = dict(f.metadata)
-        kind = hints[f.name]
-        help_text = meta.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        origin = typing.get_origin(kind)
-        args = [a for a in typing.get_args(kind) if a is not type(None)]
-        optional = origin in (typing.Union, types.UnionType) and len(args) == 1
-        base = args[0] if optional else kind
-        if typing.get_origin(base) in (tuple, list):
-            item = typing.get_args(base)[0]
-            if meta.get("positional"):
-                parser.add_argument(
-                    f.name, nargs="+" if f.default_factory is dataclasses.MISSING else "*", type=item, help=help_text
-                )
-            else:
-                parser.add_argument(
-                    _flag(f.name), nargs="*", type=item, default=default, help=f"{help_text} (default: {default})"
-                )
-            continue
-        if meta.get("positional"):
-            parser.add_argument(f.name, type=base, help=help_text)
-            continue
-        if base is bool:
-            parser.add_argument(
-                _flag(f.name),
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=f"{help_text} (default: {default})",
-            )
-            continue
-        parser.add_argument(
-            _flag(f.name),
-            type=base,
-            default=default,
-            choices=meta.get("choices"),
-            metavar=meta.get("metavar"),
-            help=f"{help_text} (default: {default})",
-        )
-
-
-def config_from_namespace(config_cls: type, namespace: argparse.Namespace) -> Any:
-    values = {}
-    for f in dataclasses.fields(config_cls):
-        value = getattr(namespace, f.name)
-        if isinstance(value, list):
-            value = tuple(value)
-        values[f.name] = value
-    return config_cls(**values)
 
 
 def _load(name: str) -> tuple[type, Callable[[Any], Any]]:
@@ -102,15 +40,15 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"quackae {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="also show the libraries' start-up notices and warnings that quackae hides by default",
-    )
+    verbose_help = "also show the libraries' start-up notices and warnings, which quackae hides otherwise"
+    parser.add_argument("--verbose", action="store_true", help=verbose_help)
     parser.command = command
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, stage in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=stage.help, description=stage.help)
+        sub_parser.add_argument(  # after the command too; absent there, the value before the command stands
+            "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help
+        )
         if name == command:
             add_config_arguments(sub_parser, stage.load_config())
             if name == "bench":

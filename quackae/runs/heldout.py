@@ -36,7 +36,7 @@ def greedy_reconstruction(checkpoint: Path, dataset: Any, items: np.ndarray, dea
     by length so that similar lengths decode together; after the first, no block starts past ``deadline`` (a
     ``budget.now()``), so the items scored before a deadline are a random sample too, not a length stratum.
     """
-    from quackae.data.padding import pad_batch
+    from quackae.data.padding import length_sorted_batches
     from quackae.model.checkpoints import load_model
 
     scored = {"greedy_items": 0, "greedy_token_accuracy": None, "greedy_exact_match": None}
@@ -49,9 +49,8 @@ def greedy_reconstruction(checkpoint: Path, dataset: Any, items: np.ndarray, dea
     for start in range(0, len(rows), block):
         if done and deadline is not None and now() >= deadline:
             break
-        ordered = sorted(rows[start : start + block], key=len)
-        for first in range(0, len(ordered), BATCH):
-            x = pad_batch(ordered[first : first + BATCH], model.pad_id)  # (B, T)
+        ordered = rows[start : start + block]
+        for _, x in length_sorted_batches(ordered, BATCH, model.pad_id):  # x: (B, T)
             out = model.reconstruct(x, max_length=x.size(1))  # (B, S)
             if out.size(1) < x.size(1):
                 out = torch.nn.functional.pad(out, (0, x.size(1) - out.size(1)), value=model.pad_id)

@@ -5,11 +5,18 @@ imported only when their command runs, so ``quackae --help`` and a mistyped comm
 A stage function never prints: it returns a dict of figures (recorded by ``quackae run`` in
 ``pipeline.json``), with the lines a person should read under ``lines``, which the command line
 prints; ``brief`` names the figures a pipeline shows in its closing table.
+
+``add_config_arguments`` is the one way a config is built from strings: one flag per field of its dataclass,
+typed by the field, for the command line and for ``quackae bench --option NAME=VALUE`` alike.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -132,3 +139,63 @@ STAGES: dict[str, Stage] = {
 }
 
 PIPELINE_STAGES = {name: stage for name, stage in STAGES.items() if stage.pipeline}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one argument per field of the dataclass ``config_cls``; ``positional`` metadata makes it positional."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = dict(f.metadata)
+        kind = hints[f.name]
+        help_text = meta.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        origin = typing.get_origin(kind)
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        optional = origin in (typing.Union, types.UnionType) and len(args) == 1
+        base = args[0] if optional else kind
+        if typing.get_origin(base) in (tuple, list):
+            item = typing.get_args(base)[0]
+            if meta.get("positional"):
+                parser.add_argument(
+                    f.name, nargs="+" if f.default_factory is dataclasses.MISSING else "*", type=item, help=help_text
+                )
+            else:
+                parser.add_argument(
+                    _flag(f.name), nargs="*", type=item, default=default, help=f"{help_text} (default: {default})"
+                )
+            continue
+        if meta.get("positional"):
+            parser.add_argument(f.name, type=base, help=help_text)
+            continue
+        if base is bool:
+            parser.add_argument(
+                _flag(f.name),
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text} (default: {default})",
+            )
+            continue
+        parser.add_argument(
+            _flag(f.name),
+            type=base,
+            default=default,
+            choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
+            help=f"{help_text} (default: {default})",
+        )
+
+
+def config_from_namespace(config_cls: type, namespace: argparse.Namespace) -> Any:
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        value = getattr(namespace, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return config_cls(**values)

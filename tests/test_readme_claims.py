@@ -1,0 +1,143 @@
+"""What the README promises about prepare, train and the writer, each checked here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from quackae.cli import main
+
+LEGACY = Path(__file__).resolve().parent / "legacy" / "store-ee38aa6"
+
+
+def _words(count: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    words = "duck goose swan apple pear plum river stone".split()
+    return [" ".join(rng.choice(words, size=5)) for _ in range(count)]
+
+
+def test_a_rerun_into_a_store_of_another_dataset_is_refused_in_one_line(tmp_path, capsys):
+    for name in ("prepared", "run"):
+        shutil.copytree(LEGACY / name, tmp_path / name)
+    store = tmp_path / "store"
+    encode = ["encode", "--model", str(tmp_path / "run"), "--out", str(store)]
+    assert main([*encode[:1], str(tmp_path / "prepared"), *encode[1:]]) == 0
+    corpus = tmp_path / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(_words(20, 1))))
+    tokenizer = str(tmp_path / "run" / "tokenizer.json")
+    assert main(["prepare", str(corpus), "--tokenizer", tokenizer, "--out", str(tmp_path / "other")]) == 0
+    before = sorted(p.name for p in (store / "shards").iterdir())
+    capsys.readouterr()
+    assert main([*encode[:1], str(tmp_path / "other"), *encode[1:]]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert str(store) in line and "dataset" in line, line
+    assert sorted(p.name for p in (store / "shards").iterdir()) == before
+
+
+def test_prepare_format_reads_a_file_whose_name_does_not_say_it(tmp_path, capsys):
+    rows = tmp_path / "rows.data"
+    rows.write_text("".join(json.dumps({"id": 10 + i, "text": t}) + "\n" for i, t in enumerate(_words(30, 2))))
+    out = tmp_path / "prepared"
+    assert main(["prepare", str(rows), "--vocab-size", "280", "--out", str(out)]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["prepare", str(rows), "--format", "jsonl", "--vocab-size", "280", "--out", str(out)]) == 0
+    from quackae.data.prepared import load_prepared
+
+    assert sorted(load_prepared(out)[0]["id"]) == list(range(10, 40))
+
+
+def test_resume_restores_the_optimizer_state(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(_words(80, 3)) + "\n")
+    assert main(["prepare", str(corpus), "--vocab-size", "280", "--out", str(tmp_path / "p")]) == 0
+    flags = ["--embed-size", "8", "--hidden-size", "8", "--batch-size", "8", "--accelerator", "cpu"]
+    flags += ["--devices", "1", "--val-check-interval", "1.0", "--eval-items", "0"]
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "2", *flags]) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    states = saved["optimizer_states"][0]["state"]
+    assert {int(state["step"]) for state in states.values()} == {2}
+    for state in states.values():  # mark the saved optimizer state: only a restored optimizer counts on from 100
+        state["step"] = torch.tensor(100.0)
+    torch.save(saved, last)
+    assert (
+        main(["train", str(tmp_path / "p"), "--out", str(run), "--max-steps", "3", "--resume", str(last), *flags]) == 0
+    )
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3
+    # one more step on the restored optimizer; a fresh one would say 1, a run started over 3
+    assert {int(state["step"]) for state in resumed["optimizer_states"][0]["state"].values()} == {101}
+
+
+def test_the_writers_memory_stays_flat_over_many_batches(tmp_path):
+    from quackae.store.writer import AutoencoderWriter
+    from tests.conftest import STORE_HEADER
+
+    def peak(batches: int, where: Path) -> int:
+        header = {**STORE_HEADER, "layout": "shards", "encoding_size": 256, "selection": {}}
+        writer = AutoencoderWriter(storage_path=where, manifest=header, shard_size=256)
+        rng = np.random.default_rng(0)
+        tracemalloc.start()
+        for number in range(batches):
+            metas = [{"id": number * 64 + k} for k in range(64)]
+            writer.write_batch(metas, rng.standard_normal((64, 256)).astype(np.float32))
+        writer.flush()
+        writer.write_manifest()
+        top = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return top
+
+    peak(4, tmp_path / "warm")  # the modules the first write imports are not the writer's memory
+    few, many = peak(40, tmp_path / "few"), peak(400, tmp_path / "many")
+    extra = 360 * 64 * 256 * 4  # the bytes of the encodings the second writer stores beyond the first's
+    assert many - few < extra / 10, (few, many, extra)  # bookkeeping per shard and id only, no encodings kept
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="two ranks started as torchrun starts them (RANK, WORLD_SIZE, TORCHELASTIC_RUN_ID, --devices 2 --strategy "
+    "ddp) both stop with Lightning's 'PredictLoader within local rank has zero length'",
+)
+def test_two_torchrun_ranks_share_one_store_and_write_each_item_once(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from quackae import EncodingStore
+
+    for name in ("prepared", "run"):
+        shutil.copytree(LEGACY / name, tmp_path / name)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    store = tmp_path / "store"
+    command = [sys.executable, "-m", "quackae", "encode", str(tmp_path / "prepared"), "--model", str(tmp_path / "run")]
+    command += ["--out", str(store), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--shard-size", "8"]
+    ranks = []
+    for rank in (0, 1):  # what torchrun sets for each process it starts
+        env = os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "claims", "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=300) for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0], [err[-1500:] for _, err in outputs]
+    ids, _ = EncodingStore(store).to_numpy()
+    expected = sorted(load_prepared_ids(tmp_path / "prepared"))
+    assert sorted(ids.tolist()) == expected  # every item, once
+    writers = {p.name.split("-")[-2] for p in (store / "shards").iterdir()}
+    assert writers == {"0", "1"}, writers  # both ranks wrote their share into the one store
+
+
+def load_prepared_ids(path: Path) -> list[int]:
+    from quackae.data.prepared import load_prepared
+
+    return list(load_prepared(path)[0]["id"])
