@@ -84,7 +84,7 @@ def test_a_classify_killed_before_its_folder_is_whole_leaves_the_previous_one(st
     code = (
         "import os, signal, sys\nimport quackae.stages.classify as c\n"
         "def killed(*args, **kwargs):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "c._write_predictions = killed  # after the new checkpoint is written, before the rest\n"
+        "c.write_predictions = killed  # after the new checkpoint is written, before the rest\n"
         f"c.classify(c.ClassifyConfig(store={str(stores / 'three')!r}, out={str(out)!r}, max_epochs=2, "
         "accelerator='cpu', devices='1'))\n"
     )
@@ -232,7 +232,7 @@ def test_the_bag_of_tokens_baseline_reads_only_the_data_the_store_was_encoded_fr
         summary = classify(ClassifyConfig(store=str(tmp_path / store), out=str(tmp_path / f"c-{store}"), max_epochs=2,
                                           accelerator="cpu", devices="1"))  # fmt: skip
         report = json.loads((tmp_path / f"c-{store}" / "report.json").read_text())
-        return report["baselines"]["bag_of_tokens_probe"], summary["lines"][0]
+        return report["baselines"]["bag_of_tokens_probe"], summary.lines()[0]
 
     bag, _ = baseline("store")
     assert bag["source"] == f"{prepared.resolve()}/dataset input_ids" and bag["accuracy"] is not None

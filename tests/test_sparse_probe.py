@@ -173,7 +173,7 @@ def test_classify_reports_the_bag_at_any_size_and_the_few_label_curve(tmp_path, 
             assert figures["std"] == pytest.approx(np.std(figures["draws"], ddof=1), abs=1e-4)
     # 240 items in 4 classes: about 42 training items each, fewer than 50
     assert set(few["short_classes"]["50"]) == {"c0", "c1", "c2", "c3"} and few["short_classes"]["5"] == []
-    line = summary["lines"][1]
+    line = summary.lines()[1]
     means = [[few[name][str(n)]["mean"] for n in FEW_LABELS] for name in ("encodings", "bag_of_tokens")]
     assert line == (
         f"few labels (5/10/25/50 per class, mean of {few['draws']} draws): "

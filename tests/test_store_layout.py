@@ -111,7 +111,7 @@ def test_a_layout_defined_outside_quackae_works_through_writer_reader_and_verify
     assert table.column("id").to_pylist() == sorted(ids) and table.column("label").to_pylist()[0] == "l1"
     opened.check_usable()
     result = verify(VerifyConfig(store=str(store)))
-    assert result["problems"] == 0 and result["lines"] == [f"{store}: ok, 6 items in 1 json files"]
+    assert result["problems"] == 0 and result.lines() == [f"{store}: ok, 6 items in 1 json files"]
 
     # a second batch: the ids stored already are skipped, the new one is one more unit
     again = _write(store, [1, 4], np.full((2, 4), 7.0, dtype=np.float32))

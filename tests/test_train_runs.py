@@ -53,7 +53,7 @@ def best_record(path: Path) -> float:
 
 def test_a_run_stopped_before_its_first_validation_has_no_best(data, tmp_path):
     summary = run(data, tmp_path / "r", max_steps=2)  # an epoch is 6 batches: no validation yet
-    out = "\n".join(summary["lines"])  # what quackae train prints
+    out = "\n".join(summary.lines())  # what quackae train prints
     assert summary["stop_reason"] == "max_steps" and summary["validations"] == 0
     assert summary["best_checkpoint"] is None and summary["best_val_loss"] is None
     assert summary["evaluated_checkpoint"].endswith("last.ckpt")

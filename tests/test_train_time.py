@@ -145,7 +145,7 @@ def test_the_two_token_accuracies_are_named_apart(data, tmp_path, capsys):
     from quackae.viz.curves import PANELS, read_metrics
 
     summary = run(data, tmp_path / "r", max_steps=6, val_check_interval=3)
-    lines = "\n".join(summary["lines"])
+    lines = "\n".join(summary.lines())
     assert "greedy token accuracy" in lines and "teacher-forced token accuracy" in lines
     assert summary["token_accuracy"] == summary["greedy_token_accuracy"] is not None
     metrics = read_metrics(tmp_path / "r/metrics.csv")

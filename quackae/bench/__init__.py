@@ -3,7 +3,8 @@
 One module per bench (``train``, ``prepare``, ``encode``, ``store``, ``quality``), each with a
 ``bench_NAME(config)`` that imports the stages it measures (never the other way round). Every
 figure is measured here, on this process's devices, with warm-up steps excluded. Each bench
-returns a flat dict of figures that the CLI prints (and, with ``--json``, dumps).
+returns a flat dict of figures; ``run_bench`` hands it back as a ``BenchResult``, whose lines the command line
+prints (with ``--json``, then the figures as one JSON object).
 
 May import: quackae.core, quackae.data, quackae.model, quackae.runs, quackae.viz, quackae.store,
 quackae.eval, quackae.stages.
@@ -15,6 +16,8 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
+
+from quackae.core.results import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,21 @@ class BenchConfig:
             raise ValueError("--warmup and --batch-size must not be negative")
 
 
-def run_bench(config: BenchConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BenchResult(StageResult):
+    """The figures of one bench: a flat mapping whose names depend on ``what`` (see each bench module)."""
+
+    what: str
+    measured: dict[str, Any]
+
+    def figures(self) -> dict[str, Any]:
+        return dict(self.measured)
+
+    def lines(self) -> list[str]:
+        return [f"{key:>28}: {value}" for key, value in self.measured.items() if key != "config"]
+
+
+def run_bench(config: BenchConfig) -> BenchResult:
     """Run the bench ``config.what`` names and return its figures (each bench module imported only when run)."""
     module = importlib.import_module(f"quackae.bench.{config.what}")
-    return getattr(module, f"bench_{config.what}")(config)
+    return BenchResult(what=config.what, measured=getattr(module, f"bench_{config.what}")(config))

@@ -57,7 +57,6 @@ def bench_encode(config: Any) -> dict[str, Any]:
         "precision": config.precision or default_precision(device.type),
     }
     batch_size = config.batch_size or encode_batch_size(flags["accelerator"])  # quackae encode's default here
-    bf16 = flags["precision"].startswith("bf16")
     lengths = torch.randint(8, 65, (items,), generator=generator)
     rows = [torch.randint(4, vocab, (int(n) - 1,), generator=generator).tolist() + [3] for n in lengths]
     result: dict[str, Any] = {
@@ -71,72 +70,92 @@ def bench_encode(config: Any) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="quackae-bench-", dir=config.dir) as tmp:
         root = Path(tmp)
-        # model only: the encoder on pre-built, length-sorted batches already in memory
-        from quackae.data.padding import length_sorted_batches
-
-        batches = [x.to(device) for _, x in length_sorted_batches(rows, batch_size, 0)]
-        model.to(device)
-
-        def model_only() -> float:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                start = time.perf_counter()
-                for x in batches:
-                    model(x)
-                if on_gpu:
-                    torch.cuda.synchronize(device)
-                return items / (time.perf_counter() - start)
-
-        # one untimed pass over every batch first: the first time each batch shape goes through the model
-        # costs allocations a steady encode does not pay (timed, that pass ran 18-34% slower here)
-        model_only()
-        # end to end: a prepared dataset on disk -> a store on disk, through encode(). Model only and end to end
-        # alternate (model only first and last); each round's ratio is its end-to-end rate over the mean of the
-        # model-only passes on either side, and the medians are reported: on a shared machine the same pass
-        # moves 10-20% from one run to the next, and so does a ratio of two single runs
-        _write_bench_run(root, rows, model.cpu(), vocab)
-        model.to(device)
-        passes, runs, steady, startups = [model_only()], [], [], []
-        for round_ in range(config.rounds):
-            first: list[float] = []
-            with _first_forward(first):
-                start = time.perf_counter()
-                _encode(root / "prepared", root / "run", root / f"store-shards-{round_}", "shards", batch_size, flags)
-                end = time.perf_counter()
-            runs.append(items / (end - start))
-            steady.append(items / (end - first[0]))  # from the first batch's forward to the end of encode()
-            startups.append(round(first[0] - start, 3))
-            passes.append(model_only())
-        ratios = [runs[r] / ((passes[r] + passes[r + 1]) / 2) for r in range(config.rounds)]
-        steady_ratios = [steady[r] / ((passes[r] + passes[r + 1]) / 2) for r in range(config.rounds)]
-        result["model_only_items_per_s"] = round(float(np.median(passes)), 1)
-        result["end_to_end_items_per_s"] = round(float(np.median(runs)), 1)
-        result["end_to_end_vs_model_only"] = round(float(np.median(ratios)), 3)
-        result["model_only_runs_items_per_s"] = [round(p, 1) for p in passes]
-        result["end_to_end_runs_items_per_s"] = [round(r, 1) for r in runs]
-        result["end_to_end_vs_model_only_runs"] = [round(r, 3) for r in ratios]
-        # the same runs without their start-up (opening the data and the checkpoint, building the Trainer), which
-        # a short bench run pays in full: what the data path leaves of the model's speed once items flow
-        result["end_to_end_startup_s"] = round(float(np.median(startups)), 3)
-        result["end_to_end_startup_s_runs"] = startups
-        result["end_to_end_after_startup_vs_model_only"] = round(float(np.median(steady_ratios)), 3)
-        result["end_to_end_after_startup_vs_model_only_runs"] = [round(r, 3) for r in steady_ratios]
+        _write_bench_run(root, rows, model, vocab)
+        result.update(_model_and_end_to_end(root, rows, model, device, batch_size, config.rounds, flags))
         result.update(_data_path(root, model, vocab, DATA_PATH_ITEMS_PER_ITEM * items, batch_size, config.seed, flags))
         # the files layout once, beside the median model-only rate
         files = _encode_rate(root, "store-files", "files", batch_size, items, flags)
         result["files_end_to_end_items_per_s"] = round(files, 1)
-        # the writer alone: 256-d float32 items with metadata, atomic, no pickle (default layout)
-        writer = AutoencoderWriter(storage_path=root / "writer")
-        matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
-        start = time.perf_counter()
-        for s in range(0, items, batch_size):
-            ids = np.arange(s, min(s + batch_size, items), dtype=np.int64)
-            writer.write_batch({"id": ids, "label": ids % 7}, matrix[s : s + batch_size])  # columns, as encode's
-        writer.flush()
-        result["writer_items_per_s"] = round(items / (time.perf_counter() - start), 1)
+        result["writer_items_per_s"] = round(_writer_alone(root / "writer", items, hidden, batch_size), 1)
     result["files_end_to_end_vs_model_only"] = round(
         result["files_end_to_end_items_per_s"] / result["model_only_items_per_s"], 3
     )
     return result
+
+
+def _model_and_end_to_end(
+    root: Path,
+    rows: list[list[int]],
+    model: Any,
+    device: torch.device,
+    batch_size: int,
+    rounds: int,
+    flags: dict[str, str],
+) -> dict[str, Any]:
+    """Model only (the encoder on pre-built, length-sorted batches already in memory) against end to end (a
+    prepared dataset on disk -> a store on disk, through ``encode()``), in alternation.
+
+    Model only comes first and last; each round's ratio is its end-to-end rate over the mean of the model-only
+    passes on either side, and the medians are reported: on a shared machine the same pass moves 10-20% from
+    one run to the next, and so does a ratio of two single runs."""
+    from quackae.data.padding import length_sorted_batches
+
+    items, on_gpu = len(rows), device.type == "cuda"
+    bf16 = flags["precision"].startswith("bf16")
+    batches = [x.to(device) for _, x in length_sorted_batches(rows, batch_size, 0)]
+    model.to(device)
+
+    def model_only() -> float:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            start = time.perf_counter()
+            for x in batches:
+                model(x)
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            return items / (time.perf_counter() - start)
+
+    # one untimed pass over every batch first: the first time each batch shape goes through the model
+    # costs allocations a steady encode does not pay (timed, that pass ran 18-34% slower here)
+    model_only()
+    passes, runs, steady, startups = [model_only()], [], [], []
+    for round_ in range(rounds):
+        first: list[float] = []
+        with _first_forward(first):
+            start = time.perf_counter()
+            _encode(root / "prepared", root / "run", root / f"store-shards-{round_}", "shards", batch_size, flags)
+            end = time.perf_counter()
+        runs.append(items / (end - start))
+        steady.append(items / (end - first[0]))  # from the first batch's forward to the end of encode()
+        startups.append(round(first[0] - start, 3))
+        passes.append(model_only())
+    ratios = [runs[r] / ((passes[r] + passes[r + 1]) / 2) for r in range(rounds)]
+    steady_ratios = [steady[r] / ((passes[r] + passes[r + 1]) / 2) for r in range(rounds)]
+    return {
+        "model_only_items_per_s": round(float(np.median(passes)), 1),
+        "end_to_end_items_per_s": round(float(np.median(runs)), 1),
+        "end_to_end_vs_model_only": round(float(np.median(ratios)), 3),
+        "model_only_runs_items_per_s": [round(p, 1) for p in passes],
+        "end_to_end_runs_items_per_s": [round(r, 1) for r in runs],
+        "end_to_end_vs_model_only_runs": [round(r, 3) for r in ratios],
+        # the same runs without their start-up (opening the data and the checkpoint, building the Trainer),
+        # which a short bench run pays in full: what the data path leaves of the model's speed once items flow
+        "end_to_end_startup_s": round(float(np.median(startups)), 3),
+        "end_to_end_startup_s_runs": startups,
+        "end_to_end_after_startup_vs_model_only": round(float(np.median(steady_ratios)), 3),
+        "end_to_end_after_startup_vs_model_only_runs": [round(r, 3) for r in steady_ratios],
+    }
+
+
+def _writer_alone(folder: Path, items: int, hidden: int, batch_size: int) -> float:
+    """items/s of the writer alone: ``hidden``-d float32 items with metadata, atomic, no pickle (default layout)."""
+    writer = AutoencoderWriter(storage_path=folder)
+    matrix = np.random.default_rng(0).standard_normal((items, hidden)).astype(np.float32)
+    start = time.perf_counter()
+    for s in range(0, items, batch_size):
+        ids = np.arange(s, min(s + batch_size, items), dtype=np.int64)
+        writer.write_batch({"id": ids, "label": ids % 7}, matrix[s : s + batch_size])  # columns, as encode's
+    writer.flush()
+    return items / (time.perf_counter() - start)
 
 
 def _encode_rate(root: Path, name: str, layout: str, batch_size: int, items: int, flags: dict[str, str]) -> float:

@@ -221,7 +221,7 @@ def _train(data: Path, out: Path, steps: int, seed: int, batch_size: int, option
             **({"batch_size": batch_size} if batch_size else {}), **options,
         )
     )  # fmt: skip
-    return {**summary, "train_seconds": round(time.time() - started, 1)}
+    return {**summary.figures(), "train_seconds": round(time.time() - started, 1)}
 
 
 def _held_out(summary: dict[str, Any]) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def _held_out(summary: dict[str, Any]) -> dict[str, Any]:
         # None where no reconstruction was trained (summary's greedy_skipped says so)
         **{k: None if summary[k] is None else round(summary[k], 4) for k in ("token_accuracy", "exact_match")},
     }
-    return figures | {k: summary[k] for k in ("train_bow_loss", "val_bow_loss") if k in summary}
+    return figures | {k: summary[k] for k in ("train_bow_loss", "val_bow_loss") if summary.get(k) is not None}
 
 
 def _models(summary: dict[str, Any], seed: int) -> tuple[Any, Any]:
@@ -274,6 +274,39 @@ def _pretrained(
     }
 
 
+def _probe_items(dataset: Any, per_label: int, seed: int) -> tuple[np.ndarray, list[str], list[Any], ProbeSplit]:
+    """``(ids, classes, token sequences, split)`` of the labelled items the probe takes (``per_label`` a label)."""
+    from quackae.eval.probes import stratified_split
+
+    table = dataset.select_columns(["id", "input_ids", "label"]).to_dict()
+    labelled = [i for i, label in enumerate(table["label"]) if label is not None]
+    ids = np.asarray([table["id"][i] for i in labelled], dtype=np.int64)
+    labels = [str(table["label"][i]) for i in labelled]
+    sequences = [table["input_ids"][i] for i in labelled]
+    chosen = _probe_subset(ids, labels, per_label, seed)
+    ids, labels, sequences = ids[chosen], [labels[i] for i in chosen], [sequences[i] for i in chosen]
+    classes = sorted(set(labels))
+    y = np.asarray([classes.index(label) for label in labels], dtype=np.int64)
+    split, _ = stratified_split(ids, labels, seed, 0.15, 0.15)
+    return ids, classes, sequences, ProbeSplit(ids, y, split, len(classes), seed)
+
+
+def _by_pooling(model: Any, untrained: Any, sequences: list[Any], probe: ProbeSplit) -> tuple[dict, dict]:
+    """The probe on the trained model and on its untrained twin with each pooling (each put back after)."""
+    from quackae.model.config import POOLINGS
+
+    pooling = model.pooling
+    by_pooling: dict[str, Any] = {}
+    untrained_by_pooling: dict[str, Any] = {}
+    for name in POOLINGS:
+        for net, figures, which in ((model, by_pooling, "trained"), (untrained, untrained_by_pooling, "untrained")):
+            net.set_pooling(name)
+            figures[name] = probe.full(_encode_all(net, sequences), f"{which} {name}")
+    model.set_pooling(pooling)
+    untrained.set_pooling(pooling)
+    return by_pooling, untrained_by_pooling
+
+
 def quality_run(
     corpus: str,
     steps: int,
@@ -293,8 +326,7 @@ def quality_run(
     (``pretrained``). Returns the figures as a dict (see the module docstring).
     """
     from quackae.data.prepared import load_prepared
-    from quackae.eval.probes import bag_of_tokens, stratified_split
-    from quackae.model.config import POOLINGS
+    from quackae.eval.probes import bag_of_tokens
 
     options = dict(options or {})
     settings = CORPORA.get(kind or corpus, CORPORA["stdlib"])
@@ -306,29 +338,13 @@ def quality_run(
         summary = _train(prepared, root / "run", steps, seed, batch_size, options)
 
         dataset, tokenizer, _ = load_prepared(prepared)
-        table = dataset.select_columns(["id", "input_ids", "label"]).to_dict()
-        labelled = [i for i, label in enumerate(table["label"]) if label is not None]
-        ids = np.asarray([table["id"][i] for i in labelled], dtype=np.int64)
-        labels = [str(table["label"][i]) for i in labelled]
-        sequences = [table["input_ids"][i] for i in labelled]
-        chosen = _probe_subset(ids, labels, settings["probe_per_label"], seed)
-        ids, labels, sequences = ids[chosen], [labels[i] for i in chosen], [sequences[i] for i in chosen]
-        classes = sorted(set(labels))
-        y = np.asarray([classes.index(label) for label in labels], dtype=np.int64)
-        split, _ = stratified_split(ids, labels, seed, 0.15, 0.15)
-        probe = ProbeSplit(ids, y, split, len(classes), seed)
-
+        ids, classes, sequences, probe = _probe_items(dataset, settings["probe_per_label"], seed)
+        y = probe.y
         model, untrained = _models(summary, seed)
         pooling = model.pooling
         counts = np.log1p(bag_of_tokens(sequences, tokenizer.get_vocab_size()))  # (N, V)
         majority = int(np.bincount(y[probe.train], minlength=len(classes)).argmax())
-        by_pooling, untrained_by_pooling = {}, {}
-        for name in POOLINGS:
-            for net, figures, which in ((model, by_pooling, "trained"), (untrained, untrained_by_pooling, "untrained")):
-                net.set_pooling(name)
-                figures[name] = probe.full(_encode_all(net, sequences), f"{which} {name}")
-        model.set_pooling(pooling)
-        untrained.set_pooling(pooling)
+        by_pooling, untrained_by_pooling = _by_pooling(model, untrained, sequences, probe)
         result = {
             "bench": "quality",
             "corpus": corpus,

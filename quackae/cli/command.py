@@ -172,25 +172,18 @@ def _main(argv: list[str], threads: dict[str, str] | None = None) -> int:
             raise
         print(f"quackae {namespace.command}: error: {message}", file=sys.stderr)
         return 1 if isinstance(error, StrictError) else 2
-    if namespace.command == "bench":
-        _print_bench(result, as_json=namespace.json)
-    elif isinstance(result, dict):
-        for line in result.get("lines", ()):
-            print(line)
-    out = getattr(namespace, "out", None) or (result.get("out") if isinstance(result, dict) else None)
+    if result is None:  # a rank of a DDP job other than 0: rank 0 reports
+        return 0
+    for line in result.lines():
+        print(line)
+    if namespace.command == "bench" and namespace.json:
+        print(json.dumps(result.figures(), sort_keys=True))
+    out = getattr(namespace, "out", None) or result.written
     if namespace.command not in ("run", "demo") and isinstance(out, str) and global_rank() == 0:
         from quackae.stages.pipeline import print_written
 
         print_written([out], started)
-    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
-
-
-def _print_bench(result: dict[str, Any], as_json: bool) -> None:
-    for key, value in result.items():
-        if key != "config":
-            print(f"{key:>28}: {value}")
-    if as_json:
-        print(json.dumps(result, sort_keys=True))
+    return result.exit_code
 
 
 if __name__ == "__main__":

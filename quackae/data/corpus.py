@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quackae.core.results import StageResult
+
 log = logging.getLogger(__name__)
 
 # Modules with side effects on import (a browser, a window, printed text) or nothing to read.
@@ -207,7 +209,17 @@ class CorpusConfig:
             raise ValueError("min_per_label must be at least 1 and max_labels at least 2")
 
 
-def build_corpus(config: CorpusConfig) -> dict[str, object]:
+@dataclass(frozen=True)
+class CorpusResult(StageResult):
+    """The corpus file written: its rows, how many carry a label, and how many labels."""
+
+    out: str
+    rows: int
+    labelled: int
+    labels: int
+
+
+def build_corpus(config: CorpusConfig) -> CorpusResult:
     """Write the standard-library docstring corpus as JSONL (``id``, ``text``, ``label``)."""
     rows = stdlib_docstrings(config.min_per_label, config.max_labels)
     write_jsonl(rows, config.out)
@@ -215,4 +227,4 @@ def build_corpus(config: CorpusConfig) -> dict[str, object]:
     log.info(
         "wrote %d docstrings (%d labelled, %d labels) to %s", len(rows), sum(labels.values()), len(labels), config.out
     )
-    return {"out": config.out, "rows": len(rows), "labelled": sum(labels.values()), "labels": len(labels)}
+    return CorpusResult(out=str(config.out), rows=len(rows), labelled=sum(labels.values()), labels=len(labels))

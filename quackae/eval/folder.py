@@ -11,11 +11,14 @@ leaves the previous classifier as it was and a staging folder that the next clas
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from quackae.core.atomic import replace_folder, sibling_staging
+import numpy as np
+
+from quackae.core.atomic import atomic_file, replace_folder, sibling_staging
 from quackae.core.errors import QuackError
 from quackae.core.files import read_json, regular_file
 from quackae.model.checkpoints import load_torch_file
@@ -112,3 +115,33 @@ def read_classifier(directory: Path) -> tuple[dict[str, Any], dict[str, Any], li
             f"replaced or mixed); {_RETRAIN}"
         )
     return dict(checkpoint["hyper_parameters"]), checkpoint["state_dict"], classes
+
+
+def write_predictions(
+    file: Path,
+    ids: np.ndarray,
+    labels: list[str | None],
+    predicted: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    splits: Any,
+) -> None:
+    """``predictions.parquet``: id, true and predicted label, each class's probability and (when given) the split;
+    the classes in order in the schema's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, Any] = {
+        "id": pa.array(ids, type=pa.int64()),
+        "true_label": pa.array(labels, type=pa.string()),
+        "predicted_label": pa.array([classes[k] for k in predicted], type=pa.string()),
+        "probabilities": pa.FixedSizeListArray.from_arrays(
+            pa.array(probabilities.astype(np.float32).reshape(-1), type=pa.float32()), len(classes)
+        ),
+    }
+    if splits is not None:
+        columns["split"] = pa.array(list(splits), type=pa.string())
+    table = pa.table(columns)
+    table = table.replace_schema_metadata({"classes": json.dumps(classes)})
+    with atomic_file(file, "wb") as handle:
+        pq.write_table(table, handle)

@@ -2,7 +2,8 @@
 
 Owns: one live training per RUN (``lock``), what a RUN trained on (``record``: ``run.json`` and the record in
 every checkpoint), its metrics history and the series read from it (``logs``), how long training takes and
-keeping it to ``--max-time`` (``budget``) and the held-out greedy reconstruction figures (``heldout``).
+keeping it to ``--max-time`` (``budget``), the held-out greedy reconstruction figures (``heldout``) and
+what a training reports, ``TrainResult`` in ``summary.json`` (``summary``).
 
 May import: quackae.core, quackae.data, quackae.model.
 """

@@ -21,7 +21,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from quackae.core.atomic import atomic_file, write_atomic
 from quackae.core.errors import QuackError
 from quackae.data.selection import is_labelled
-from quackae.eval.folder import CHECKPOINT, check_out, commit, file_sha256, read_classifier, staging_for
+from quackae.eval.folder import (
+    CHECKPOINT,
+    check_out,
+    commit,
+    file_sha256,
+    read_classifier,
+    staging_for,
+    write_predictions,
+)
 from quackae.eval.probes import (
-    FEW_LABELS,
     bag_baseline,
     classification_report,
     few_label_report,
     stratified_split,
     tuned_linear_probe,
 )
+from quackae.eval.report import ClassifyResult, PredictResult
 from quackae.model.checkpoints import AtomicCheckpointIO, load_torch_file
 from quackae.model.classifier import LatentClassifier
 from quackae.model.guard import FiniteGuard, NonFiniteTraining
@@ -74,11 +82,44 @@ def _labels_of(metadata: list[dict[str, Any]], field_name: str, unlabeled: str |
     return labels
 
 
-def classify(config: ClassifyConfig) -> dict[str, Any]:
+@dataclass
+class _Labelled:
+    """The store's items, their labels and the stratified split of the labelled ones (l_: labelled only)."""
+
+    ids: np.ndarray  # (N,)
+    matrix: np.ndarray  # (N, H)
+    metadata: list[dict[str, Any]]
+    labels: list[str | None]
+    labelled: np.ndarray  # (N,) bool
+    classes: list[str]
+    l_y: np.ndarray  # (L,) class index
+    split: np.ndarray  # (L,) 0/1/2: train/val/test
+    parts: dict[str, np.ndarray]  # name -> (L,) bool
+    small: list[str]  # classes too small for a validation and a test item, kept in training only
+
+    @property
+    def l_ids(self) -> np.ndarray:
+        return self.ids[self.labelled]
+
+    @property
+    def l_x(self) -> np.ndarray:
+        return self.matrix[self.labelled]
+
+    @property
+    def l_labels(self) -> list[str]:
+        return [label for label in self.labels if label is not None]
+
+    def rows(self) -> tuple[np.ndarray, ...]:
+        """The (train, validation, test) positions among the labelled items."""
+        return tuple(np.flatnonzero(self.parts[name]) for name in ("train", "val", "test"))
+
+
+def classify(config: ClassifyConfig) -> ClassifyResult | PredictResult | None:
     """Run ``quackae classify`` (train, pick the best on validation, test) or, with ``--predict``, apply one.
 
     The classifier folder is written whole in a staging folder beside ``--out`` and then takes its place
-    (see ``quackae.eval.folder``): a stopped classify leaves the previous one as it was.
+    (see ``quackae.eval.folder``): a stopped classify leaves the previous one as it was. Returns None on the
+    ranks of a DDP job other than 0.
     """
     if config.predict:
         return predict_with(config)
@@ -91,10 +132,40 @@ def classify(config: ClassifyConfig) -> dict[str, Any]:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once committed
 
 
-def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str, Any]:
-    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
+def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> ClassifyResult | None:
     started = time.time()
+    data = _labelled_split(config)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    trainer = _fit(config, data, staging)
+    if not trainer.is_global_zero:
+        return None
+    best_file = staging / CHECKPOINT
+    best = _classifier_from(load_torch_file(best_file, "classifier checkpoint"), best_file)
+    with torch.no_grad():
+        probabilities = F.softmax(best(torch.from_numpy(data.matrix)), dim=-1).numpy()  # (N, C)
+    predicted = probabilities.argmax(axis=1)
+    test_y = data.l_y[data.parts["test"]]
+    report = classification_report(test_y, predicted[np.flatnonzero(data.labelled)[data.parts["test"]]], data.classes)
+    report = {**_head(config, data), **report, **_baselines(config, data)}
+    report.update(checkpoint=str(out / CHECKPOINT), config=asdict(config), seconds=round(time.time() - started, 1))
+    _write_folder(staging, data, report, predicted, probabilities, config.label_field)
+    commit(staging, out)  # the whole classifier takes --out's place at once
+    baselines = report["baselines"]
+    return ClassifyResult(
+        out=str(out),
+        test_items=report["items"]["test"],
+        accuracy=report["accuracy"],
+        macro_f1=report["macro_f1"],
+        majority_accuracy=baselines["majority_class"]["accuracy"],
+        linear_probe_accuracy=baselines["linear_probe"]["accuracy"],
+        bag_of_tokens_accuracy=baselines["bag_of_tokens_probe"]["accuracy"],
+        bag_of_tokens_skipped=baselines["bag_of_tokens_probe"].get("source"),
+        few_label=report["few_label"],
+    )
+
+
+def _labelled_split(config: ClassifyConfig) -> _Labelled:
+    """The store's encodings and labels, split: refuses a store with no labels, one class, or too few items."""
     ids, matrix, metadata = load_encodings(config.store)
     labels = _labels_of(metadata, config.label_field, config.unlabeled_value, config.store)
     labelled = np.asarray([label is not None for label in labels])
@@ -108,20 +179,26 @@ def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str
     if (~labelled).any():
         log.info("%d unlabelled items are left out of training and get predictions only", int((~labelled).sum()))
     index = {c: k for k, c in enumerate(classes)}
-    l_ids, l_x = ids[labelled], matrix[labelled]
     l_labels = [label for label in labels if label is not None]
     l_y = np.asarray([index[label] for label in l_labels], dtype=np.int64)
-    split, small = stratified_split(l_ids, l_labels, config.seed, config.val_fraction, config.test_fraction)
+    split, small = stratified_split(ids[labelled], l_labels, config.seed, config.val_fraction, config.test_fraction)
     if small:
         log.warning("classes with fewer than 3 items stay in training only (no val/test score): %s", ", ".join(small))
     parts = {name: split == code for code, name in enumerate(("train", "val", "test"))}
     if not parts["val"].any() or not parts["test"].any():
         raise QuackError(f"too few labelled items in {config.store} for validation and test splits")
-    pl.seed_everything(config.seed, workers=True, verbose=False)
+    return _Labelled(ids, matrix, metadata, labels, labelled, classes, l_y, split, parts, small)
+
+
+def _fit(config: ClassifyConfig, data: _Labelled, staging: Path) -> pl.Trainer:
+    """Train the classifier on the train split, its best checkpoint by validation loss kept in ``staging``."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    parts, l_x, l_y, classes = data.parts, data.l_x, data.l_y, data.classes
     counts = np.bincount(l_y[parts["train"]], minlength=len(classes))
     weights = (counts.sum() / np.maximum(counts, 1) / len(classes)).tolist() if config.class_weights else None
     model = LatentClassifier(
-        matrix.shape[1],
+        data.matrix.shape[1],
         len(classes),
         config.hidden_sizes,
         config.dropout,
@@ -133,8 +210,8 @@ def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str
     model.set_standardisation(l_x[parts["train"]])
 
     def loader(mask: np.ndarray, shuffle: bool) -> DataLoader:
-        data = TensorDataset(torch.from_numpy(l_x[mask]), torch.from_numpy(l_y[mask]))
-        return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers)
+        tensors = TensorDataset(torch.from_numpy(l_x[mask]), torch.from_numpy(l_y[mask]))
+        return DataLoader(tensors, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.num_workers)
 
     checkpoint = ModelCheckpoint(
         dirpath=staging / CHECKPOINT.parent,
@@ -165,38 +242,40 @@ def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str
             f"the classifier's {error}; lower --lr (it is {config.lr}) or look for extreme values in the "
             f"encodings of {config.store}"
         ) from None
-    if not trainer.is_global_zero:
-        return {}
-    best_file = staging / CHECKPOINT
-    best = _classifier_from(load_torch_file(best_file, "classifier checkpoint"), best_file)
-    with torch.no_grad():
-        probabilities = F.softmax(best(torch.from_numpy(matrix)), dim=-1).numpy()  # (N, C)
-    predicted = probabilities.argmax(axis=1)
-    test = np.flatnonzero(labelled)[parts["test"]]
-    report = classification_report(l_y[parts["test"]], predicted[test], classes)
-    majority = int(np.argmax(counts))
-    baseline_majority = classification_report(l_y[parts["test"]], np.full(int(parts["test"].sum()), majority), classes)
+    return trainer
 
-    rows = tuple(np.flatnonzero(parts[name]) for name in ("train", "val", "test"))
+
+def _head(config: ClassifyConfig, data: _Labelled) -> dict[str, Any]:
+    """The report's first keys: what was classified and how many items each split holds."""
+    return {
+        "store": config.store,
+        "label_field": config.label_field,
+        "classes": data.classes,
+        "items": {
+            "labelled": int(data.labelled.sum()),
+            "unlabelled": int((~data.labelled).sum()),
+            **{name: int(mask.sum()) for name, mask in data.parts.items()},
+        },
+        "small_classes": data.small,
+    }
+
+
+def _baselines(config: ClassifyConfig, data: _Labelled) -> dict[str, Any]:
+    """The majority class, the linear probe and the bag-of-tokens probe on the same split, and the few-label
+    curve of the probes (``baselines`` and ``few_label`` of the report)."""
+    classes, l_y, parts, rows = data.classes, data.l_y, data.parts, data.rows()
+    majority = int(np.argmax(np.bincount(l_y[parts["train"]], minlength=len(classes))))
+    test_y = l_y[parts["test"]]
+    baseline_majority = classification_report(test_y, np.full(len(test_y), majority), classes)
+    l_x = data.l_x
     probe_predicted, probe_decay = tuned_linear_probe(
         l_x[rows[0]], l_y[rows[0]], l_x[rows[1]], l_y[rows[1]], l_x[rows[2]], len(classes), config.seed
     )
-    baseline_probe = classification_report(l_y[parts["test"]], probe_predicted, classes)
-    labelled_metadata = [m for m, label in zip(metadata, labels, strict=True) if label is not None]
-    bag, baseline_bag = bag_baseline(config.store, l_ids, labelled_metadata, l_y, rows, classes, config.seed)
-    few_label = few_label_report(l_x, bag, l_ids, l_labels, l_y, rows, len(classes), config.seed)
-    del bag
-    report = {
-        "store": config.store,
-        "label_field": config.label_field,
-        "classes": classes,
-        "items": {
-            "labelled": int(labelled.sum()),
-            "unlabelled": int((~labelled).sum()),
-            **{name: int(mask.sum()) for name, mask in parts.items()},
-        },
-        "small_classes": small,
-        **report,
+    baseline_probe = classification_report(test_y, probe_predicted, classes)
+    labelled_metadata = [m for m, label in zip(data.metadata, data.labels, strict=True) if label is not None]
+    bag, baseline_bag = bag_baseline(config.store, data.l_ids, labelled_metadata, l_y, rows, classes, config.seed)
+    few_label = few_label_report(l_x, bag, data.l_ids, data.l_labels, l_y, rows, len(classes), config.seed)
+    return {
         "baselines": {
             "majority_class": {
                 "class": classes[majority],
@@ -211,83 +290,34 @@ def _classify_into(config: ClassifyConfig, staging: Path, out: Path) -> dict[str
             "bag_of_tokens_probe": baseline_bag,
         },
         "few_label": few_label,
-        "checkpoint": str(out / CHECKPOINT),
-        "config": asdict(config),
-        "seconds": round(time.time() - started, 1),
-    }
-    split_names = np.full(len(ids), "unlabelled", dtype=object)
-    split_names[np.flatnonzero(labelled)] = np.asarray(["train", "val", "test"], dtype=object)[split]
-    _write_predictions(staging / "predictions.parquet", ids, labels, predicted, probabilities, classes, split_names)
-    with atomic_file(staging / "confusion.png", "wb") as handle:
-        save_png(confusion_image(report["confusion_matrix"], classes), handle)
-    sha = file_sha256(best_file)  # classes.json and report.json name the checkpoint they belong to
-    report["checkpoint_sha256"] = sha
-    names = {"label_field": config.label_field, "classes": classes, "checkpoint_sha256": sha}
-    write_atomic(staging / "classes.json", json.dumps(names) + "\n")
-    write_atomic(staging / "report.json", json.dumps(report, indent=2) + "\n")
-    commit(staging, out)  # the whole classifier takes --out's place at once
-    line = (
-        f"test accuracy {report['accuracy']:.3f} (macro-F1 {report['macro_f1']:.3f}) on "
-        f"{report['items']['test']} items; majority class {report['baselines']['majority_class']['accuracy']:.3f}, "
-        f"linear probe {report['baselines']['linear_probe']['accuracy']:.3f}, bag-of-tokens probe "
-        + (
-            f"skipped ({baseline_bag['source']})"
-            if baseline_bag["accuracy"] is None
-            else f"{baseline_bag['accuracy']:.3f}"
-        )
-    )
-    return {
-        "out": str(out),
-        "accuracy": report["accuracy"],
-        "macro_f1": report["macro_f1"],
-        "majority_accuracy": report["baselines"]["majority_class"]["accuracy"],
-        "linear_probe_accuracy": report["baselines"]["linear_probe"]["accuracy"],
-        "bag_of_tokens_accuracy": baseline_bag["accuracy"],
-        "lines": [line, _few_label_line(few_label)],
     }
 
 
-def _few_label_line(few_label: dict[str, Any]) -> str:
-    """``few labels (5/10/25/50 per class, mean of 3 draws): encodings 0.31/..., bag of tokens 0.33/...``."""
-
-    def curve(figures: dict[str, Any] | None) -> str:
-        return "n/a" if figures is None else "/".join(f"{figures[str(n)]['mean']:.2f}" for n in FEW_LABELS)
-
-    return (
-        f"few labels ({'/'.join(map(str, FEW_LABELS))} per class, mean of {few_label['draws']} draws): "
-        f"encodings {curve(few_label['encodings'])}, bag of tokens {curve(few_label['bag_of_tokens'])}"
-    )
-
-
-def _write_predictions(
-    file: Path,
-    ids: np.ndarray,
-    labels: list[str | None],
+def _write_folder(
+    staging: Path,
+    data: _Labelled,
+    report: dict[str, Any],
     predicted: np.ndarray,
     probabilities: np.ndarray,
-    classes: list[str],
-    splits: Any,
+    label_field: str,
 ) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    columns: dict[str, Any] = {
-        "id": pa.array(ids, type=pa.int64()),
-        "true_label": pa.array(labels, type=pa.string()),
-        "predicted_label": pa.array([classes[k] for k in predicted], type=pa.string()),
-        "probabilities": pa.FixedSizeListArray.from_arrays(
-            pa.array(probabilities.astype(np.float32).reshape(-1), type=pa.float32()), len(classes)
-        ),
-    }
-    if splits is not None:
-        columns["split"] = pa.array(list(splits), type=pa.string())
-    table = pa.table(columns)
-    table = table.replace_schema_metadata({"classes": json.dumps(classes)})
-    with atomic_file(file, "wb") as handle:
-        pq.write_table(table, handle)
+    """Write the predictions, the confusion picture, ``classes.json`` and ``report.json`` (last) into ``staging``."""
+    split_names = np.full(len(data.ids), "unlabelled", dtype=object)
+    split_names[np.flatnonzero(data.labelled)] = np.asarray(["train", "val", "test"], dtype=object)[data.split]
+    classes = data.classes
+    write_predictions(
+        staging / "predictions.parquet", data.ids, data.labels, predicted, probabilities, classes, split_names
+    )
+    with atomic_file(staging / "confusion.png", "wb") as handle:
+        save_png(confusion_image(report["confusion_matrix"], classes), handle)
+    sha = file_sha256(staging / CHECKPOINT)  # classes.json and report.json name the checkpoint they belong to
+    report["checkpoint_sha256"] = sha
+    names = {"label_field": label_field, "classes": classes, "checkpoint_sha256": sha}
+    write_atomic(staging / "classes.json", json.dumps(names) + "\n")
+    write_atomic(staging / "report.json", json.dumps(report, indent=2) + "\n")
 
 
-def predict_with(config: ClassifyConfig) -> dict[str, Any]:
+def predict_with(config: ClassifyConfig) -> PredictResult:
     """Apply the classifier in ``config.predict`` to ``config.store``; writes ``OUT/predictions.parquet``."""
     directory, out = Path(config.predict), Path(config.out)
     if out.resolve() == directory.resolve():
@@ -316,12 +346,9 @@ def predict_with(config: ClassifyConfig) -> dict[str, Any]:
         probabilities = F.softmax(model(torch.from_numpy(matrix)), dim=-1).numpy()
     predicted = probabilities.argmax(axis=1)
     out.mkdir(parents=True, exist_ok=True)
-    _write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, None)
+    write_predictions(out / "predictions.parquet", ids, labels, predicted, probabilities, classes, None)
     counts = Counter(classes[k] for k in predicted)
-    line = f"predicted {len(ids)} items of {config.store} into {out / 'predictions.parquet'}: " + ", ".join(
-        f"{c} {n}" for c, n in counts.most_common()
-    )
-    return {"out": str(out), "items": len(ids), "lines": [line]}
+    return PredictResult(out=str(out), store=config.store, items=len(ids), predicted=dict(counts.most_common()))
 
 
 def _classifier_from(checkpoint: dict[str, Any], file: Path) -> LatentClassifier:

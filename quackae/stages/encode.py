@@ -18,12 +18,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quackae.core.errors import QuackError
+from quackae.core.results import StageResult
 from quackae.data.selection import is_labelled, selected_rows
 from quackae.model.checkpoints import resolve_run
 from quackae.model.config import UNTRAINED_DECODER, decoder_trained
@@ -117,59 +119,50 @@ def _metadata_schema(dataset: Any) -> Any:
     return pa.schema([f for f in dataset.schema if f.name not in ("input_ids", "length")])
 
 
-def encode(config: EncodeConfig) -> dict[str, Any]:
-    """Run ``quackae encode``; returns counts and throughput."""
-    import pytorch_lightning as pl
+@dataclass(frozen=True)
+class EncodeResult(StageResult):
+    """What ``quackae encode`` stored: counts over every rank, and the whole call's throughput."""
 
-    from quackae.data.module import TokenizedDataModule
-    from quackae.model.checkpoints import load_model
+    store: str
+    layout: str
+    items_written: int  # by this call, every rank's
+    items_skipped: int  # selected items the store already held soundly
+    items_in_store: int
+    encoding_size: int
+    items_per_s: float | None
+    seconds: float
 
+    @property
+    def written(self) -> str | None:
+        return self.store
+
+
+@dataclass
+class _Inputs:
+    """What an encode reads: the checkpoint and its model, the prepared rows and the tokenizers."""
+
+    checkpoint: Path
+    checkpoint_sha256: str
+    tokenizer_file: Path
+    tokenizer_sha256: str
+    dataset: Any
+    data_tokenizer: Any
+    model_tokenizer: Any
+    model: Any
+
+
+def encode(config: EncodeConfig) -> EncodeResult | None:
+    """Run ``quackae encode``; returns counts and throughput (None on the ranks of a DDP job other than 0, which
+    report nothing)."""
     started = time.time()
-    if "spawn" in str(config.strategy):
-        raise QuackError(
-            f"--strategy {config.strategy} starts its processes by pickling the trainer, and the store's writer "
-            "(its threads and the store's lock) cannot travel that way; use --strategy ddp, which starts each "
-            "process as a copy of this command"
-        )
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
-    checkpoint, tokenizer_file = resolve_run(config.model)
-    with _sha256_meanwhile(checkpoint) as checkpoint_sha256:
-        dataset, data_tokenizer, model_tokenizer, model_hash = _open_inputs(config, checkpoint, tokenizer_file)
-        model = load_model(str(checkpoint), tokenizer_sha256=model_hash)  # refuses another run's tokenizer
-        checkpoint_digest = checkpoint_sha256()
-    if config.png == "attention" and not decoder_trained(model.hparams):
-        log.warning("--png attention: %s", UNTRAINED_DECODER)
+    _check_flags(config)
+    inputs = _inputs(config)
     store = Path(config.out)
-    selection = {
-        "filtered": config.filtered,
-        "evaluate": config.evaluate,
-        "label_field": config.label_field,
-        "unlabeled_value": config.unlabeled_value,
-        "reduce_label": _majority_label(dataset, config),
-        "reduction_threshold": config.reduction_threshold,
-        "seed": config.seed,
-    }
-    header = {
-        "checkpoint": str(checkpoint.resolve()),  # every path recorded absolute: readers run from anywhere
-        "checkpoint_sha256": checkpoint_digest,
-        "tokenizer": str(tokenizer_file.resolve()),
-        "tokenizer_sha256": model_hash,
-        "dataset": str(Path(config.data).resolve()),
-        "dataset_rows": dataset.num_rows,
-        "dataset_fingerprint": dataset.fingerprint,
-        "layout": config.layout,
-        "encoding_size": int(model.encoding_size),
-        "pooling": model.pooling,  # what each stored encoding is (one of modelconfig.POOLINGS)
-        "dtype": DTYPE,
-        "text": config.text,
-        "selection": selection,
-        "model": {k: v for k, v in model.hparams.items()},
-    }
+    selection, header = _selection_and_header(config, inputs)
     job = StoreJob.start(store, header, config.overwrite)
     try:
-        wanted = selected_rows(dataset, selection)
-        ids = np.asarray(dataset.data.column("id").to_numpy())
+        wanted = selected_rows(inputs.dataset, selection)
+        ids = np.asarray(inputs.dataset.data.column("id").to_numpy())
         existing = stored_ids_checked(
             store,
             layout_named(config.layout),
@@ -179,80 +172,162 @@ def encode(config: EncodeConfig) -> dict[str, Any]:
             expected=np.unique(ids[wanted]),
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
-        unknown = sorted(set(config.png_ids) - set(ids[wanted].tolist()))
-        if unknown:
-            raise QuackError(
-                f"--png-ids {' '.join(map(str, unknown[:5]))}: no item with this id in {config.data}"
-                + (" among the items --filtered/--evaluate keep" if config.filtered or config.evaluate else "")
-            )
+        _check_png_ids(config, ids[wanted])
         log.info(
             "%d items to encode (%d already stored, %d not selected)",
             len(todo),
             len(wanted) - len(todo),
-            dataset.num_rows - len(wanted),
+            inputs.dataset.num_rows - len(wanted),
         )
-        writer = AutoencoderWriter(
-            storage_path=store,
-            **selection,  # recorded in the manifest; the rows predicted (todo) are the ones the selection keeps
-            png=config.png,
-            png_limit=config.png_limit,
-            png_ids=config.png_ids or None,
-            threads=config.writer_threads,
-            manifest={k: v for k, v in header.items() if k != "model"},
-            layout=config.layout,
-            shard_size=config.shard_size,
-            schema=_metadata_schema(dataset),
-            tokenizer=model_tokenizer,
-            text=config.text,
-            job=job,
-            known_ids=existing,
-        )
-        datamodule = TokenizedDataModule(
-            config.data,
-            batch_size=config.batch_size or encode_batch_size(config.accelerator),
-            num_workers=config.num_workers,
-            pad_id=model.pad_id,
-            predict_indices=todo,
-            predict_attention=config.png == "attention",
-            predict_pool=config.shard_size if layout_named(config.layout).buffered else 0,
-            prepared=(dataset, data_tokenizer),
-        )
-        trainer = pl.Trainer(
-            callbacks=[writer, progress_bar()],
-            logger=False,
-            enable_checkpointing=False,
-            use_distributed_sampler=False,
-            enable_model_summary=False,
-            inference_mode=True,
-            **config.trainer_kwargs(),
-        )
-        if len(todo):
-            try:
-                trainer.predict(model, datamodule=datamodule, return_predictions=False)
-            except SystemExit:
-                # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1): a stop like any other
-                # stage's (exit 130); the shards committed so far stay, a rerun encodes the rest
-                if not trainer.interrupted:
-                    raise
-                raise KeyboardInterrupt from None
-        elif trainer.is_global_zero:
-            writer.write_manifest()
+        writer = _writer(config, inputs, selection, header, job, existing)
+        trainer = _predict(config, inputs, writer, todo)
     finally:
         job.close()
     seconds = time.time() - started
     if not trainer.is_global_zero:
-        return {}
+        return None
     total = int(read_manifest(store)["items"])  # rank 0 just counted the sound ids into the manifest
     written = total - len(existing)  # every rank's items, not only this rank's writer
-    summary = {
-        "store": str(store),
-        "layout": config.layout,
-        "items_written": written,
-        "items_skipped": len(wanted) - len(todo),
-        "items_in_store": total,
-        "encoding_size": model.encoding_size,
-        "items_per_s": round(written / seconds, 1) if seconds else None,
-        "seconds": round(seconds, 1),
-    }
     log.info("store %s holds %d items (%d written now)", store, total, written)
-    return summary
+    return EncodeResult(
+        store=str(store),
+        layout=config.layout,
+        items_written=written,
+        items_skipped=len(wanted) - len(todo),
+        items_in_store=total,
+        encoding_size=int(inputs.model.encoding_size),
+        items_per_s=round(written / seconds, 1) if seconds else None,
+        seconds=round(seconds, 1),
+    )
+
+
+def _check_flags(config: EncodeConfig) -> None:
+    if "spawn" in str(config.strategy):
+        raise QuackError(
+            f"--strategy {config.strategy} starts its processes by pickling the trainer, and the store's writer "
+            "(its threads and the store's lock) cannot travel that way; use --strategy ddp, which starts each "
+            "process as a copy of this command"
+        )
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
+
+
+def _inputs(config: EncodeConfig) -> _Inputs:
+    """Open the RUN's checkpoint (hashed on a thread meanwhile) and the prepared data; refuses a model trained
+    with another tokenizer than the data's."""
+    from quackae.model.checkpoints import load_model
+
+    checkpoint, tokenizer_file = resolve_run(config.model)
+    with _sha256_meanwhile(checkpoint) as checkpoint_sha256:
+        dataset, data_tokenizer, model_tokenizer, model_hash = _open_inputs(config, checkpoint, tokenizer_file)
+        model = load_model(str(checkpoint), tokenizer_sha256=model_hash)  # refuses another run's tokenizer
+        digest = checkpoint_sha256()
+    if config.png == "attention" and not decoder_trained(model.hparams):
+        log.warning("--png attention: %s", UNTRAINED_DECODER)
+    return _Inputs(checkpoint, digest, tokenizer_file, model_hash, dataset, data_tokenizer, model_tokenizer, model)
+
+
+def _selection_and_header(config: EncodeConfig, inputs: _Inputs) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(selection, header)``: the selection rule's settings and the store's provenance (every path absolute:
+    readers run from anywhere)."""
+    model = inputs.model
+    selection = {
+        "filtered": config.filtered,
+        "evaluate": config.evaluate,
+        "label_field": config.label_field,
+        "unlabeled_value": config.unlabeled_value,
+        "reduce_label": _majority_label(inputs.dataset, config),
+        "reduction_threshold": config.reduction_threshold,
+        "seed": config.seed,
+    }
+    header = {
+        "checkpoint": str(inputs.checkpoint.resolve()),
+        "checkpoint_sha256": inputs.checkpoint_sha256,
+        "tokenizer": str(inputs.tokenizer_file.resolve()),
+        "tokenizer_sha256": inputs.tokenizer_sha256,
+        "dataset": str(Path(config.data).resolve()),
+        "dataset_rows": inputs.dataset.num_rows,
+        "dataset_fingerprint": inputs.dataset.fingerprint,
+        "layout": config.layout,
+        "encoding_size": int(model.encoding_size),
+        "pooling": model.pooling,  # what each stored encoding is (one of modelconfig.POOLINGS)
+        "dtype": DTYPE,
+        "text": config.text,
+        "selection": selection,
+        "model": {k: v for k, v in model.hparams.items()},
+    }
+    return selection, header
+
+
+def _check_png_ids(config: EncodeConfig, selected_ids: np.ndarray) -> None:
+    unknown = sorted(set(config.png_ids) - set(selected_ids.tolist()))
+    if unknown:
+        raise QuackError(
+            f"--png-ids {' '.join(map(str, unknown[:5]))}: no item with this id in {config.data}"
+            + (" among the items --filtered/--evaluate keep" if config.filtered or config.evaluate else "")
+        )
+
+
+def _writer(
+    config: EncodeConfig,
+    inputs: _Inputs,
+    selection: dict[str, Any],
+    header: dict[str, Any],
+    job: StoreJob,
+    existing: np.ndarray,
+) -> AutoencoderWriter:
+    return AutoencoderWriter(
+        storage_path=Path(config.out),
+        **selection,  # recorded in the manifest; the rows predicted (todo) are the ones the selection keeps
+        png=config.png,
+        png_limit=config.png_limit,
+        png_ids=config.png_ids or None,
+        threads=config.writer_threads,
+        manifest={k: v for k, v in header.items() if k != "model"},
+        layout=config.layout,
+        shard_size=config.shard_size,
+        schema=_metadata_schema(inputs.dataset),
+        tokenizer=inputs.model_tokenizer,
+        text=config.text,
+        job=job,
+        known_ids=existing,
+    )
+
+
+def _predict(config: EncodeConfig, inputs: _Inputs, writer: AutoencoderWriter, todo: np.ndarray) -> Any:
+    """Encode the rows ``todo`` (sorted by length) into ``writer``; returns the Trainer that ran it."""
+    import pytorch_lightning as pl
+
+    from quackae.data.module import TokenizedDataModule
+
+    datamodule = TokenizedDataModule(
+        config.data,
+        batch_size=config.batch_size or encode_batch_size(config.accelerator),
+        num_workers=config.num_workers,
+        pad_id=inputs.model.pad_id,
+        predict_indices=todo,
+        predict_attention=config.png == "attention",
+        predict_pool=config.shard_size if layout_named(config.layout).buffered else 0,
+        prepared=(inputs.dataset, inputs.data_tokenizer),
+    )
+    trainer = pl.Trainer(
+        callbacks=[writer, progress_bar()],
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+        inference_mode=True,
+        **config.trainer_kwargs(),
+    )
+    if len(todo):
+        try:
+            trainer.predict(inputs.model, datamodule=datamodule, return_predictions=False)
+        except SystemExit:
+            # Lightning turns Ctrl-C into a graceful shutdown and then sys.exit(1): a stop like any other
+            # stage's (exit 130); the shards committed so far stay, a rerun encodes the rest
+            if not trainer.interrupted:
+                raise
+            raise KeyboardInterrupt from None
+    elif trainer.is_global_zero:
+        writer.write_manifest()
+    return trainer

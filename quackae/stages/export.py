@@ -8,18 +8,31 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from quackae.core.atomic import remove_stale_temporaries
 from quackae.core.errors import QuackError
+from quackae.core.results import StageResult
 from quackae.stages.configs import ExportConfig
 from quackae.store.reader import EncodingStore
 
 log = logging.getLogger(__name__)
 
 
-def export(config: ExportConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ExportResult(StageResult):
+    """How many items of ``store`` the Parquet file ``out`` holds."""
+
+    out: str
+    store: str
+    rows: int
+
+    def lines(self) -> list[str]:
+        return [f"exported {self.rows} items from {self.store} to {self.out}"]
+
+
+def export(config: ExportConfig) -> ExportResult:
     """Run ``quackae export``: refuses a store that is not complete and sound (``EncodingStore.check_usable``)."""
     store = EncodingStore(config.store, warn=False)
     out = Path(config.out)
@@ -37,4 +50,4 @@ def export(config: ExportConfig) -> dict[str, Any]:
             f"writing {out} failed ({error.strerror or error}); nothing was written there, free space or choose "
             "another --out"
         ) from None
-    return {"out": config.out, "rows": rows, "lines": [f"exported {rows} items from {config.store} to {config.out}"]}
+    return ExportResult(out=str(config.out), store=str(config.store), rows=rows)

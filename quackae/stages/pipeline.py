@@ -17,11 +17,14 @@ import time
 import types
 import typing
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from quackae.core.atomic import write_atomic
 from quackae.core.errors import QuackError, StrictError
+from quackae.core.results import StageResult
 from quackae.core.safeyaml import read_yaml
 from quackae.stages.configs import DemoConfig, RunConfig
 from quackae.stages.table import PIPELINE_STAGES
@@ -176,8 +179,24 @@ def _missing_inputs(plan: list[tuple[int, str, Any, Any]], outs: dict[int, str])
     return problems
 
 
-def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
-    """Run every stage of a pipeline file in order; returns each stage's summary."""
+@dataclass(frozen=True)
+class RunResult(StageResult):
+    """A pipeline's run: per stage, its name, seconds and the figures its table entry names (``pipeline.json``).
+
+    Each stage printed its own lines as it ended, so the result prints none."""
+
+    out: str  # the pipeline's root
+    stages: tuple[dict[str, Any], ...]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:  # the stages, as ``run_pipeline``'s list was read
+        return iter(self.stages)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+
+def run_pipeline(config: RunConfig) -> RunResult:
+    """Run every stage of a pipeline file in order; returns each stage's brief figures."""
     root, plan = load_pipeline(config.pipeline, config.root, config.accelerator)
     if root.exists() and not root.is_dir():
         raise QuackError(f"the pipeline's root {root} is a file; give it a folder")
@@ -190,24 +209,22 @@ def run_pipeline(config: RunConfig) -> list[dict[str, Any]]:
     for name, stage_config, function in plan:
         log.info("stage %s", name)
         started = time.time()
-        summary = function(stage_config) or {}
-        for line in summary.get("lines", ()):
+        result = function(stage_config)
+        lines = result.lines() if result is not None else []
+        for line in lines:
             print(line, flush=True)
-        if summary.get("exit_code"):
-            raise StrictError(f"stage {name} failed: {summary['lines'][-1]}")
-        results.append({"stage": name, "seconds": round(time.time() - started, 1), **_brief(name, summary)})
+        if result is not None and result.exit_code:
+            raise StrictError(f"stage {name} failed: {lines[-1]}")
+        results.append({"stage": name, "seconds": round(time.time() - started, 1), **_brief(name, result)})
     write_atomic(root / "pipeline.json", json.dumps(results, indent=2, default=str) + "\n")
     _print_results(root, results)
     print_written([root], pipeline_started)
-    return results
+    return RunResult(out=str(root), stages=tuple(results))
 
 
-def _brief(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    keys = PIPELINE_STAGES[name].brief
-    brief = {k: summary[k] for k in keys if summary.get(k) is not None}  # a figure not measured is left out
-    if name == "prepare":
-        brief["out"] = summary.get("config", {}).get("out")
-    return brief
+def _brief(name: str, result: StageResult | None) -> dict[str, Any]:
+    figures = result.figures() if result is not None else {}
+    return {k: figures[k] for k in PIPELINE_STAGES[name].brief if figures.get(k) is not None}  # measured ones
 
 
 def _print_results(root: Path, results: list[dict[str, Any]]) -> None:
@@ -221,7 +238,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def run_demo(config: DemoConfig) -> list[dict[str, Any]]:
+def run_demo(config: DemoConfig) -> RunResult:
     """Run the shipped ``pipelines/demo.yaml`` end to end into ``config.out``."""
     file = REPO_PIPELINES / "demo.yaml"
     return run_pipeline(RunConfig(pipeline=str(file), root=config.out, accelerator=config.accelerator))

@@ -4,24 +4,42 @@ against step) and say which token accuracy it shows."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from quackae.core.errors import QuackError
 from quackae.core.files import read_json
+from quackae.core.results import StageResult
 from quackae.stages.configs import PlotConfig
 from quackae.viz.curves import write_curves
 
 log = logging.getLogger(__name__)
 
 
-def plot(config: PlotConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PlotResult(StageResult):
+    """The picture drawn, and the held-out greedy token accuracy the run's summary holds (not drawn)."""
+
+    out: str
+    summary: str  # RUN/summary.json
+    greedy_token_accuracy: float | None
+
+    def lines(self) -> list[str]:
+        line = (
+            f"{self.out}: loss and teacher-forced token accuracy (train_token_acc, val_token_acc: each token "
+            "predicted from the true previous ones) against step"
+        )
+        if self.greedy_token_accuracy is not None:
+            line += (
+                f"; the held-out greedy token accuracy train printed ({self.summary}: greedy_token_accuracy) is "
+                f"{self.greedy_token_accuracy:.3f}"
+            )
+        return [line]
+
+
+def plot(config: PlotConfig) -> PlotResult:
     """Run ``quackae plot RUN``; its line names the teacher-forced token accuracy drawn and the greedy one not drawn."""
     out = write_curves(config.run, config.out)
-    line = (
-        f"{out}: loss and teacher-forced token accuracy (train_token_acc, val_token_acc: each token predicted from "
-        "the true previous ones) against step"
-    )
     summary = Path(config.run) / "summary.json"
     greedy = None
     if summary.is_file():
@@ -29,6 +47,6 @@ def plot(config: PlotConfig) -> dict[str, Any]:
             greedy = read_json(summary, "run summary", "train the run again").get("greedy_token_accuracy")
         except QuackError as error:
             log.warning("%s", error)
-    if isinstance(greedy, float):
-        line += f"; the held-out greedy token accuracy train printed ({summary}: greedy_token_accuracy) is {greedy:.3f}"
-    return {"out": str(out), "lines": [line]}
+    return PlotResult(
+        out=str(out), summary=str(summary), greedy_token_accuracy=greedy if isinstance(greedy, float) else None
+    )

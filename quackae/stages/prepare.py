@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import numpy as np
 from quackae.core.atomic import replace_folder, sibling_staging, write_atomic
 from quackae.core.errors import QuackError, StrictError
 from quackae.core.files import regular_file
+from quackae.core.results import StageResult
 from quackae.data.prepared import COMPLETE, DATASET, OWN_COLUMNS, STORE_COLUMNS, dataset_fingerprint, open_rows
 from quackae.data.readers import Rows, format_of, metadata_columns, read_jsonl, read_with_datasets, validate
 from quackae.data.tokenizer import (
@@ -70,7 +71,44 @@ def _length_stats(lengths: np.ndarray) -> dict[str, float]:
     }
 
 
-def prepare(config: PrepareConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PrepareResult(StageResult):
+    """What ``quackae prepare`` did, also written to ``OUT/prepare.json``."""
+
+    out: str
+    rows_read: int
+    rows_kept: int
+    rejected: dict[str, int]  # rows per reason
+    rejected_total: int
+    rejected_examples: tuple[dict[str, Any], ...]  # the first MAX_EXAMPLES: file, line, reason
+    truncated: int  # items whose tokens were cut to --max-length
+    cut_before_tokenizing: dict[str, int]
+    lengths: dict[str, float]  # min, max, mean, p50, p95 and tokens of the kept items
+    ids: str  # "column NAME" or "row numbers"
+    metadata_columns: tuple[str, ...]
+    vocab_size: int
+    tokenizer_sha256: str
+    inputs: tuple[str, ...]
+    config: dict[str, Any]
+    seconds: float
+    dataset_fingerprint: str = ""
+
+
+@dataclass
+class _Usable:
+    """The rows a prepare keeps, and what it says of those it does not."""
+
+    kept: list[int]  # row numbers into the rows read
+    ids: list[int]
+    texts: list[str]
+    text_field: str
+    id_field: str | None
+    reasons: Counter[str]
+    examples: list[dict[str, Any]]
+    message: str  # one line on the rejected rows, empty when none
+
+
+def prepare(config: PrepareConfig) -> PrepareResult:
     """Run ``quackae prepare``; returns the summary also written to ``OUT/prepare.json``.
 
     The output (``dataset/``, ``tokenizer.json``, ``prepare.json``, ``COMPLETE``) replaces any
@@ -85,11 +123,56 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     out = Path(config.out)
     _check_out(out, config.overwrite)
     import datasets  # after the checks above: a mistake is reported without loading it (about 2 s)
-    import pyarrow.compute as pc
 
     datasets.disable_caching()
-    rows = Rows()
     formats = [format_of(path, config.format) for path in paths]
+    rows = _read(paths, formats)
+    usable = _usable_rows(rows, paths, formats, config)
+    training_cut: Counter[str] = Counter()
+    tokenizer = _tokenizer(config, usable.texts, training_cut)
+    most = text_limit(tokenizer, config.max_length - 1)
+    metadata = metadata_columns(rows, usable.kept, {usable.text_field, *([usable.id_field] if usable.id_field else [])})
+    mapped, truncated = _tokenized(config, tokenizer, usable, metadata)
+    result = PrepareResult(
+        out=str(out),
+        rows_read=rows.count + len(rows.rejected),
+        rows_kept=len(usable.kept),
+        rejected=dict(sorted(usable.reasons.items())),
+        rejected_total=sum(usable.reasons.values()),
+        rejected_examples=tuple(usable.examples),
+        truncated=truncated,
+        cut_before_tokenizing={
+            "texts": sum(len(text) > most for text in usable.texts),
+            "chars_read_per_text": most,
+            "training_texts": training_cut["texts"],
+            "training_runs": training_cut["runs"],
+        },
+        lengths=_length_stats(mapped.data.column("length").to_numpy()),
+        ids="column " + usable.id_field if usable.id_field else "row numbers",
+        metadata_columns=tuple(metadata),
+        vocab_size=tokenizer.get_vocab_size(),
+        tokenizer_sha256=tokenizer_hash(tokenizer),
+        inputs=tuple(str(p) for p in paths),
+        config=asdict(config),
+        seconds=round(time.time() - started, 2),
+    )
+    result = _write(out, mapped, tokenizer, result)
+    if usable.message:
+        log.warning("%s; details in %s", usable.message, out / "prepare.json")
+    log.info(
+        "prepared %d of %d rows into %s (%d rejected, %d truncated)",
+        result.rows_kept,
+        result.rows_read,
+        out,
+        result.rejected_total,
+        truncated,
+    )
+    return result
+
+
+def _read(paths: list[Path], formats: list[str]) -> Rows:
+    """Every row of every input file, in order (the files of one format through one reader)."""
+    rows = Rows()
     with tempfile.TemporaryDirectory(prefix="quackae-read-") as cache_dir:
         for index, (path, fmt) in enumerate(zip(paths, formats, strict=True)):
             log.info("reading %s (%s)", path, fmt)
@@ -97,6 +180,11 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
                 read_jsonl(path, index, rows)
             else:
                 read_with_datasets(path, fmt, index, rows, cache_dir)
+    return rows
+
+
+def _usable_rows(rows: Rows, paths: list[Path], formats: list[str], config: PrepareConfig) -> _Usable:
+    """The rows with a usable text and id; the others counted by reason (``--strict`` refuses them)."""
     text_field = "text" if all(fmt == "txt" for fmt in formats) else config.text_field
     columns = sorted(rows.columns)
     if rows.count and text_field not in rows.columns:
@@ -126,9 +214,12 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             raise StrictError(message + "; fix them or rerun without --strict to skip them")
     if not kept:
         raise QuackError(f"no usable rows in {', '.join(map(str, paths))}: {message}")
-
     texts = [rows.columns[text_field][i] for i in kept]
-    training_cut: Counter[str] = Counter()
+    return _Usable(kept, ids, texts, text_field, id_field, reasons, examples, message)
+
+
+def _tokenizer(config: PrepareConfig, texts: list[str], training_cut: Counter[str]) -> Any:
+    """``--tokenizer``, or a byte-level BPE trained on ``texts``; either must have the ``[EOS]`` token."""
     if config.tokenizer:
         tokenizer = load_tokenizer(config.tokenizer)
     else:
@@ -141,14 +232,17 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             max_chars=config.max_length * TRAIN_CHARS_PER_TOKEN,
             cut=training_cut,
         )
-    ids_special = special_ids(tokenizer)
-    if ids_special.eos is None:
+    if special_ids(tokenizer).eos is None:
         raise QuackError(f"the tokenizer has no {EOS} token; train one with quackae prepare (no --tokenizer)")
-    most = text_limit(tokenizer, config.max_length - 1)
-    cut_texts = sum(len(text) > most for text in texts)
+    return tokenizer
 
-    metadata = metadata_columns(rows, kept, {text_field, *([id_field] if id_field else [])})
-    table = datasets.Dataset.from_dict({"id": ids, "text": texts, **metadata})
+
+def _tokenized(config: PrepareConfig, tokenizer: Any, usable: _Usable, metadata: dict[str, Any]) -> tuple[Any, int]:
+    """``(dataset, truncated items)``: the kept rows with their tokens, in the prepared folder's columns."""
+    import datasets
+    import pyarrow.compute as pc
+
+    table = datasets.Dataset.from_dict({"id": usable.ids, "text": usable.texts, **metadata})
     mapped = table.map(
         tokenize_batch,
         batched=True,
@@ -158,37 +252,18 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
             "tokenizer": tokenizer,
             "text_field": "text",
             "limit": config.max_length - 1,
-            "eos": ids_special.eos,
+            "eos": special_ids(tokenizer).eos,
         },
         new_fingerprint=f"quackae-{tokenizer_hash(tokenizer)[:16]}-{config.max_length}",
         desc="tokenizing",
     )
     truncated = int(pc.sum(mapped.data.column("truncated")).as_py() or 0)
-    mapped = mapped.select_columns([*OWN_COLUMNS, *metadata])
-    lengths = mapped.data.column("length").to_numpy()
-    summary = {
-        "rows_read": rows.count + len(rows.rejected),
-        "rows_kept": len(kept),
-        "rejected": dict(sorted(reasons.items())),
-        "rejected_total": len(rejected),
-        "rejected_examples": examples,
-        "truncated": truncated,
-        "cut_before_tokenizing": {
-            "texts": cut_texts,
-            "chars_read_per_text": most,
-            "training_texts": training_cut["texts"],
-            "training_runs": training_cut["runs"],
-        },
-        "lengths": _length_stats(lengths),
-        "ids": "column " + id_field if id_field else "row numbers",
-        "metadata_columns": list(metadata),
-        "vocab_size": tokenizer.get_vocab_size(),
-        "tokenizer_sha256": tokenizer_hash(tokenizer),
-        "inputs": [str(p) for p in paths],
-        "config": asdict(config),
-        "seconds": round(time.time() - started, 2),
-    }
+    return mapped.select_columns([*OWN_COLUMNS, *metadata]), truncated
 
+
+def _write(out: Path, mapped: Any, tokenizer: Any, result: PrepareResult) -> PrepareResult:
+    """Write the prepared folder in a sibling staging folder, ``COMPLETE`` last, and swap it in for ``out``;
+    returns ``result`` with the fingerprint of the rows as written."""
     target = out.resolve()  # "." or a symlink: the real folder is what gets swapped
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = None
@@ -197,12 +272,13 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
         mapped.save_to_disk(str(staging / DATASET))
         (staging / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
         # the fingerprint of the rows as a reader will see them: read back from the files just written
-        summary["dataset_fingerprint"] = dataset_fingerprint(open_rows(staging / DATASET, "run quackae prepare again"))
-        (staging / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        fingerprint = dataset_fingerprint(open_rows(staging / DATASET, "run quackae prepare again"))
+        result = replace(result, dataset_fingerprint=fingerprint)
+        (staging / "prepare.json").write_text(json.dumps(result.figures(), indent=2) + "\n", encoding="utf-8")
         marker = {
-            "tokenizer_sha256": summary["tokenizer_sha256"],
-            "dataset_fingerprint": summary["dataset_fingerprint"],
-            "rows": len(kept),
+            "tokenizer_sha256": result.tokenizer_sha256,
+            "dataset_fingerprint": fingerprint,
+            "rows": result.rows_kept,
         }
         write_atomic(staging / COMPLETE, json.dumps(marker) + "\n")  # last: the folder is whole
         replace_folder(staging, target)
@@ -215,17 +291,7 @@ def prepare(config: PrepareConfig) -> dict[str, Any]:
     finally:
         if staging is not None and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    if message:
-        log.warning("%s; details in %s", message, out / "prepare.json")
-    log.info(
-        "prepared %d of %d rows into %s (%d rejected, %d truncated)",
-        len(kept),
-        summary["rows_read"],
-        out,
-        len(rejected),
-        truncated,
-    )
-    return summary
+    return result
 
 
 def _refuse_own_names(columns: list[str], text_field: str, id_field: str | None, paths: list[Path]) -> None:

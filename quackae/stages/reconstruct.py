@@ -6,17 +6,27 @@ tokens ``quackae prepare`` would store for it.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
+from quackae.core.results import StageResult
 from quackae.stages.configs import ReconstructConfig
 
 
-def reconstruct(config: ReconstructConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReconstructResult(StageResult):
+    """Each text beside its greedy reconstruction by ``model``."""
+
+    model: str
+    pairs: tuple[tuple[str, str], ...]  # (text, reconstruction)
+
+    def lines(self) -> list[str]:
+        return [f"text:          {text}\nreconstructed: {again}\n" for text, again in self.pairs]
+
+
+def reconstruct(config: ReconstructConfig) -> ReconstructResult:
     """Run ``quackae reconstruct``: ``pairs`` of (text, reconstruction) and the ``lines`` the command prints."""
     from quackae.model.encoder import QuackEncoder
 
     encoder = QuackEncoder.from_run(config.model, device="cpu", max_length=config.max_length)
     rebuilt = encoder.reconstruct(list(config.texts))
-    pairs = list(zip(config.texts, rebuilt, strict=True))
-    lines = [f"text:          {text}\nreconstructed: {again}\n" for text, again in pairs]
-    return {"model": config.model, "pairs": pairs, "lines": lines}
+    return ReconstructResult(model=str(config.model), pairs=tuple(zip(config.texts, rebuilt, strict=True)))

@@ -2,9 +2,10 @@
 
 Each entry names the module, its frozen config dataclass and its stage function; modules are
 imported only when their command runs, so ``quackae --help`` and a mistyped command stay fast.
-A stage function never prints: it returns a dict of figures (recorded by ``quackae run`` in
-``pipeline.json``), with the lines a person should read under ``lines``, which the command line
-prints; ``brief`` names the figures a pipeline shows in its closing table.
+A stage function never prints: it returns a typed result (a frozen dataclass of figures,
+``quackae.core.results.StageResult``; ``quackae run`` records them in ``pipeline.json``) whose ``lines()``
+the command line prints and whose ``exit_code`` it exits with; ``brief`` names the figures a pipeline shows
+in its closing table.
 
 ``add_config_arguments`` is the one way a config is built from strings: one flag per field of its dataclass,
 typed by the field, for the command line and for ``quackae bench --option NAME=VALUE`` alike.

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from quackae.core.errors import QuackError
+from quackae.core.results import StageResult
 from quackae.stages.configs import VerifyConfig
 from quackae.store.items import item_entries, unit_kind
 from quackae.store.layout import CorruptUnit, layout_named, layout_of
@@ -80,14 +82,8 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
         for p in item_entries(store).blocking[:MAX_LISTED]
     )
     unique, _, _, later = first_copies([ids for _, ids in held])
-    if len(later):  # some id is stored more than once: name the units holding each copy
-        all_ids = np.concatenate([ids for _, ids in held])  # (T,) every copy
-        unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (T,) which unit holds each
-        order = np.argsort(all_ids, kind="stable")
-        repeated, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
-        for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
-            units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
-            problems.append(f"{store}: id {repeated[k]}: stored {counts[k]} times ({', '.join(units)})")
+    if len(later):
+        problems.extend(_repeated_ids(store, held))
     for name in STORE_FOLDERS:
         kind = unit_kind(store / name)
         if kind not in ("missing", "a directory"):
@@ -118,6 +114,19 @@ def check_store(store: Path, data: str | Path | None = None) -> tuple[dict[str, 
     return result, problems
 
 
+def _repeated_ids(store: Path, held: list[tuple[Path, np.ndarray]]) -> list[str]:
+    """One problem per id stored more than once, naming the units that hold its copies."""
+    all_ids = np.concatenate([ids for _, ids in held])  # (T,) every copy
+    unit_of = np.repeat(np.arange(len(held)), [len(ids) for _, ids in held])  # (T,) which unit holds each
+    order = np.argsort(all_ids, kind="stable")
+    repeated, first, counts = np.unique(all_ids[order], return_index=True, return_counts=True)
+    problems = []
+    for k in np.flatnonzero(counts > 1)[:MAX_LISTED].tolist():
+        units = sorted({held[u][0].name for u in unit_of[order[first[k] : first[k] + counts[k]]].tolist()})
+        problems.append(f"{store}: id {repeated[k]}: stored {counts[k]} times ({', '.join(units)})")
+    return problems
+
+
 def _expected_ids(data: str | Path, manifest: dict[str, Any] | None) -> np.ndarray:
     """The sorted ids of ``data`` that the store's selection keeps (every id when the manifest is not valid)."""
     from quackae.data.prepared import load_prepared, verify_fingerprint
@@ -132,18 +141,42 @@ def _expected_ids(data: str | Path, manifest: dict[str, Any] | None) -> np.ndarr
     return np.unique(ids[selected_rows(dataset, manifest.get("selection") or {})])
 
 
-def verify(config: VerifyConfig) -> dict[str, Any]:
-    """Run ``quackae verify``: the counts, or every problem under ``lines`` with ``exit_code`` 1."""
-    store = Path(config.store)
-    result, problems = check_store(store, config.data)
-    counts = f"{result['items']} items in {result['units']} {layout_named(result['layout']).unit_word}"
-    if "expected" in result:
-        counts += f", {result['expected']} expected from {config.data}"
-    if problems:
-        return {
-            **result,
-            "problems": len(problems),
-            "exit_code": 1,
-            "lines": [*problems, f"{store}: {len(problems)} problems ({counts})"],
-        }
-    return {**result, "problems": 0, "lines": [f"{store}: ok, {counts}"]}
+@dataclass(frozen=True)
+class VerifyResult(StageResult):
+    """What ``quackae verify`` counted, and every problem it found (the command exits 1 when there is one)."""
+
+    store: str
+    layout: str
+    units: int
+    items: int
+    data: str | None  # --data: the prepared dataset the store was checked against
+    expected: int | None  # the ids its selection keeps; None without --data
+    problems: int
+    details: tuple[str, ...]  # one line per problem: the file, the id where it applies, what is wrong
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.problems else 0
+
+    def lines(self) -> list[str]:
+        counts = f"{self.items} items in {self.units} {layout_named(self.layout).unit_word}"
+        if self.expected is not None:
+            counts += f", {self.expected} expected from {self.data}"
+        if self.problems:
+            return [*self.details, f"{self.store}: {self.problems} problems ({counts})"]
+        return [f"{self.store}: ok, {counts}"]
+
+
+def verify(config: VerifyConfig) -> VerifyResult:
+    """Run ``quackae verify``: the counts, and every problem (``exit_code`` 1 when there is one)."""
+    counts, problems = check_store(Path(config.store), config.data)
+    return VerifyResult(
+        store=str(config.store),
+        layout=counts["layout"],
+        units=counts["units"],
+        items=counts["items"],
+        data=None if config.data is None else str(config.data),
+        expected=counts.get("expected"),
+        problems=len(problems),
+        details=tuple(problems),
+    )

@@ -125,25 +125,8 @@ def heatmap_image(
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
 
-    colours = _colour((values - low) / span)  # (R, C, 3)
-    pixels = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)  # (R * cell, C * cell, 3)
-    if rows and columns:
-        image.paste(Image.fromarray(pixels), (left, top))
-    if cell >= 8:  # thin white grid lines keep neighbouring cells apart
-        for r in range(1, rows):
-            draw.line([(left, top + r * cell), (left + grid_width - 1, top + r * cell)], fill="white")
-        for c in range(1, columns):
-            draw.line([(left + c * cell, top), (left + c * cell, top + grid_height - 1)], fill="white")
-    if annotations is not None:
-        share = (values - low) / span
-        for r in range(rows):
-            for c in range(columns):
-                text = str(annotations[r, c])
-                if text:
-                    w, h = text_size(text, face)
-                    colour = "black" if share[r, c] > 0.5 else "white"
-                    draw.text((left + c * cell + (cell - w) // 2, top + r * cell + (cell - h) // 2), text, colour, face)
-
+    share = (values - low) / span  # (R, C) where each value falls on the colour ramp
+    _paint_grid(image, draw, share, annotations, (left, top), cell, face)
     for r, label in enumerate(row_labels):  # right-aligned beside the grid
         w, h = text_size(label, face)
         draw.text((left - PAD - w, top + r * cell + (cell - h) // 2), label, "black", face)
@@ -154,17 +137,61 @@ def heatmap_image(
     w, _ = text_size(column_title, title_face)
     draw.text((left + max(grid_width - w, 0) // 2, PAD), column_title, "black", title_face)
     image.paste(row_title_image, (PAD, top + max(grid_height - row_title_image.height, 0) // 2), row_title_image)
-
-    bar_height = max(grid_height, 3 * line)
-    ramp = _colour(np.linspace(1.0, 0.0, bar_height))  # (bar_height, 3), high at the top
-    image.paste(Image.fromarray(np.repeat(ramp[:, None, :], BAR, axis=1)), (bar_left, top))
-    for text, y in zip(ticks, (top, top + (bar_height - line) // 2, top + bar_height - line), strict=True):
-        draw.text((bar_left + BAR + 4, y), text, "black", face)
-    if scale_title:
-        draw.text((bar_left, PAD), scale_title, "black", face)
+    _paint_scale(image, draw, (bar_left, top), max(grid_height, 3 * line), ticks, scale_title, face)
     image.info["cells"] = f"{rows}x{columns}"
     image.info["cell"] = str(cell)
     return image
+
+
+def _paint_grid(
+    image: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    share: np.ndarray,
+    annotations: np.ndarray | None,
+    corner: tuple[int, int],
+    cell: int,
+    face: Any,
+) -> None:
+    """The coloured cells of ``share`` (R, C) in [0, 1] from ``corner``, white lines between them, and the
+    annotation of each cell in a colour that reads on it."""
+    (left, top), (rows, columns) = corner, share.shape
+    pixels = np.repeat(np.repeat(_colour(share), cell, axis=0), cell, axis=1)  # (R * cell, C * cell, 3)
+    if rows and columns:
+        image.paste(Image.fromarray(pixels), (left, top))
+    if cell >= 8:  # thin white grid lines keep neighbouring cells apart
+        for r in range(1, rows):
+            draw.line([(left, top + r * cell), (left + columns * cell - 1, top + r * cell)], fill="white")
+        for c in range(1, columns):
+            draw.line([(left + c * cell, top), (left + c * cell, top + rows * cell - 1)], fill="white")
+    if annotations is None:
+        return
+    for r in range(rows):
+        for c in range(columns):
+            text = str(annotations[r, c])
+            if text:
+                w, h = text_size(text, face)
+                colour = "black" if share[r, c] > 0.5 else "white"
+                draw.text((left + c * cell + (cell - w) // 2, top + r * cell + (cell - h) // 2), text, colour, face)
+
+
+def _paint_scale(
+    image: Image.Image,
+    draw: ImageDraw.ImageDraw,
+    corner: tuple[int, int],
+    height: int,
+    ticks: list[str],
+    title: str,
+    face: Any,
+) -> None:
+    """The colour ramp (high at the top) from ``corner``, its three ticks beside it and its title above."""
+    left, top = corner
+    line = text_size("Ag", face)[1]
+    ramp = _colour(np.linspace(1.0, 0.0, height))  # (height, 3)
+    image.paste(Image.fromarray(np.repeat(ramp[:, None, :], BAR, axis=1)), (left, top))
+    for text, y in zip(ticks, (top, top + (height - line) // 2, top + height - line), strict=True):
+        draw.text((left + BAR + 4, y), text, "black", face)
+    if title:
+        draw.text((left, PAD), title, "black", face)
 
 
 def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
