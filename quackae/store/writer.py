@@ -219,7 +219,7 @@ class AutoencoderWriter(BasePredictionWriter):
             if error is not None:  # nothing of the batch is stored, nor the rest of its shard
                 self._fail(error)
                 return
-            fresh = np.isin(np.arange(len(ids)), self._not_stored(ids))  # (B,) not stored yet
+            fresh = self._not_stored(ids)  # (B,) not stored yet
             with self._lock:
                 self.skipped += int((selected & ~fresh).sum())  # kept by the selection, stored already
                 self.filtered_out += int((~selected).sum())
@@ -263,12 +263,12 @@ class AutoencoderWriter(BasePredictionWriter):
                 self._error = error
 
     def _not_stored(self, ids: np.ndarray) -> np.ndarray:
-        """Positions (B',) of the batch's ``ids`` (B,) that are not among the ids stored when the job started."""
+        """Which of the batch's ``ids`` (B,) are not among the ids stored when the job started (B,) bool."""
         known = self._known
         if known is None or not len(known):
-            return np.arange(len(ids))
+            return np.ones(len(ids), dtype=bool)
         found = np.searchsorted(known, ids).clip(max=len(known) - 1)
-        return np.flatnonzero(known[found] != ids)
+        return known[found] != ids
 
     def _text_column(self, columns: Any, texts: Any) -> Any:
         """The batch's metadata with its decoded ``texts`` (strings, or None) as ``text``; none if no text kept."""
