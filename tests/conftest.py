@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +39,34 @@ def write_hand_made_store(path, matrix, metas):
 
 # the reconstruction autoencoder (train's objective before the bag-of-words default): tests of reconstruction
 RECONSTRUCTION = {"reconstruction_weight": 1.0, "bow_weight": 0.0}
+
+
+WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
+
+
+@pytest.fixture(scope="session")
+def words_prepared(tmp_path_factory) -> Path:
+    """A prepared folder of 60 short texts over 11 words (2-5 words each, vocabulary 300): what the small
+    training tests train on. Tests read it and never write into it."""
+    from quackae.stages.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("words")
+    with (root / "c.jsonl").open("w") as handle:
+        for i in range(60):
+            words = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(2 + i % 4)]
+            handle.write(json.dumps({"id": i, "text": " ".join(words)}) + "\n")
+    prepare(PrepareConfig(inputs=(str(root / "c.jsonl"),), out=str(root / "p"), vocab_size=300, min_frequency=1))
+    return root / "p"
+
+
+def train_tiny(data: Path, out: Path, **flags):
+    """``quackae train`` of a tiny model (8-d embeddings and states, batches of 8) on one CPU, logging every step;
+    ``flags`` are further ``TrainConfig`` fields and win over these."""
+    from quackae.stages.train import TrainConfig, train
+
+    values = {"embed_size": 8, "hidden_size": 8, "batch_size": 8, "learning_rate": 1e-2, "accelerator": "cpu"}
+    values.update(devices="1", log_every_n_steps=1)
+    return train(TrainConfig(data=str(data), out=str(out), **{**values, **flags}))
 
 
 def random_padded(count: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> torch.Tensor:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_tiny
 
 from quackae.cli.command import main
 from quackae.model.autoencoder import QuackAutoEncoder
 from quackae.model.checkpoints import load_model
 from quackae.model.config import OBJECTIVE_BEFORE_BOW, ModelConfig, saved_settings
-from quackae.stages.train import TrainConfig, train
+from quackae.stages.train import TrainConfig
 
 OLD = {"reconstruction_weight": 1.0, "bow_weight": 0.0}  # the reconstruction autoencoder
-WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 UNTRAINED = "decoder of this model was not trained"
 
 
@@ -62,23 +63,15 @@ def test_a_checkpoint_saved_before_the_objective_fields_keeps_reconstruction(tmp
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    from quackae.stages.prepare import PrepareConfig, prepare
-
+def prepared(tmp_path_factory, words_prepared) -> Path:
+    """A folder for this module's runs, with a copy of the shared prepared data as ``p``."""
     root = tmp_path_factory.mktemp("objective")
-    with (root / "c.jsonl").open("w") as handle:
-        for i in range(60):
-            chosen = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(2 + i % 4)]
-            handle.write(json.dumps({"id": i, "text": " ".join(chosen)}) + "\n")
-    prepare(PrepareConfig(inputs=(str(root / "c.jsonl"),), out=str(root / "p"), vocab_size=300, min_frequency=1))
+    shutil.copytree(words_prepared, root / "p")
     return root
 
 
-def _train(prepared: Path, name: str, **flags) -> dict:
-    common = {"embed_size": 8, "hidden_size": 8, "batch_size": 8, "accelerator": "cpu", "devices": "1"}
-    return train(
-        TrainConfig(data=str(prepared / "p"), out=str(prepared / name), max_steps=6, max_epochs=-1, **common, **flags)
-    )
+def _train(prepared: Path, name: str, **flags):
+    return train_tiny(prepared / "p", prepared / name, max_steps=6, max_epochs=-1, **flags)
 
 
 def test_a_run_without_reconstruction_skips_the_greedy_figures_and_says_why(prepared, monkeypatch, caplog):

@@ -11,38 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_tiny
 
 from quackae.core.errors import QuackError
 from quackae.model.checkpoints import AtomicCheckpointIO
-from quackae.stages.prepare import PrepareConfig, prepare
-from quackae.stages.train import TrainConfig, train
-
-WORDS = "duck goose swan heron crane apple pear plum hammer saw drill".split()
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    with (root / "c.jsonl").open("w") as handle:
-        for i in range(60):
-            words = [WORDS[(i * 5 + k * 3) % len(WORDS)] for k in range(2 + i % 4)]
-            handle.write(json.dumps({"id": i, "text": " ".join(words)}) + "\n")
-    prepare(PrepareConfig(inputs=(str(root / "c.jsonl"),), out=str(root / "p"), vocab_size=300, min_frequency=1))
-    return root / "p"
+def data(words_prepared) -> Path:
+    return words_prepared
 
 
-def run(data: Path, out: Path, **flags) -> dict:
-    values = {
-        "embed_size": 8,
-        "hidden_size": 8,
-        "batch_size": 8,
-        "learning_rate": 1e-2,
-        "accelerator": "cpu",
-        "devices": "1",
-        "log_every_n_steps": 1,
-        **flags,
-    }
-    return train(TrainConfig(data=str(data), out=str(out), **values))
+def run(data: Path, out: Path, **flags):
+    return train_tiny(data, out, **flags)
 
 
 def best_record(path: Path) -> float:
