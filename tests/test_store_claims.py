@@ -13,12 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_store import ROWS, _corpus, _run
-from test_store_hostile import _copy, _encode, _read_table, _write_table
+from test_store import ROWS
+from test_store_hostile import _cli, _copy, _encode, _read_table, _write_table, build_inputs
 
 from quackae import EncodingStore
-from quackae.cli.command import main
-from quackae.stages.prepare import PrepareConfig, prepare
 from quackae.store.items import item_path, npz_bytes
 from quackae.store.shards import shard_files
 
@@ -28,20 +26,7 @@ FLAGS = ["--accelerator", "cpu", "--devices", "1", "--batch-size", "8", "--shard
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> Path:
     """A prepared folder, two runs, and one complete store per layout and run to copy."""
-    root = tmp_path_factory.mktemp("claims")
-    prepare(PrepareConfig(inputs=(str(_corpus(root / "c.jsonl")),), out=str(root / "prepared"), vocab_size=300))
-    _run(root, root / "prepared", 1)
-    _run(root, root / "prepared", 2)
-    for layout in ("shards", "files"):
-        _encode(root, root / f"ref-{layout}", layout=layout)
-        _encode(root, root / f"ref2-{layout}", seed=2, layout=layout)
-    return root
-
-
-def _cli(capsys, *args: str) -> tuple[int, list[str]]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines() + captured.out.strip().splitlines()
+    return build_inputs(tmp_path_factory.mktemp("claims"), stores_of=(1, 2))
 
 
 def _encode_cli(capsys, made: Path, out: Path, *extra: str, seed: int = 1) -> tuple[int, list[str]]:

@@ -28,16 +28,21 @@ from quackae.store.items import item_path, npz_bytes, read_item
 from quackae.store.shards import shard_files
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory) -> Path:
-    """A prepared folder, two runs, and one complete store per layout to copy."""
-    root = tmp_path_factory.mktemp("hostile")
+def build_inputs(root: Path, stores_of: tuple[int, ...] = (1,)) -> Path:
+    """A prepared folder, two runs (``run1``, ``run2``) and, for each run in ``stores_of``, one complete store per
+    layout to copy (``ref-LAYOUT`` of run 1, ``ref2-LAYOUT`` of run 2)."""
     prepare(PrepareConfig(inputs=(str(_corpus(root / "c.jsonl")),), out=str(root / "prepared"), vocab_size=300))
     _run(root, root / "prepared", 1)
     _run(root, root / "prepared", 2)
-    for layout in ("shards", "files"):
-        _encode(root, root / f"ref-{layout}", layout=layout)
+    for seed in stores_of:
+        for layout in ("shards", "files"):
+            _encode(root, root / f"ref{'' if seed == 1 else seed}-{layout}", seed=seed, layout=layout)
     return root
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    return build_inputs(tmp_path_factory.mktemp("hostile"))
 
 
 def _encode(root: Path, out: Path, seed: int = 1, **flags) -> dict:
