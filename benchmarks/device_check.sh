@@ -49,7 +49,7 @@ step() {  # step NAME SECONDS COMMAND...: output to $out/NAME.txt, its last line
 
 { nvidia-smi || true; "$python" -c 'import torch; print(torch.__version__, torch.cuda.is_available())'; } \
     > "$out/device.txt" 2>&1
-step gpu-tests 100 "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_prepared.py -rs
+step gpu-tests 100 "$python" -m pytest -q -p no:cacheprovider -m gpu tests/data/test_prepared.py -rs
 step bench-train 100 "$python" -m quackae bench --what train --json --steps "$train_steps"
 for precision in bf16-mixed 32-true; do
     step "bench-encode-$precision" 130 "$python" -m quackae bench --what encode --json --accelerator "$accelerator" \

@@ -168,3 +168,14 @@ def test_the_wheel_lists_every_package_and_ships_the_pipelines():
     assert project["package-dir"]["quackae.pipelines"] == "pipelines"
     assert (PACKAGE.parent / "pipelines" / "demo.yaml").is_file()
     assert pipeline_module.REPO_PIPELINES == PACKAGE.parent / "pipelines"  # a checkout reads its own folder
+
+
+def test_the_test_files_follow_the_packages():
+    tests = Path(__file__).resolve().parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    assert folders <= set(PACKAGES), folders - set(PACKAGES)  # tests/PACKAGE/ for each package's tests
+    at_top = sorted(p.name for p in tests.glob("test_*.py"))
+    # the top holds only what spans every package: the layering, the README's promises, earlier versions' files
+    assert at_top == ["test_architecture.py", "test_legacy.py", "test_readme_claims.py"], at_top
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names))  # one module name each: pytest imports them by their file name

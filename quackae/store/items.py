@@ -91,7 +91,7 @@ def npz_bytes(encoding: np.ndarray, metadata_json: str, provenance: bytes | None
     (``provenance_member``'s bytes), as ``numpy.savez`` would store them.
 
     Built directly (zip local headers, data, central directory) instead of through ``zipfile``:
-    the files layout's hot path. ``tests/test_writer.py`` checks it against ``numpy.savez``.
+    the files layout's hot path. ``tests/store/test_writer.py`` checks it against ``numpy.savez``.
     """
     encoding = np.ascontiguousarray(encoding, dtype=np.float32)
     text = metadata_json.encode("utf-32-le")

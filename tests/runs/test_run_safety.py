@@ -26,7 +26,7 @@ from quackae.model.encoder import QuackEncoder
 from quackae.stages.prepare import PrepareConfig, prepare
 from quackae.stages.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIRDS = "duck goose swan heron crane stork apple pear plum hammer saw drill".split()
 GREEK = "iota omega phi sigma delta gamma beta alpha kappa lambda theta zeta".split()
 TINY = ["--embed-size", "8", "--hidden-size", "8", "--batch-size", "8", "--accelerator", "cpu", "--devices", "1"]

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-STORE = Path(__file__).resolve().parent / "legacy" / "store-ee38aa6" / "store-shards"
+STORE = Path(__file__).resolve().parents[1] / "legacy" / "store-ee38aa6" / "store-shards"
 ITEMS = 40
 KILLED = 9
 

@@ -286,7 +286,7 @@ def test_a_killed_export_leaves_no_partial_file_for_long(made, tmp_path, capsys)
         "    handle.flush()\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    killed = subprocess.run([sys.executable, "-c", code, str(target)], cwd=Path(__file__).parents[1])
+    killed = subprocess.run([sys.executable, "-c", code, str(target)], cwd=Path(__file__).parents[2])
     assert killed.returncode == -9
     left = list(tmp_path.glob(".all.parquet.*.partial"))
     assert len(left) == 1 and not target.exists()  # a kill leaves no half file at the final name

@@ -26,7 +26,7 @@ from quackae.stages.encode import EncodeConfig, encode
 from quackae.stages.prepare import PrepareConfig, prepare
 from quackae.stages.train import TrainConfig, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = ["--accelerator", "cpu", "--devices", "1"]
 
 

@@ -11,7 +11,7 @@ import pytest
 from quackae.data.corpus import CorpusConfig, build_corpus, stdlib_docstrings
 from quackae.stages.pipeline import load_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -233,7 +233,7 @@ def test_run_folders(ws, tmp_path, capsys, monkeypatch, name, damage, command, m
     run = tmp_path / "run"
     # a checkpoint records its data's --max-length; config.yaml and prepare.json are read for a run trained before
     old = name in ("config.yaml", "prepare.json")
-    source = Path(__file__).parent / "legacy" / "store-4bacc39" / "run" if old else ws / "run"
+    source = Path(__file__).parents[1] / "legacy" / "store-4bacc39" / "run" if old else ws / "run"
     shutil.copytree(source, run)
     damage(run / name)
     args = {

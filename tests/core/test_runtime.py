@@ -121,7 +121,7 @@ def legacy_run(tmp_path):
     """A prepared folder and a RUN written by ee38aa6 (tests/legacy), copied where a test may write."""
     import shutil
 
-    root = Path(__file__).parent / "legacy" / "store-ee38aa6"
+    root = Path(__file__).parents[1] / "legacy" / "store-ee38aa6"
     for name in ("prepared", "run", "store-shards"):
         shutil.copytree(root / name, tmp_path / name)
     return tmp_path

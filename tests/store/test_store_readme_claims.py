@@ -12,7 +12,7 @@ import pytest
 from quackae import EncodingStore
 from quackae.cli import main
 
-LEGACY = Path(__file__).resolve().parent / "legacy" / "store-ee38aa6"
+LEGACY = Path(__file__).resolve().parents[1] / "legacy" / "store-ee38aa6"
 
 
 @pytest.fixture(scope="module")

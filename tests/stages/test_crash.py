@@ -23,7 +23,7 @@ from quackae.stages.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--embed-size", "8", "--hidden-size", "8", "--batch-size", "8", "--accelerator", "cpu", "--devices", "1"]
 
 
