@@ -8,7 +8,6 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from quackae.cli import main
@@ -100,41 +99,86 @@ def test_the_writers_memory_stays_flat_over_many_batches(tmp_path):
     assert many - few < extra / 10, (few, many, extra)  # bookkeeping per shard and id only, no encodings kept
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two ranks started as torchrun starts them (RANK, WORLD_SIZE, TORCHELASTIC_RUN_ID, --devices 2 --strategy "
-    "ddp) both stop with Lightning's 'PredictLoader within local rank has zero length'",
-)
-def test_two_torchrun_ranks_share_one_store_and_write_each_item_once(tmp_path):
+def _torchrun_ranks(tmp_path: Path, store: Path, run_id: str, *flags: str, rank_one_first: bool = False) -> None:
+    """``quackae encode`` into ``store`` as two CPU ranks started as torchrun starts them (RANK, WORLD_SIZE,
+    TORCHELASTIC_RUN_ID from --rdzv-id, ...); both must exit 0. ``rank_one_first``: rank 0 starts 2 s later."""
     import os
     import socket
     import subprocess
     import sys
+    import time
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "quackae", "encode", str(tmp_path / "prepared"), "--model", str(tmp_path / "run")]
+    command += ["--out", str(store), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *flags]
+    ranks = {}
+    for rank in (1, 0) if rank_one_first else (0, 1):
+        env = os.environ | {
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": run_id, "OMP_NUM_THREADS": "1",
+        }  # fmt: skip
+        if rank == 0 and rank_one_first:
+            time.sleep(2)  # rank 1 looks at the store before rank 0 locks it
+        ranks[rank] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        outputs = {rank: process.communicate(timeout=120) for rank, process in sorted(ranks.items())}
+    finally:
+        for process in ranks.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert [ranks[rank].returncode for rank in (0, 1)] == [0, 0], [outputs[r][1][-1500:] for r in (0, 1)]
+
+
+def _writers(shards: Path, names: set[str] | None = None) -> dict[str, set[int]]:
+    """The ranks that wrote each run's shards (``{run}-{rank}-{seq}.arrow``), by run; ``names`` leaves those out."""
+    runs: dict[str, set[int]] = {}
+    for path in shards.iterdir():
+        if path.name not in (names or set()):
+            run, rank, _ = path.stem.split("-")
+            runs.setdefault(run, set()).add(int(rank))
+    return runs
+
+
+def test_two_torchrun_ranks_share_one_store_and_write_each_item_once(tmp_path):
     from quackae import EncodingStore
 
     for name in ("prepared", "run"):
         shutil.copytree(LEGACY / name, tmp_path / name)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
     store = tmp_path / "store"
-    command = [sys.executable, "-m", "quackae", "encode", str(tmp_path / "prepared"), "--model", str(tmp_path / "run")]
-    command += ["--out", str(store), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--shard-size", "8"]
-    ranks = []
-    for rank in (0, 1):  # what torchrun sets for each process it starts
-        env = os.environ | {
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TORCHELASTIC_RUN_ID": "claims", "OMP_NUM_THREADS": "1",
-        }  # fmt: skip
-        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [process.communicate(timeout=300) for process in ranks]
-    assert [process.returncode for process in ranks] == [0, 0], [err[-1500:] for _, err in outputs]
+    # 40 items at the CPU's default of 128 a batch: one batch, which once went whole to rank 0 and left rank 1's
+    # predict loader empty ("PredictLoader within local rank has zero length")
+    _torchrun_ranks(tmp_path, store, "claims", "--shard-size", "8")
     ids, _ = EncodingStore(store).to_numpy()
     expected = sorted(load_prepared_ids(tmp_path / "prepared"))
     assert sorted(ids.tolist()) == expected  # every item, once
-    writers = {p.name.split("-")[-2] for p in (store / "shards").iterdir()}
-    assert writers == {"0", "1"}, writers  # both ranks wrote their share into the one store
+    assert list(_writers(store / "shards").values()) == [{0, 1}]  # both ranks wrote their share into the one store
+
+
+def test_torchrun_reruns_of_one_job_finish_a_store_that_holds_some_items(tmp_path, capsys):
+    from quackae import EncodingStore
+
+    for name in ("prepared", "run"):
+        shutil.copytree(LEGACY / name, tmp_path / name)
+    store, shards = tmp_path / "store", tmp_path / "store" / "shards"
+    encode = ["encode", str(tmp_path / "prepared"), "--model", str(tmp_path / "run"), "--out", str(store)]
+    assert main([*encode, "--shard-size", "13", "--accelerator", "cpu", "--devices", "1"]) == 0
+    single = sorted(shards.iterdir())
+    assert [len(EncodingStore(store).ids())] == [40] and len(single) == 4  # 13 + 13 + 13 + 1
+    single[-1].unlink()  # one item left to encode: fewer than the ranks, rank 1 gets none
+    _torchrun_ranks(tmp_path, store, "again")
+    first = set(_writers(shards, {p.name for p in single}))
+    single[1].unlink()  # 13 left (not a multiple of 2), again under the same --rdzv-id, whose records the store holds
+    _torchrun_ranks(tmp_path, store, "again", rank_one_first=True)
+    runs = _writers(shards, {p.name for p in single})
+    assert len(first) == 1 and len(runs) == 2 and runs[first.pop()] == {0}, runs  # a run's name is never reused
+    assert sorted(runs.values(), key=len) == [{0}, {0, 1}], runs  # both ranks wrote their share of the 13
+    ids, _ = EncodingStore(store).to_numpy()
+    assert sorted(ids.tolist()) == sorted(load_prepared_ids(tmp_path / "prepared"))  # every item, once
+    capsys.readouterr()
+    assert main(["verify", str(store), "--data", str(tmp_path / "prepared")]) == 0
 
 
 def load_prepared_ids(path: Path) -> list[int]:

@@ -218,7 +218,9 @@ class TokenizedDataModule(pl.LightningDataModule):
         return self._loader(self.splits["test"], shuffle=False, with_metadata=False, even=True)
 
     def predict_dataloader(self) -> PredictLoader:
-        """Every item (or ``predict_indices``) exactly once across ranks, sorted by length for speed."""
+        """Every item (or ``predict_indices``) exactly once across ranks, sorted by length for speed. Each rank
+        gets a batch when there are at least as many items as ranks (``BucketBatchSampler``); with fewer (a rerun
+        with an item or two left) the ranks past them get none (``PredictLoader`` still runs their loop)."""
         indices = (
             np.arange(self.dataset.num_rows)
             if self.predict_indices is None

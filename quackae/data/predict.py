@@ -68,7 +68,14 @@ class PredictLoader:
                 yield _pinned(batch) if pin else batch
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """The batches this rank predicts; 1 (and none to iterate) on a rank left without items when a job has
+        fewer items than ranks: Lightning skips a predict loop of length 0 together with its end hooks, and the
+        writer's end hook waits there for every rank before rank 0 completes the manifest."""
+        count = len(self.loader)
+        sampler = self.loader.batch_sampler
+        if count == 0 and getattr(sampler, "num_replicas", 1) > 1 and len(getattr(sampler, "indices", ())):
+            return 1
+        return count
 
 
 def _pinned(batch: Any) -> Any:

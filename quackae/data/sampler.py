@@ -38,7 +38,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     Items are shuffled, cut into pools of ``pool_batches`` batches, sorted by length inside each
     pool and cut into batches; the batch order is then shuffled. With ``num_replicas`` > 1 rank
     ``rank`` takes every ``num_replicas``-th batch; ``even`` repeats batches so every rank gets
-    the same count (training needs it, prediction must not have it).
+    the same count (training needs it, prediction must not have it). Without ``even``, items that
+    make fewer batches than ranks are cut into ``min(items, num_replicas)`` near-equal batches
+    instead, so that every rank with an item to take gets one (40 items at the CPU's 128 a batch
+    would otherwise be one batch, all rank 0's, and rank 1's loader would be empty).
     """
 
     def __init__(
@@ -78,7 +81,10 @@ class BucketBatchSampler(Sampler[list[int]]):
             pool = self.batch_size * self.pool_batches
             pools = [order[i : i + pool] for i in range(0, len(order), pool)]
             order = np.concatenate([p[np.argsort(self.lengths[p], kind="stable")] for p in pools]) if pools else order
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self._shared():
+            batches = np.array_split(order, min(len(order), self.num_replicas))
+        else:
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
@@ -95,8 +101,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         for batch in self.mine():
             yield batch.tolist()
 
+    def _shared(self) -> bool:
+        """Whether the items make fewer batches than there are ranks to share them (prediction only): then each
+        rank gets a part of them, and ``min(items, num_replicas)`` ranks one batch each."""
+        return not self.even and 0 < math.ceil(len(self.indices) / self.batch_size) < self.num_replicas
+
     def __len__(self) -> int:
         count = math.ceil(len(self.indices) / self.batch_size)
+        if self._shared():
+            count = min(len(self.indices), self.num_replicas)
         if self.num_replicas == 1:
             return count
         if self.even:

@@ -7,10 +7,18 @@ Holding the lock, the leader checks the manifest is a valid one with the same pr
 store on ``--overwrite`` (only a store), deletes staging left by dead jobs (no live job can own it: they
 would hold the lock) and writes the provenance header (``"complete": false``) before any item; which
 units count and which are quarantined is ``quackae.store.sound``'s.
+
+A rerun under torchrun's or SLURM's same launcher id gets the same job id, so a store may still hold the lock
+record and manifest of an earlier run of that job. The header therefore names its leader too (the pid, host and
+start time its lock record gives), and a joining rank waits for the live lock and for a header whose leader is
+the one holding it, never an earlier run's. Units and staging carry the run's name (``run_name``: the job id and
+its leader), so that no unit of an earlier run of the same job is ever named again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -19,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from quackae.core.errors import QuackError
-from quackae.core.joblock import JobLock, job_variable, joins
+from quackae.core.joblock import JobLock, held, job_variable, joins
 from quackae.store.layout import LAYOUTS, Layout, known, layout_of
 from quackae.store.manifest import (
     DESCRIPTIONS,
@@ -46,11 +54,13 @@ JOB_ENV = job_variable("encode")
 class StoreJob:
     """The current process's part in one writer job on ``store``; ``close()`` releases it."""
 
-    def __init__(self, store: Path, lock: JobLock) -> None:
+    def __init__(self, store: Path, lock: JobLock, holder: dict[str, Any] | None = None) -> None:
+        """``holder``: who leads the job (``_lock_holder``); the leader reads its own lock record when None."""
         self.store = store
         self.lock = lock
-        self.job = lock.job
         self.leader = lock.leader
+        self.holder = holder if holder is not None else _lock_holder(store) or {}
+        self.job = run_name(lock.job, self.holder)  # what this run's units and staging are named by
 
     @classmethod
     def start(cls, store: Path, header: dict[str, Any], overwrite: bool, wait_s: float = 600.0) -> StoreJob:
@@ -61,8 +71,11 @@ class StoreJob:
             check_out_folder(store, header)
             store.mkdir(parents=True, exist_ok=True)
             check_store_folders(store)
-        lock = JobLock.take(store, "encode", "written", ready=lambda job: _names_job(store, job), wait_s=wait_s)
-        this = cls(store, lock)
+        elif not os.environ.get(JOB_ENV):
+            _wait_for_a_holder(store, wait_s)
+        leading = _Leading(store)
+        lock = JobLock.take(store, "encode", "written", ready=leading.ready, wait_s=wait_s)
+        this = cls(store, lock, None if lock.leader else leading.holder)
         if lock.leader:
             try:
                 this._claim(header, overwrite)
@@ -117,7 +130,8 @@ class StoreJob:
             **header,
             "format": FORMAT,
             "complete": False,
-            "job": self.job,
+            "job": self.lock.job,
+            "leader": self.holder,  # which run of the job this header is (see the module docstring)
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         manifest.pop("items", None)
@@ -146,13 +160,59 @@ class StoreJob:
         self.lock.release()
 
 
-def _names_job(store: Path, job: str) -> bool:
-    """Whether the store's manifest (its header, written by the leader before any item) names ``job``."""
+HOLDER_KEYS = ("pid", "host", "started")  # what tells one leader (one run of a job) from another
+
+
+def _lock_holder(store: Path) -> dict[str, Any] | None:
+    """Who the store's lock record names as its (last) leader: its pid, host and start time; None if unreadable."""
     try:
-        manifest = read_manifest(store)
-    except QuackError:
-        return False  # being replaced right now
-    return manifest is not None and manifest.get("job") == job
+        record = json.loads((store / LOCK).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not all(key in record for key in HOLDER_KEYS):
+        return None
+    return {key: record[key] for key in HOLDER_KEYS}
+
+
+def run_name(job: str, holder: dict[str, Any]) -> str:
+    """The name of one run of ``job`` led by ``holder``: every rank derives it alike, and a rerun of the job
+    (another leader) gets another, so its units never take the name of a unit an earlier run committed."""
+    text = json.dumps([job, holder], sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+class _Leading:
+    """A joining rank's test that the store's header is its own run's: it names the job and, as the lock record
+    does on two looks in a row (a new leader writes its record just after it locks), the live leader."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.holder: dict[str, Any] | None = None
+        self._seen: dict[str, Any] | None = None
+
+    def ready(self, job: str) -> bool:
+        try:
+            manifest = read_manifest(self.store)
+        except QuackError:
+            return False  # being replaced right now
+        holder = _lock_holder(self.store)
+        if manifest is None or manifest.get("job") != job or holder is None or manifest.get("leader") != holder:
+            self._seen = None
+            return False
+        if self._seen != holder:
+            self._seen = holder
+            return False
+        self.holder = holder
+        return True
+
+
+def _wait_for_a_holder(store: Path, wait_s: float) -> None:
+    """Wait (at most ``wait_s``) until a live process holds the store's lock: a rank of a torchrun or SLURM job
+    may start before its leader has locked, while the lock record still names the same job (an earlier run of
+    it, under the same launcher id), which ``JobLock.take`` would take for a leader that has gone."""
+    deadline = time.monotonic() + wait_s
+    while not held(store / LOCK) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def complete_manifest(
