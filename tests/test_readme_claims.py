@@ -99,9 +99,18 @@ def test_the_writers_memory_stays_flat_over_many_batches(tmp_path):
     assert many - few < extra / 10, (few, many, extra)  # bookkeeping per shard and id only, no encodings kept
 
 
-def _torchrun_ranks(tmp_path: Path, store: Path, run_id: str, *flags: str, rank_one_first: bool = False) -> None:
+def _torchrun_ranks(
+    tmp_path: Path,
+    store: Path,
+    run_id: str,
+    *flags: str,
+    rank_one_first: bool = False,
+    rank_flags: dict[int, tuple[str, ...]] | None = None,
+    codes: tuple[int, ...] = (0, 0),
+) -> dict[int, tuple[str, str]]:
     """``quackae encode`` into ``store`` as two CPU ranks started as torchrun starts them (RANK, WORLD_SIZE,
-    TORCHELASTIC_RUN_ID from --rdzv-id, ...); both must exit 0. ``rank_one_first``: rank 0 starts 2 s later."""
+    TORCHELASTIC_RUN_ID from --rdzv-id, ...); their exit codes must be ``codes``; returns each rank's (stdout,
+    stderr). ``rank_one_first``: rank 0 starts 2 s later; ``rank_flags``: flags one rank gets and the other not."""
     import os
     import socket
     import subprocess
@@ -121,7 +130,8 @@ def _torchrun_ranks(tmp_path: Path, store: Path, run_id: str, *flags: str, rank_
         }  # fmt: skip
         if rank == 0 and rank_one_first:
             time.sleep(2)  # rank 1 looks at the store before rank 0 locks it
-        ranks[rank] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        own = [*command, *(rank_flags or {}).get(rank, ())]
+        ranks[rank] = subprocess.Popen(own, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         outputs = {rank: process.communicate(timeout=120) for rank, process in sorted(ranks.items())}
     finally:
@@ -129,7 +139,8 @@ def _torchrun_ranks(tmp_path: Path, store: Path, run_id: str, *flags: str, rank_
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    assert [ranks[rank].returncode for rank in (0, 1)] == [0, 0], [outputs[r][1][-1500:] for r in (0, 1)]
+    assert tuple(ranks[rank].returncode for rank in (0, 1)) == codes, [outputs[r][1][-1500:] for r in (0, 1)]
+    return outputs
 
 
 def _writers(shards: Path, names: set[str] | None = None) -> dict[str, set[int]]:
@@ -175,6 +186,27 @@ def test_torchrun_reruns_of_one_job_finish_a_store_that_holds_some_items(tmp_pat
     runs = _writers(shards, {p.name for p in single})
     assert len(first) == 1 and len(runs) == 2 and runs[first.pop()] == {0}, runs  # a run's name is never reused
     assert sorted(runs.values(), key=len) == [{0}, {0, 1}], runs  # both ranks wrote their share of the 13
+    ids, _ = EncodingStore(store).to_numpy()
+    assert sorted(ids.tolist()) == sorted(load_prepared_ids(tmp_path / "prepared"))  # every item, once
+    capsys.readouterr()
+    assert main(["verify", str(store), "--data", str(tmp_path / "prepared")]) == 0
+
+
+def test_torchrun_ranks_that_share_the_items_unalike_leave_the_store_incomplete_until_a_rerun(tmp_path, capsys):
+    """Ranks started by hand with other batch sizes cut the items into other batches: some are encoded twice,
+    some never. Rank 0 then refuses to mark the store complete (one line); the same command on both ranks
+    finishes it, each item once."""
+    from quackae import EncodingStore
+
+    for name in ("prepared", "run"):
+        shutil.copytree(LEGACY / name, tmp_path / name)
+    store = tmp_path / "store"
+    mixed = {0: ("--batch-size", "7"), 1: ("--batch-size", "128")}
+    outputs = _torchrun_ranks(tmp_path, store, "mixed", rank_flags=mixed, codes=(2, 0))
+    errors = [line for line in outputs[0][1].splitlines() if line.startswith("quackae encode: error:")]
+    assert len(errors) == 1 and "is not marked complete" in errors[0] and "of the 40 items" in errors[0], errors
+    assert json.loads((store / "manifest.json").read_text())["complete"] is False
+    _torchrun_ranks(tmp_path, store, "mixed-again", "--batch-size", "7")
     ids, _ = EncodingStore(store).to_numpy()
     assert sorted(ids.tolist()) == sorted(load_prepared_ids(tmp_path / "prepared"))  # every item, once
     capsys.readouterr()

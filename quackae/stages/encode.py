@@ -172,6 +172,7 @@ def encode(config: EncodeConfig) -> EncodeResult | None:
             expected=np.unique(ids[wanted]),
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
+        job.expected = np.unique(ids[wanted])  # what the finished store holds, each once
         _check_png_ids(config, ids[wanted])
         log.info(
             "%d items to encode (%d already stored, %d not selected)",

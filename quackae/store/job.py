@@ -26,8 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from quackae.core.errors import QuackError
 from quackae.core.joblock import JobLock, held, job_variable, joins
+from quackae.core.ranks import global_rank
 from quackae.store.layout import LAYOUTS, Layout, known, layout_of
 from quackae.store.manifest import (
     DESCRIPTIONS,
@@ -38,6 +41,7 @@ from quackae.store.manifest import (
     completed,
     differing,
     manifest_problem,
+    provenance_of,
     read_manifest,
     staging_folder,
     write_manifest,
@@ -61,6 +65,8 @@ class StoreJob:
         self.leader = lock.leader
         self.holder = holder if holder is not None else _lock_holder(store) or {}
         self.job = run_name(lock.job, self.holder)  # what this run's units and staging are named by
+        # the sorted ids the finished store must hold, each once (``complete_manifest`` checks it); None: unknown
+        self.expected: np.ndarray | None = None
 
     @classmethod
     def start(cls, store: Path, header: dict[str, Any], overwrite: bool, wait_s: float = 600.0) -> StoreJob:
@@ -76,12 +82,14 @@ class StoreJob:
         leading = _Leading(store)
         lock = JobLock.take(store, "encode", "written", ready=leading.ready, wait_s=wait_s)
         this = cls(store, lock, None if lock.leader else leading.holder)
-        if lock.leader:
-            try:
+        try:
+            if lock.leader:
                 this._claim(header, overwrite)
-            except BaseException:
-                lock.release()
-                raise
+            else:
+                _check_joined(store, header)
+        except BaseException:
+            lock.release()
+            raise
         return this
 
     def _claim(self, header: dict[str, Any], overwrite: bool) -> None:
@@ -216,12 +224,29 @@ def _wait_for_a_holder(store: Path, wait_s: float) -> None:
 
 
 def complete_manifest(
-    store: Path, layout: Layout, size: int | None, fields: dict[str, Any], selection: dict[str, Any], job: str
+    store: Path,
+    layout: Layout,
+    size: int | None,
+    fields: dict[str, Any],
+    selection: dict[str, Any],
+    job: str,
+    expected: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Mark ``store`` complete: ``manifest.json`` with the item count and digest of the ids (``ids_sha256``), the
     encoding size (``size``, else what the manifest or ``fields`` say), ``fields`` (provenance) over what it held,
-    and ``selection`` unless one of those names it; returns it."""
-    ids = stored_ids_checked(store, layout, None, None, move=False)
+    and ``selection`` unless one of those names it; returns it. With ``expected`` (the sorted ids the selection
+    keeps) a store that does not hold each of them exactly once, and nothing else, is left incomplete: a
+    ``QuackError`` says what is missing or repeated (ranks that did not share the items alike)."""
+    skipped: list[tuple[Path, str]] = []
+    ids = stored_ids_checked(store, layout, None, None, move=False, expected=expected, skipped=skipped)
+    if expected is not None and (skipped or not np.array_equal(ids, expected)):
+        missing = len(np.setdiff1d(expected, ids))
+        raise QuackError(
+            f"{store} is not marked complete: it holds {len(ids)} of the {len(expected)} items its selection keeps "
+            f"({missing} missing, {len(skipped)} units repeating ids or holding others, e.g. "
+            f"{skipped[0][0].name if skipped else 'none'}): the ranks of this job did not share the items alike "
+            "(started with other flags?); run the same command on every rank again to finish the store"
+        )
     counted = {"layout": layout.name, "encoding_size": size, "ids": ids, "selection": selection}
     manifest = completed(read_manifest(store) or {}, fields, layout.manifest_fields, counted)
     staging = staging_folder(store, job, "manifest")
@@ -235,6 +260,17 @@ def complete_manifest(
         except OSError:
             pass
     return manifest
+
+
+def _check_joined(store: Path, header: dict[str, Any]) -> None:
+    """A rank that joins a job must encode what its leader does: the same model, data, layout, text and
+    selection (the leader's header); else the store would mix them, so the rank refuses in one line."""
+    leader = read_manifest(store) or {}
+    for key in differing(provenance_of(header), leader):
+        raise QuackError(
+            f"rank {global_rank()} was started with {DESCRIPTIONS[key]} than the rank leading this encode job "
+            f"({key} {leader.get(key)!r} there, {header.get(key)!r} here); start every rank with the same command"
+        )
 
 
 def remove_staging(store: Path) -> int:

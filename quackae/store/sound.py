@@ -133,6 +133,7 @@ def stored_ids_checked(
     provenance: dict[str, Any] | None,
     move: bool,
     expected: np.ndarray | None = None,
+    skipped: list[tuple[Path, str]] | None = None,
 ) -> np.ndarray:
     """Sorted unique ids of the sound units in ``store``.
 
@@ -142,7 +143,7 @@ def stored_ids_checked(
     dataset's selection keeps) so is one holding any other id; a unit holding a later copy of an id
     (``first_copies``) is skipped. With ``move`` (the job's leader) each skipped unit is quarantined, and so
     is anything that stands where an item's folder or picture goes but is not one (a rerun's write there
-    would fail).
+    would fail). ``skipped`` gets each skipped unit and why.
     """
     header = dict(provenance or {})
     if encoding_size is not None:
@@ -158,4 +159,6 @@ def stored_ids_checked(
         if provenance is not None:
             bad.extend((path, "it stands where quackae writes") for path in item_entries(store).blocking)
         _quarantine_all(store, bad)
+    if skipped is not None:
+        skipped.extend(bad)
     return ids

@@ -9,8 +9,7 @@ buffer without copying; each full one goes to ``COMMITTERS`` threads that put it
 copy) and commit it, so memory stays flat (``COMMITTERS + 1`` shards and the queue). When the model computes
 on every CPU core that check runs on the prediction thread between batches (``background``): a writer thread
 there would stall the model. Other layouts (``files``): ``threads`` threads commit each batch as it comes.
-Units and commits: the layout (``quackae.store.layout``); lock and provenance: ``quackae.store.job``.
-Glossary: B batch, H encoding.
+Units and commits: the layout (``quackae.store.layout``); lock, provenance: ``quackae.store.job``. B batch, H encoding.
 """
 
 from __future__ import annotations
@@ -387,14 +386,15 @@ class AutoencoderWriter(BasePredictionWriter):
         self._stop_committer()
         self._drop_staging()
 
-    def _stop_committer(self) -> None:
-        """Let the shards being written finish whole; nothing new starts."""
+    def _stop_committer(self) -> None:  # the shards being written finish whole; nothing new starts
         if self._committer is not None:
             self._committer.shutdown(wait=True)
             self._committer = None
 
     def write_manifest(self) -> dict[str, Any]:
-        """Mark the store complete: ``manifest.json`` with the item count, provenance and selection."""
+        """Mark the store complete: ``manifest.json`` with the item count, provenance and selection; under a job,
+        only once the store holds each id encode's selection keeps exactly once (``job.expected``)."""
+        expected = None if self.job is None else self.job.expected
         return complete_manifest(
-            self.storage_path, self._layout, self._size, self.manifest, self.options.selection, self._job_id
+            self.storage_path, self._layout, self._size, self.manifest, self.options.selection, self._job_id, expected
         )

@@ -1,0 +1,68 @@
+"""What keeps the ranks of one encode job from mixing a store: a joining rank refuses other inputs than its
+leader's, and the store is marked complete only when it holds every selected id exactly once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from quackae.core.errors import QuackError
+from quackae.store.job import _check_joined, complete_manifest
+from quackae.store.layout import layout_named
+from quackae.store.manifest import PROVENANCE_KEYS
+
+STORE = Path(__file__).resolve().parents[1] / "legacy" / "store-ee38aa6" / "store-shards"
+
+
+@pytest.fixture()
+def store(tmp_path) -> Path:
+    return Path(shutil.copytree(STORE, tmp_path / "store"))
+
+
+def _manifest(store: Path) -> dict:
+    return json.loads((store / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("text", False, "another text setting"),
+        ("layout", "files", "another layout"),
+        ("dataset_fingerprint", "0" * 64, "another dataset"),
+        ("checkpoint_sha256", "1" * 64, "another model"),
+        ("selection", {"filtered": True, "label_field": "label"}, "another selection"),
+    ],
+)
+def test_a_rank_joining_with_other_inputs_than_its_leader_refuses_in_one_line(store, key, value, words):
+    header = {k: _manifest(store)[k] for k in PROVENANCE_KEYS}
+    _check_joined(store, header)  # the leader's own inputs: joins
+    with pytest.raises(QuackError) as refused:
+        _check_joined(store, {**header, key: value})
+    message = str(refused.value)
+    assert "\n" not in message and key in message and "start every rank with the same command" in message
+    assert words.split()[0] in message
+
+
+def test_a_store_missing_or_repeating_a_selected_id_is_not_marked_complete(store):
+    manifest = _manifest(store)
+    ids = np.asarray(sorted(int(i) for i in _ids(store)), dtype=np.int64)  # the 40 ids the store holds
+    fields = {k: v for k, v in manifest.items() if k not in ("complete", "items", "ids_sha256", "written_at")}
+    layout = layout_named("shards")
+    before = (store / "manifest.json").read_bytes()
+    with pytest.raises(QuackError, match="holds 40 of the 41 items its selection keeps \\(1 missing"):
+        complete_manifest(store, layout, None, fields, manifest["selection"], "j", expected=np.append(ids, 10**6))
+    with pytest.raises(QuackError, match="not marked complete"):  # a unit holding an id outside the selection
+        complete_manifest(store, layout, None, fields, manifest["selection"], "j", expected=ids[1:])
+    assert (store / "manifest.json").read_bytes() == before  # nothing marked
+    done = complete_manifest(store, layout, None, fields, manifest["selection"], "j", expected=ids)
+    assert done["complete"] is True and done["items"] == 40
+
+
+def _ids(store: Path) -> list[int]:
+    from quackae import EncodingStore
+
+    return list(EncodingStore(store).ids())
