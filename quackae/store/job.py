@@ -168,6 +168,7 @@ class StoreJob:
         self.lock.release()
 
 
+SAY_WAITING_S = 30.0  # a rank waiting this long for its leader says so (a warning: every rank shows it)
 HOLDER_KEYS = ("pid", "host", "started")  # what tells one leader (one run of a job) from another
 
 
@@ -218,8 +219,24 @@ def _wait_for_a_holder(store: Path, wait_s: float) -> None:
     """Wait (at most ``wait_s``) until a live process holds the store's lock: a rank of a torchrun or SLURM job
     may start before its leader has locked, while the lock record still names the same job (an earlier run of
     it, under the same launcher id), which ``JobLock.take`` would take for a leader that has gone."""
-    deadline = time.monotonic() + wait_s
-    while not held(store / LOCK) and time.monotonic() < deadline:
+    started = time.monotonic()
+    said = False
+    while not held(store / LOCK):
+        waited = time.monotonic() - started
+        if waited > wait_s:
+            raise QuackError(
+                f"rank {global_rank()} waited {wait_s:.0f} s for rank 0 to lock {store}; start every rank of the "
+                "job with the same command (the same --out), rank 0 included"
+            )
+        if waited > SAY_WAITING_S and not said:
+            log.warning(
+                "rank %d has waited %.0f s for rank 0 to lock %s (every rank needs the same --out); waits %.0f s",
+                global_rank(),
+                waited,
+                store,
+                wait_s,
+            )
+            said = True
         time.sleep(0.1)
 
 

@@ -66,3 +66,19 @@ def _ids(store: Path) -> list[int]:
     from quackae import EncodingStore
 
     return list(EncodingStore(store).ids())
+
+
+def test_a_rank_whose_leader_never_locks_says_so_then_gives_up_in_one_line(tmp_path, monkeypatch, caplog):
+    """A rank started with another --out than rank 0 waits for a leader that never comes: it warns while it waits
+    and then refuses, naming the flag (no silent hang)."""
+    import logging
+
+    from quackae.store import job
+
+    monkeypatch.setattr(job, "SAY_WAITING_S", 0.1)
+    caplog.set_level(logging.WARNING)
+    (tmp_path / "store").mkdir()
+    with pytest.raises(QuackError) as refused:
+        job._wait_for_a_holder(tmp_path / "store", 0.5)
+    assert "waited 0 s for rank 0 to lock" in str(refused.value) and "the same --out" in str(refused.value)
+    assert [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()], caplog.text
