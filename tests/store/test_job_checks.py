@@ -82,3 +82,14 @@ def test_a_rank_whose_leader_never_locks_says_so_then_gives_up_in_one_line(tmp_p
         job._wait_for_a_holder(tmp_path / "store", 0.5)
     assert "waited 0 s for rank 0 to lock" in str(refused.value) and "the same --out" in str(refused.value)
     assert [r.getMessage() for r in caplog.records if "has waited" in r.getMessage()], caplog.text
+
+
+def test_an_encode_refused_for_its_rank_count_leaves_no_store_behind(tmp_path, capsys):
+    from quackae.cli.command import main
+
+    legacy = STORE.parent
+    out = tmp_path / "store"
+    args = ["encode", str(legacy / "prepared"), "--model", str(legacy / "run"), "--out", str(out)]
+    assert main([*args, "--accelerator", "cpu", "--devices", "99"]) == 2
+    assert "--devices 99 would start 99 processes" in capsys.readouterr().err
+    assert not out.exists()  # refused before the store was made: no incomplete header for verify to report
