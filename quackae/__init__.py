@@ -44,6 +44,18 @@ _EXPORTS: dict[str, str] = {
     "PlotConfig": "quackae.stages.plot",
     "run_pipeline": "quackae.stages.pipeline",
     "RunConfig": "quackae.stages.pipeline",
+    # what each stage function returns: a frozen dataclass of its figures
+    "StageResult": "quackae.core.results",
+    "PrepareResult": "quackae.stages.prepare",
+    "TrainResult": "quackae.stages.train",
+    "EncodeResult": "quackae.stages.encode",
+    "ReconstructResult": "quackae.stages.reconstruct",
+    "VerifyResult": "quackae.stages.verify",
+    "ExportResult": "quackae.stages.export",
+    "ClassifyResult": "quackae.stages.classify",
+    "PredictResult": "quackae.stages.classify",
+    "PlotResult": "quackae.stages.plot",
+    "RunResult": "quackae.stages.pipeline",
 }
 
 __all__ = [

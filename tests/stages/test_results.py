@@ -97,3 +97,12 @@ def test_train_results_lines_follow_its_figures():
     assert skipped.lines()[-1] == f"held-out greedy reconstruction skipped: {SKIPPED_GREEDY}"
     figures = scored.figures()
     assert figures["token_accuracy"] == 0.5 and figures["exact_match"] == 0.25  # the first summaries' names
+
+
+def test_every_public_stage_function_s_result_is_a_public_name():
+    import quackae
+
+    for name in ("prepare", "train", "encode", "reconstruct", "verify", "export", "classify", "plot", "run_pipeline"):
+        function = getattr(quackae, name)
+        for cls in _result_classes(typing.get_type_hints(function)["return"]):
+            assert getattr(quackae, cls.__name__) is cls, (name, cls)
