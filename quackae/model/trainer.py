@@ -57,11 +57,7 @@ class TrainerFlags:
     def trainer_kwargs(self, training: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``pl.Trainer`` (``training``: for fitting, which has its own precision default, see
         ``default_precision``); ``QuackError`` when this machine lacks the accelerator asked for."""
-        check_accelerator(self.accelerator)
-        devices: Any = str(self.devices).strip()
-        if re.fullmatch(r"-?\d+", devices):
-            devices = int(devices)
-        self.check_cpu_ranks(devices)
+        devices = self.checked_devices()
         return {
             "accelerator": self.accelerator,
             "devices": devices,
@@ -69,6 +65,15 @@ class TrainerFlags:
             "strategy": self.strategy,
             "precision": self.precision or default_precision(self.accelerator, training),
         }
+
+    def checked_devices(self) -> Any:
+        """``--devices`` as Lightning takes it, once the accelerator exists here and the rank count fits the CPU."""
+        check_accelerator(self.accelerator)
+        devices: Any = str(self.devices).strip()
+        if re.fullmatch(r"-?\d+", devices):
+            devices = int(devices)
+        self.check_cpu_ranks(devices)
+        return devices
 
     def check_cpu_ranks(self, devices: Any) -> None:
         """Refuse more processes on the CPU than this process may run on cores: each rank is a whole copy of the

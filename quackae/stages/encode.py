@@ -211,7 +211,7 @@ def _check_flags(config: EncodeConfig) -> None:
         )
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise QuackError(f"--out {config.out} is an existing file, not a store folder; give the store a directory")
-    config.trainer_kwargs()  # an accelerator or a rank count this machine lacks is refused before the store is touched
+    config.checked_devices()  # an accelerator or a rank count this machine lacks: refused before the store is touched
 
 
 def _inputs(config: EncodeConfig) -> _Inputs:
