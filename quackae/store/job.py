@@ -240,6 +240,19 @@ def _wait_for_a_holder(store: Path, wait_s: float) -> None:
         time.sleep(0.1)
 
 
+def every_rank_done(trainer: Any) -> None:
+    """Wait until every rank of the job has written its last unit; a rank that is gone (killed, crashed) is one
+    ``QuackError`` here, not the process group's traceback: what the others committed stays, a rerun finishes."""
+    try:
+        trainer.strategy.barrier("quackae-writer-done")
+    except RuntimeError as error:  # gloo's or NCCL's "connection closed by peer" and the like
+        reason = " ".join(str(error).split())[:160]
+        raise QuackError(
+            f"another rank of this encode job stopped before it finished its items ({reason}); the units committed "
+            "so far stay, run the same command on every rank again to encode the rest"
+        ) from None
+
+
 def complete_manifest(
     store: Path,
     layout: Layout,

@@ -30,7 +30,7 @@ from quackae.core.errors import QuackError
 from quackae.data.selection import batch_selection
 from quackae.data.tokenizer import BatchDecoder
 from quackae.store.items import write_pngs
-from quackae.store.job import complete_manifest, stored_ids_checked
+from quackae.store.job import complete_manifest, every_rank_done, stored_ids_checked
 from quackae.store.layout import layout_named
 from quackae.store.manifest import staging_folder
 from quackae.store.options import WRITER_FIELDS, WriterOptions
@@ -376,7 +376,7 @@ class AutoencoderWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
         self.flush()
-        trainer.strategy.barrier("quackae-writer-done")
+        every_rank_done(trainer)
         if trainer.is_global_zero:
             self.write_manifest()
 

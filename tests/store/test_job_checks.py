@@ -93,3 +93,19 @@ def test_an_encode_refused_for_its_rank_count_leaves_no_store_behind(tmp_path, c
     assert main([*args, "--accelerator", "cpu", "--devices", "99"]) == 2
     assert "--devices 99 would start 99 processes" in capsys.readouterr().err
     assert not out.exists()  # refused before the store was made: no incomplete header for verify to report
+
+
+def test_a_rank_gone_at_the_end_of_job_barrier_is_one_line_not_the_process_group_s_traceback():
+    from types import SimpleNamespace
+
+    from quackae.store.job import every_rank_done
+
+    def barrier(name):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:22182.\nGLHF")
+
+    with pytest.raises(QuackError) as stopped:
+        every_rank_done(SimpleNamespace(strategy=SimpleNamespace(barrier=barrier)))
+    message = str(stopped.value)
+    assert "\n" not in message and "another rank of this encode job stopped" in message
+    assert "Connection closed by peer" in message and "run the same command on every rank again" in message
+    every_rank_done(SimpleNamespace(strategy=SimpleNamespace(barrier=lambda name: None)))  # every rank there
