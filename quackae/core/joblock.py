@@ -53,6 +53,15 @@ def _holder(raw: bytes) -> dict[str, Any]:
     return {"job": job} if job else {}
 
 
+def lock_record(lock: Path) -> dict[str, Any]:
+    """Who ``lock`` names as its (last) holder (``_holder``); empty when it is missing, unreadable or not a regular
+    file (a FIFO in its place is never read: reading one would block)."""
+    try:
+        return _holder(lock.read_bytes()) if entry_kind(lock) is None else {}
+    except OSError:
+        return {}
+
+
 def _describe(holder: dict[str, Any], kind: str) -> str:
     if not holder.get("job"):
         return f"another live quackae {kind}"
@@ -187,10 +196,7 @@ def _wait_for_leader(
     lock = folder / LOCK
     other_since: float | None = None  # when another job was first seen holding the lock
     while True:
-        try:
-            holder = _holder(lock.read_bytes()) if entry_kind(lock) is None else {}
-        except OSError:
-            holder = {}
+        holder = lock_record(lock)
         alive = held(lock)
         if holder.get("job") == job:
             if not alive:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from quackae.core.errors import QuackError
-from quackae.core.joblock import JobLock, held, job_variable, joins
+from quackae.core.joblock import JobLock, held, job_variable, joins, lock_record
 from quackae.core.ranks import global_rank
 from quackae.store.layout import LAYOUTS, Layout, known, layout_of
 from quackae.store.manifest import (
@@ -174,11 +174,8 @@ HOLDER_KEYS = ("pid", "host", "started")  # what tells one leader (one run of a 
 
 def _lock_holder(store: Path) -> dict[str, Any] | None:
     """Who the store's lock record names as its (last) leader: its pid, host and start time; None if unreadable."""
-    try:
-        record = json.loads((store / LOCK).read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or not all(key in record for key in HOLDER_KEYS):
+    record = lock_record(store / LOCK)
+    if not all(key in record for key in HOLDER_KEYS):
         return None
     return {key: record[key] for key in HOLDER_KEYS}
 
