@@ -288,25 +288,12 @@ def _write_prepared(folder: Path, lengths: np.ndarray, values: np.ndarray, token
 
 def _write_bench_run(root: Path, rows: list[list[int]], model: Any, vocab: int) -> None:
     """A prepared directory and a RUN directory for ``rows`` and ``model``, as prepare and train write them."""
-    import pytorch_lightning as pl
-
     from quackae.data.tokenizer import train_tokenizer
+    from quackae.model.checkpoints import write_run
 
     tokenizer = train_tokenizer(["quackae benchmark"], vocab_size=300, show_progress=False)
     tokenizer.add_tokens([f"tok{i}" for i in range(vocab - tokenizer.get_vocab_size())])
-    run = root / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    tokenizer.save(str(run / "tokenizer.json"))
+    run = write_run(model, tokenizer, root / "run")
     lengths = np.array([len(r) for r in rows], dtype=np.int64)
     values = np.array([t for r in rows for t in r], dtype=np.int32)
     _write_prepared(root / "prepared", lengths, values, run / "tokenizer.json")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)

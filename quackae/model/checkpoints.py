@@ -319,3 +319,25 @@ def resolve_run(model: str | Path) -> tuple[Path, Path]:
     if not os.path.lexists(tokenizer):
         raise QuackError(f"no tokenizer.json beside the model ({tokenizer}); quackae train copies it into the RUN")
     return checkpoint, regular_file(tokenizer, "tokenizer file", "quackae train copies it into the RUN")
+
+
+def write_run(model: QuackAutoEncoder, tokenizer: Any, run: str | Path) -> Path:
+    """Save ``model`` (weights and hyper-parameters) and its ``tokenizer`` as a new RUN folder, as train lays one
+    out (``checkpoints/last.ckpt``, ``tokenizer.json``): for models made outside ``quackae train`` (benchmarks,
+    tests). Returns the RUN."""
+    import pytorch_lightning as pl
+
+    run = Path(run)
+    (run / "checkpoints").mkdir(parents=True)
+    tokenizer.save(str(run / "tokenizer.json"))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)
+    return run

@@ -53,7 +53,7 @@ def _prepare(source: Path, out: Path, **flags) -> Path:
 
 def _run(root: Path, prepared: Path, nan: bool = False) -> Path:
     """An untrained tiny model saved as a RUN (its weights NaN with ``nan``)."""
-    import pytorch_lightning as pl
+    from quackae.model.checkpoints import write_run
 
     tokenizer = load_tokenizer(prepared / "tokenizer.json")
     torch.manual_seed(0)
@@ -63,13 +63,7 @@ def _run(root: Path, prepared: Path, nan: bool = False) -> Path:
     if nan:
         with torch.no_grad():
             model.embed.weight.fill_(float("nan"))
-    run = root / ("nan-run" if nan else "run")
-    (run / "checkpoints").mkdir(parents=True)
-    tokenizer.save(str(run / "tokenizer.json"))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)
-    return run
+    return write_run(model, tokenizer, root / ("nan-run" if nan else "run"))
 
 
 def _encode(prepared: Path, run: Path, out: Path, **flags) -> dict:

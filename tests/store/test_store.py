@@ -42,21 +42,16 @@ def _corpus(path: Path, rows: int = ROWS) -> Path:
 
 def _run(root: Path, prepared: Path, seed: int) -> Path:
     """An untrained (seeded) tiny model saved as a RUN directory, as train writes one."""
-    import pytorch_lightning as pl
     from tokenizers import Tokenizer
+
+    from quackae.model.checkpoints import write_run
 
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     torch.manual_seed(seed)
     model = QuackAutoEncoder(
         tokenizer.get_vocab_size(), embed_size=8, hidden_size=16, pooling="final", pad_id=special_ids(tokenizer).pad
     )
-    run = root / f"run{seed}"
-    (run / "checkpoints").mkdir(parents=True)
-    tokenizer.save(str(run / "tokenizer.json"))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(str(run / "checkpoints" / "last.ckpt"), weights_only=True)
-    return run
+    return write_run(model, tokenizer, root / f"run{seed}")
 
 
 @pytest.fixture(scope="module")
