@@ -163,16 +163,11 @@ def encode(config: EncodeConfig) -> EncodeResult | None:
     try:
         wanted = selected_rows(inputs.dataset, selection)
         ids = np.asarray(inputs.dataset.data.column("id").to_numpy())
+        job.expected = np.unique(ids[wanted])  # what the finished store holds, each once
         existing = stored_ids_checked(
-            store,
-            layout_named(config.layout),
-            header["encoding_size"],
-            header,
-            job.leader,
-            expected=np.unique(ids[wanted]),
+            store, layout_named(config.layout), header["encoding_size"], header, job.leader, expected=job.expected
         )
         todo = wanted[~np.isin(ids[wanted], existing)]
-        job.expected = np.unique(ids[wanted])  # what the finished store holds, each once
         _check_png_ids(config, ids[wanted])
         log.info(
             "%d items to encode (%d already stored, %d not selected)",
